@@ -1,0 +1,110 @@
+//! `FormatError`: every failure of the format layer, each saying where it happened (file,
+//! version, byte offset) and, where there is one, what to do about it.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Where something happened: a file, and when known the version it holds and a byte offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loc {
+    pub path: PathBuf,
+    pub version: Option<u64>,
+    pub offset: Option<u64>,
+}
+
+impl Loc {
+    pub fn file(path: &Path) -> Loc {
+        Loc { path: path.to_path_buf(), version: None, offset: None }
+    }
+
+    pub fn version(mut self, version: u64) -> Loc {
+        self.version = Some(version);
+        self
+    }
+
+    pub fn at(mut self, offset: u64) -> Loc {
+        self.offset = Some(offset);
+        self
+    }
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(v) = self.version {
+            write!(f, " (version {v})")?;
+        }
+        if let Some(o) = self.offset {
+            write!(f, " at offset {o}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{loc}: {action}: {source}")]
+    Io { loc: Loc, action: &'static str, source: io::Error },
+
+    #[error("{loc}: not a strata image (wrong magic); move it out of the repository")]
+    NotAnImage { loc: Loc },
+
+    #[error(
+        "{loc}: image format version {found}, but this strata reads only version {supported}; \
+         use a strata release that supports it"
+    )]
+    UnsupportedFormat { loc: Loc, found: u32, supported: u32 },
+
+    #[error(
+        "{loc}: {what} checksum mismatch (expected crc32c {expected:08x}, found {actual:08x}); \
+         the image is damaged"
+    )]
+    Checksum { loc: Loc, what: &'static str, expected: u32, actual: u32 },
+
+    #[error("{loc}: block {block}: content hash mismatch; the image is damaged")]
+    HashMismatch { loc: Loc, block: u64 },
+
+    #[error("{loc}: incomplete image ({detail}); it is not a finished version")]
+    Incomplete { loc: Loc, detail: String },
+
+    #[error("{loc}: corrupt {what}: {detail}; the image is damaged")]
+    Corrupt { loc: Loc, what: &'static str, detail: String },
+
+    #[error("{loc}: {detail}")]
+    Foreign { loc: Loc, detail: String },
+
+    #[error("{0}")]
+    Invalid(String),
+
+    #[error("{path}: not a strata repository ({detail})")]
+    NotARepository { path: PathBuf, detail: String },
+
+    #[error("{path}: another strata backup is running in this repository; wait for it to finish")]
+    Busy { path: PathBuf },
+
+    #[error("{repo}: no version {id}; `strata list {repo}` shows the versions")]
+    NoSuchVersion { repo: PathBuf, id: u64 },
+
+    #[error("{repo}: version {id} is not restorable: {reason}")]
+    NotRestorable { repo: PathBuf, id: u64, reason: String },
+
+    #[error("{repo}: no restorable version; `strata verify {repo}` says why")]
+    NoRestorableVersion { repo: PathBuf },
+}
+
+impl FormatError {
+    pub fn io(loc: Loc, action: &'static str, source: io::Error) -> FormatError {
+        FormatError::Io { loc, action, source }
+    }
+
+    /// The operating-system error behind this one, if any (for exit codes and ENOSPC checks).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            FormatError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = FormatError> = std::result::Result<T, E>;

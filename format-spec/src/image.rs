@@ -1,0 +1,453 @@
+//! One image file. Reading: open and validate header, footer and layout against the real file
+//! length, stream or pick index entries, read stored blocks. Writing: append blocks to a
+//! temporary file in the repository, then finish (index, footer) and publish durably (fsync file,
+//! rename, fsync directory). An unpublished temporary file is removed when the writer is dropped.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::block::{self, DecodeError};
+use crate::error::{FormatError, Loc, Result};
+use crate::fault;
+use crate::footer::ImageFooter;
+use crate::header::ImageHeader;
+use crate::index::{Encoding, EntryLimits, IndexEntry};
+use crate::layout::{FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
+
+/// A finished image opened for reading. Safe to share between threads (all reads are `pread`).
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    file: File,
+    pub header: ImageHeader,
+    pub footer: ImageFooter,
+    limits: EntryLimits,
+}
+
+impl ImageFile {
+    /// Opens `path` and validates its header, its footer and that the index lies exactly
+    /// between the data and the footer. Does not read the index (see `check_index`).
+    pub fn open(path: &Path) -> Result<ImageFile> {
+        let loc = Loc::file(path);
+        let file = File::open(path).map_err(|e| FormatError::io(loc.clone(), "open", e))?;
+        let file_len = file.metadata().map_err(|e| FormatError::io(loc.clone(), "stat", e))?.len();
+        if file_len < (HEADER_SIZE + FOOTER_SIZE) as u64 {
+            let mut magic = [0u8; 8];
+            let n = file.read_at(&mut magic, 0).unwrap_or(0);
+            if n == 8 && magic != crate::layout::IMAGE_MAGIC {
+                return Err(FormatError::NotAnImage { loc: loc.at(0) });
+            }
+            return Err(FormatError::Incomplete {
+                loc,
+                detail: format!("{file_len} bytes, shorter than a header and a footer"),
+            });
+        }
+        let mut hb = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut hb, 0).map_err(|e| FormatError::io(loc.clone(), "read header", e))?;
+        let header = ImageHeader::decode(&hb, &loc)?;
+        let loc = loc.version(header.version);
+        let footer_at = file_len - FOOTER_SIZE as u64;
+        let mut fb = [0u8; FOOTER_SIZE];
+        file.read_exact_at(&mut fb, footer_at)
+            .map_err(|e| FormatError::io(loc.clone().at(footer_at), "read footer", e))?;
+        let footer = ImageFooter::decode(&fb, &loc, footer_at)?;
+        let corrupt = |detail: String| FormatError::Corrupt { loc: loc.clone().at(footer_at), what: "footer", detail };
+        if footer.image_id != header.image_id {
+            return Err(corrupt("the footer belongs to another image".into()));
+        }
+        let block_count = header.block_count();
+        if footer.entry_count > block_count {
+            return Err(corrupt(format!("{} index entries for {block_count} blocks", footer.entry_count)));
+        }
+        if footer.present_blocks > block_count {
+            return Err(corrupt(format!("{} present blocks of {block_count}", footer.present_blocks)));
+        }
+        let index_len = footer.entry_count * INDEX_ENTRY_SIZE as u64;
+        if footer.index_offset < HEADER_SIZE as u64 || footer.index_offset.checked_add(index_len) != Some(footer_at) {
+            return Err(corrupt(format!(
+                "index at {} with {} entries does not end at the footer ({footer_at})",
+                footer.index_offset, footer.entry_count
+            )));
+        }
+        let limits = EntryLimits {
+            block_count,
+            block_size: header.block_size,
+            data_start: HEADER_SIZE as u64,
+            data_end: footer.index_offset,
+            max_stored: block::max_stored_len(header.block_size),
+        };
+        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file and version, for error messages.
+    pub fn loc(&self) -> Loc {
+        Loc::file(&self.path).version(self.header.version)
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.footer.entry_count
+    }
+
+    fn entry_offset(&self, index: u64) -> u64 {
+        self.footer.index_offset + index * INDEX_ENTRY_SIZE as u64
+    }
+
+    /// Reads `count` entries starting at entry number `first` (each verified on its own crc).
+    pub fn read_entries(&self, first: u64, count: usize, out: &mut Vec<IndexEntry>) -> Result<()> {
+        out.clear();
+        let count = count.min(self.entry_count().saturating_sub(first) as usize);
+        let mut raw = vec![0u8; count * INDEX_ENTRY_SIZE];
+        let at = self.entry_offset(first);
+        self.file
+            .read_exact_at(&mut raw, at)
+            .map_err(|e| FormatError::io(self.loc().at(at), "read index", e))?;
+        for (i, chunk) in raw.chunks_exact(INDEX_ENTRY_SIZE).enumerate() {
+            let off = at + (i * INDEX_ENTRY_SIZE) as u64;
+            out.push(IndexEntry::decode(chunk, &self.loc(), off, &self.limits)?);
+        }
+        Ok(())
+    }
+
+    /// Reads entry number `index` and checks that it describes `block`.
+    pub fn read_entry(&self, index: u64, block: u64) -> Result<IndexEntry> {
+        if index >= self.entry_count() {
+            return Err(FormatError::Corrupt {
+                loc: self.loc(),
+                what: "index",
+                detail: format!("entry {index} of {} requested", self.entry_count()),
+            });
+        }
+        let mut raw = [0u8; INDEX_ENTRY_SIZE];
+        let at = self.entry_offset(index);
+        self.file.read_exact_at(&mut raw, at).map_err(|e| FormatError::io(self.loc().at(at), "read index", e))?;
+        let entry = IndexEntry::decode(&raw, &self.loc(), at, &self.limits)?;
+        if entry.block != block {
+            return Err(FormatError::Corrupt {
+                loc: self.loc().at(at),
+                what: "index entry",
+                detail: format!("entry {index} describes block {}, expected block {block}", entry.block),
+            });
+        }
+        Ok(entry)
+    }
+
+    /// Streams every entry in order, checking each entry, their strict block order and, at the
+    /// end, the index crc32c recorded in the footer. Memory: one 64 KiB window.
+    pub fn stream_entries(&self) -> IndexStream<'_> {
+        IndexStream { image: self, next: 0, window: Vec::new(), pos: 0, crc: 0, last_block: None, done: false }
+    }
+
+    /// Reads the whole index once and checks it (see `stream_entries`).
+    pub fn check_index(&self) -> Result<()> {
+        for entry in self.stream_entries() {
+            entry?;
+        }
+        Ok(())
+    }
+
+    /// Reads the stored bytes of `entry` and decodes them into `out` (one block), checking the
+    /// crc32c.
+    pub fn read_block(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
+        let ReadScratch { decompressor, stored, .. } = scratch;
+        if entry.encoding == Encoding::Zero {
+            out.fill(0);
+            return Ok(());
+        }
+        stored.resize(entry.stored_len as usize, 0);
+        self.file
+            .read_exact_at(stored, entry.data_offset)
+            .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
+        block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out).map_err(|e| match e {
+            DecodeError::Crc { expected, actual } => FormatError::Checksum {
+                loc: self.loc().at(entry.data_offset),
+                what: "block data",
+                expected,
+                actual,
+            },
+            DecodeError::Decompress(detail) => FormatError::Corrupt {
+                loc: self.loc().at(entry.data_offset),
+                what: "block data",
+                detail: format!("block {}: {detail}", entry.block),
+            },
+        })
+    }
+}
+
+/// Reusable per-thread buffers for reading blocks.
+pub struct ReadScratch {
+    pub(crate) decompressor: zstd::bulk::Decompressor<'static>,
+    pub(crate) stored: Vec<u8>,
+    pub(crate) block: Vec<u8>,
+}
+
+impl ReadScratch {
+    pub fn new() -> ReadScratch {
+        ReadScratch {
+            decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor allocation"),
+            stored: Vec::new(),
+            block: Vec::new(),
+        }
+    }
+}
+
+impl Default for ReadScratch {
+    fn default() -> Self {
+        ReadScratch::new()
+    }
+}
+
+/// Sequential reader over an image's index; see `ImageFile::stream_entries`.
+pub struct IndexStream<'a> {
+    image: &'a ImageFile,
+    next: u64,
+    window: Vec<IndexEntry>,
+    pos: usize,
+    crc: u32,
+    last_block: Option<u64>,
+    done: bool,
+}
+
+const STREAM_WINDOW: usize = 1024;
+
+impl IndexStream<'_> {
+    fn refill(&mut self) -> Result<()> {
+        let image = self.image;
+        let count = STREAM_WINDOW.min((image.entry_count() - self.next) as usize);
+        let mut raw = vec![0u8; count * INDEX_ENTRY_SIZE];
+        let at = image.entry_offset(self.next);
+        image.file.read_exact_at(&mut raw, at).map_err(|e| FormatError::io(image.loc().at(at), "read index", e))?;
+        self.crc = crc32c::crc32c_append(self.crc, &raw);
+        self.window.clear();
+        for (i, chunk) in raw.chunks_exact(INDEX_ENTRY_SIZE).enumerate() {
+            let off = at + (i * INDEX_ENTRY_SIZE) as u64;
+            let entry = IndexEntry::decode(chunk, &image.loc(), off, &image.limits)?;
+            if self.last_block.is_some_and(|last| entry.block <= last) {
+                return Err(FormatError::Corrupt {
+                    loc: image.loc().at(off),
+                    what: "index",
+                    detail: format!("block {} listed after block {}", entry.block, self.last_block.unwrap_or(0)),
+                });
+            }
+            self.last_block = Some(entry.block);
+            self.window.push(entry);
+        }
+        self.next += count as u64;
+        self.pos = 0;
+        Ok(())
+    }
+}
+
+impl Iterator for IndexStream<'_> {
+    type Item = Result<IndexEntry>;
+
+    fn next(&mut self) -> Option<Result<IndexEntry>> {
+        if self.done {
+            return None;
+        }
+        if self.pos == self.window.len() {
+            if self.next == self.image.entry_count() {
+                self.done = true;
+                let expected = self.image.footer.index_crc;
+                if self.crc != expected {
+                    return Some(Err(FormatError::Checksum {
+                        loc: self.image.loc().at(self.image.footer.index_offset),
+                        what: "index",
+                        expected,
+                        actual: self.crc,
+                    }));
+                }
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+        let entry = self.window[self.pos];
+        self.pos += 1;
+        Some(Ok(entry))
+    }
+}
+
+/// Writes one new image under a temporary name and publishes it with `finish`.
+pub struct ImageWriter {
+    temp_path: PathBuf,
+    final_path: PathBuf,
+    data: BufWriter<File>,
+    index: Option<BufWriter<File>>,
+    header: ImageHeader,
+    offset: u64,
+    entry_count: u64,
+    index_crc: u32,
+    stored_bytes: u64,
+    last_block: Option<u64>,
+    published: bool,
+}
+
+/// What `ImageWriter::finish` records beyond the blocks themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct Finish {
+    pub present_blocks: u64,
+    pub source_digest: [u8; 32],
+}
+
+const WRITE_BUFFER: usize = 4 << 20;
+
+impl ImageWriter {
+    /// Creates `temp_path` (mode 0600) holding `header`; `final_path` is where `finish` puts it.
+    pub fn create(temp_path: PathBuf, final_path: PathBuf, header: ImageHeader) -> Result<ImageWriter> {
+        let loc = Loc::file(&temp_path).version(header.version);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp_path)
+            .map_err(|e| FormatError::io(loc.clone(), "create", e))?;
+        let dir = temp_path.parent().unwrap_or(Path::new("."));
+        let spill = tempfile::tempfile_in(dir).map_err(|e| FormatError::io(loc.clone(), "create index spill file", e));
+        let spill = match spill {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp_path);
+                return Err(e);
+            }
+        };
+        let mut writer = ImageWriter {
+            temp_path,
+            final_path,
+            data: BufWriter::with_capacity(WRITE_BUFFER, file),
+            index: Some(BufWriter::with_capacity(1 << 20, spill)),
+            header,
+            offset: 0,
+            entry_count: 0,
+            index_crc: 0,
+            stored_bytes: 0,
+            last_block: None,
+            published: false,
+        };
+        let hb = writer.header.encode();
+        writer.write_data(&hb)?;
+        Ok(writer)
+    }
+
+    fn loc(&self) -> Loc {
+        Loc::file(&self.temp_path).version(self.header.version)
+    }
+
+    fn write_data(&mut self, bytes: &[u8]) -> Result<()> {
+        let at = self.offset;
+        self.data.write_all(bytes).map_err(|e| FormatError::io(self.loc().at(at), "write", e))?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn push_entry(&mut self, entry: IndexEntry) -> Result<()> {
+        assert!(self.last_block.is_none_or(|l| entry.block > l), "blocks must be appended in increasing order");
+        assert!(entry.block < self.header.block_count(), "block beyond the source");
+        self.last_block = Some(entry.block);
+        let raw = entry.encode();
+        self.index_crc = crc32c::crc32c_append(self.index_crc, &raw);
+        let loc = self.loc();
+        let index = self.index.as_mut().expect("index spill present until finish");
+        index.write_all(&raw).map_err(|e| FormatError::io(loc, "write index spill", e))?;
+        self.entry_count += 1;
+        fault::counted("image.block", self.entry_count);
+        Ok(())
+    }
+
+    /// Appends a stored block (`bytes` as returned by compression, or the raw block).
+    pub fn append_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()> {
+        assert!(encoding != Encoding::Zero && !bytes.is_empty());
+        let data_offset = self.offset;
+        self.write_data(bytes)?;
+        self.stored_bytes += bytes.len() as u64;
+        self.push_entry(IndexEntry {
+            block,
+            data_offset,
+            stored_len: bytes.len() as u32,
+            encoding,
+            data_crc: crc32c::crc32c(bytes),
+            hash,
+        })
+    }
+
+    /// Records that `block` is zero in this version although it was not in the parent.
+    pub fn append_zero(&mut self, block: u64, zero_hash: [u8; 32]) -> Result<()> {
+        self.push_entry(IndexEntry {
+            block,
+            data_offset: 0,
+            stored_len: 0,
+            encoding: Encoding::Zero,
+            data_crc: 0,
+            hash: zero_hash,
+        })
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.entry_count
+    }
+
+    /// Appends the index and the footer, then publishes: fsync the file, rename it to its final
+    /// name, fsync the directory. Only after the directory fsync is the version durable.
+    pub fn finish(mut self, finish: Finish) -> Result<PathBuf> {
+        let index_offset = self.offset;
+        let mut spill = (self.index.take().expect("finish runs once"))
+            .into_inner()
+            .map_err(|e| FormatError::io(self.loc(), "flush index spill", e.into_error()))?;
+        spill.seek(SeekFrom::Start(0)).map_err(|e| FormatError::io(self.loc(), "rewind index spill", e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = spill.read(&mut buf).map_err(|e| FormatError::io(self.loc(), "read index spill", e))?;
+            if n == 0 {
+                break;
+            }
+            self.write_data(&buf[..n])?;
+        }
+        let footer = ImageFooter {
+            image_id: self.header.image_id,
+            index_offset,
+            entry_count: self.entry_count,
+            index_crc: self.index_crc,
+            stored_bytes: self.stored_bytes,
+            present_blocks: finish.present_blocks,
+            source_digest: finish.source_digest,
+        };
+        self.write_data(&footer.encode())?;
+        self.data.flush().map_err(|e| FormatError::io(self.loc(), "write", e))?;
+        self.data.get_ref().sync_all().map_err(|e| FormatError::io(self.loc(), "fsync", e))?;
+        fault::point("image.before_rename");
+        std::fs::rename(&self.temp_path, &self.final_path)
+            .map_err(|e| FormatError::io(self.loc(), "rename into place", e))?;
+        self.published = true;
+        fault::point("image.after_rename");
+        sync_dir(self.final_path.parent().unwrap_or(Path::new(".")))?;
+        fault::point("image.after_dir_sync");
+        Ok(self.final_path.clone())
+    }
+}
+
+/// fsyncs a directory so that renames and unlinks in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| FormatError::io(Loc::file(dir), "open directory", e))?;
+    d.sync_all().map_err(|e| FormatError::io(Loc::file(dir), "fsync directory", e))
+}
+
+impl Drop for ImageWriter {
+    fn drop(&mut self) {
+        if !self.published {
+            if let Err(e) = std::fs::remove_file(&self.temp_path) {
+                log::warn!("could not remove unfinished image {}: {e}", self.temp_path.display());
+            }
+        }
+    }
+}

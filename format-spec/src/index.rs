@@ -1,0 +1,124 @@
+//! One block index entry: which source block, where its stored bytes are, how they are encoded,
+//! their crc32c, and the BLAKE3 hash of the block's content. Each entry carries its own crc32c so
+//! that a single entry read on the hot path is verified without rereading the whole index.
+
+use crate::error::{FormatError, Loc, Result};
+use crate::layout::{self, entry as off, INDEX_ENTRY_SIZE};
+use crate::le::*;
+
+/// How a block's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// The block is all zeros in this version; nothing is stored (a delta's tombstone).
+    Zero,
+    /// Stored uncompressed (compression did not help).
+    Raw,
+    /// Stored as one zstd frame.
+    Zstd,
+}
+
+impl Encoding {
+    fn to_byte(self) -> u8 {
+        match self {
+            Encoding::Zero => layout::ENCODING_ZERO,
+            Encoding::Raw => layout::ENCODING_RAW,
+            Encoding::Zstd => layout::ENCODING_ZSTD,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub block: u64,
+    pub data_offset: u64,
+    pub stored_len: u32,
+    pub encoding: Encoding,
+    /// crc32c of the stored bytes (0 for `Zero`).
+    pub data_crc: u32,
+    /// BLAKE3 of the block's content, zero-padded to the block size.
+    pub hash: [u8; 32],
+}
+
+impl IndexEntry {
+    pub fn encode(&self) -> [u8; INDEX_ENTRY_SIZE] {
+        let mut b = [0u8; INDEX_ENTRY_SIZE];
+        put_u64(&mut b, off::BLOCK, self.block);
+        put_u64(&mut b, off::DATA_OFFSET, self.data_offset);
+        put_u32(&mut b, off::STORED_LEN, self.stored_len);
+        b[off::ENCODING] = self.encoding.to_byte();
+        put_u32(&mut b, off::DATA_CRC, self.data_crc);
+        put_bytes(&mut b, off::HASH, &self.hash);
+        let crc = crc32c::crc32c(&b[..off::ENTRY_CRC]);
+        put_u32(&mut b, off::ENTRY_CRC, crc);
+        b
+    }
+
+    /// Decodes one entry read from `file_offset` and checks its own crc and that its stored
+    /// range lies in `[data_start, data_end)` and is no longer than `max_stored`.
+    pub fn decode(
+        b: &[u8],
+        loc: &Loc,
+        file_offset: u64,
+        limits: &EntryLimits,
+    ) -> Result<IndexEntry> {
+        let at = |o: usize| loc.clone().at(file_offset + o as u64);
+        let expected = get_u32(b, off::ENTRY_CRC);
+        let actual = crc32c::crc32c(&b[..off::ENTRY_CRC]);
+        if expected != actual {
+            return Err(FormatError::Checksum { loc: at(0), what: "index entry", expected, actual });
+        }
+        let corrupt = |o: usize, detail: String| FormatError::Corrupt { loc: at(o), what: "index entry", detail };
+        let encoding = match b[off::ENCODING] {
+            layout::ENCODING_ZERO => Encoding::Zero,
+            layout::ENCODING_RAW => Encoding::Raw,
+            layout::ENCODING_ZSTD => Encoding::Zstd,
+            other => return Err(corrupt(off::ENCODING, format!("unknown encoding {other}"))),
+        };
+        let entry = IndexEntry {
+            block: get_u64(b, off::BLOCK),
+            data_offset: get_u64(b, off::DATA_OFFSET),
+            stored_len: get_u32(b, off::STORED_LEN),
+            encoding,
+            data_crc: get_u32(b, off::DATA_CRC),
+            hash: get_array(b, off::HASH),
+        };
+        if entry.block >= limits.block_count {
+            return Err(corrupt(off::BLOCK, format!("block {} beyond the source's {} blocks", entry.block, limits.block_count)));
+        }
+        match encoding {
+            Encoding::Zero => {
+                if entry.stored_len != 0 {
+                    return Err(corrupt(off::STORED_LEN, "a zero block with stored bytes".into()));
+                }
+            }
+            Encoding::Raw | Encoding::Zstd => {
+                let end = entry.data_offset.checked_add(u64::from(entry.stored_len));
+                let in_range = entry.data_offset >= limits.data_start
+                    && end.is_some_and(|e| e <= limits.data_end);
+                if !in_range || entry.stored_len == 0 || entry.stored_len > limits.max_stored {
+                    return Err(corrupt(
+                        off::DATA_OFFSET,
+                        format!(
+                            "stored range {}+{} outside the data region {}..{}",
+                            entry.data_offset, entry.stored_len, limits.data_start, limits.data_end
+                        ),
+                    ));
+                }
+                if encoding == Encoding::Raw && entry.stored_len != limits.block_size {
+                    return Err(corrupt(off::STORED_LEN, format!("raw block of {} bytes", entry.stored_len)));
+                }
+            }
+        }
+        Ok(entry)
+    }
+}
+
+/// What an entry of one image may contain, derived from its header and footer.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryLimits {
+    pub block_count: u64,
+    pub block_size: u32,
+    pub data_start: u64,
+    pub data_end: u64,
+    pub max_stored: u32,
+}

@@ -1,0 +1,24 @@
+//! The strata on-disk format. This crate owns every byte strata writes: the image header, the
+//! block index, the footer, how stored blocks are encoded and checked, how a repository folder is
+//! laid out, and how a read of version N resolves through its chain. It knows nothing of the
+//! command line or of FUSE. `SPEC.md` next to this crate is the normative description.
+
+pub mod block;
+pub mod digest;
+pub mod error;
+pub mod fault;
+pub mod footer;
+pub mod header;
+pub mod image;
+pub mod index;
+pub mod layout;
+mod le;
+pub mod repo;
+pub mod version;
+
+pub use error::{FormatError, Loc, Result};
+pub use header::{ImageHeader, ImageRef, Kind};
+pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
+pub use index::{Encoding, IndexEntry};
+pub use repo::{RepoLock, RepoState, Repository, VersionStatus};
+pub use version::{BlockLocation, HashCursor, VersionReader};

@@ -1,0 +1,258 @@
+//! A version: its chain of images (full first) and the block map that answers, in one array
+//! look-up whatever the chain's depth, which image holds block b. Built once at open by streaming
+//! each layer's index oldest first, so that newer layers overwrite older ones; then reads cost one
+//! entry read and one block read from exactly one image. Memory: 8 bytes per source block.
+
+use std::sync::Arc;
+
+use crate::digest::{zero_block_hash, SourceDigest};
+use crate::error::{FormatError, Loc, Result};
+use crate::header::Kind;
+use crate::image::{ImageFile, ReadScratch};
+use crate::index::{Encoding, IndexEntry};
+use crate::layout::MAX_CHAIN_LEN;
+
+/// Where block b of a version lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockLocation {
+    /// All zeros: never stored, or zeroed by a later delta.
+    Zero,
+    /// Entry number `entry` of chain layer `layer` (0 = the full).
+    Stored { layer: usize, entry: u64 },
+}
+
+const LAYER_SHIFT: u32 = 48;
+const ENTRY_MASK: u64 = (1 << LAYER_SHIFT) - 1;
+
+fn pack(layer: usize, entry: u64) -> u64 {
+    ((layer as u64 + 1) << LAYER_SHIFT) | entry
+}
+
+fn unpack(v: u64) -> BlockLocation {
+    if v == 0 {
+        BlockLocation::Zero
+    } else {
+        BlockLocation::Stored { layer: ((v >> LAYER_SHIFT) - 1) as usize, entry: v & ENTRY_MASK }
+    }
+}
+
+/// One version opened for reading. Shareable between threads; each thread brings its own
+/// `ReadScratch`.
+pub struct VersionReader {
+    layers: Vec<Arc<ImageFile>>,
+    map: Vec<u64>,
+    block_size: u32,
+    source_size: u64,
+}
+
+impl std::fmt::Debug for VersionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionReader")
+            .field("version", &self.id())
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+/// Checks that `layers` form one chain, full first, each image a delta of the one before (for a
+/// differential: of the full).
+pub fn check_chain(layers: &[Arc<ImageFile>]) -> Result<()> {
+    let first = layers.first().ok_or_else(|| FormatError::Invalid("empty chain".into()))?;
+    if layers.len() > MAX_CHAIN_LEN {
+        return Err(FormatError::Invalid(format!("chain of {} images is longer than {MAX_CHAIN_LEN}", layers.len())));
+    }
+    if first.header.kind != Kind::Full {
+        return Err(FormatError::Corrupt { loc: first.loc(), what: "chain", detail: "does not start with a full".into() });
+    }
+    for pair in layers.windows(2) {
+        let (parent, child) = (&pair[0].header, &pair[1].header);
+        let ok = child.parent.is_some_and(|p| p.version == parent.version && p.image_id == parent.image_id)
+            && child.full == first.header.full
+            && child.repo_id == parent.repo_id
+            && child.block_size == parent.block_size
+            && child.source_size == parent.source_size;
+        if !ok {
+            return Err(FormatError::Corrupt {
+                loc: pair[1].loc(),
+                what: "chain",
+                detail: format!("not a delta of version {} ({})", parent.version, pair[0].path().display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl VersionReader {
+    /// Opens the version at the top of `layers` (full first). Reads every layer's index once.
+    pub fn from_chain(layers: Vec<Arc<ImageFile>>) -> Result<VersionReader> {
+        check_chain(&layers)?;
+        let top = &layers[layers.len() - 1].header;
+        let (block_size, source_size) = (top.block_size, top.source_size);
+        let block_count = usize::try_from(top.block_count())
+            .map_err(|_| FormatError::Invalid(format!("source of {source_size} bytes is too large")))?;
+        let mut map = vec![0u64; block_count];
+        for (layer, image) in layers.iter().enumerate() {
+            for (entry_index, entry) in image.stream_entries().enumerate() {
+                let entry = entry?;
+                map[entry.block as usize] =
+                    if entry.encoding == Encoding::Zero { 0 } else { pack(layer, entry_index as u64) };
+            }
+        }
+        let reader = VersionReader { layers, map, block_size, source_size };
+        let present = reader.map.iter().filter(|&&v| v != 0).count() as u64;
+        let top = reader.top();
+        if present != top.footer.present_blocks {
+            return Err(FormatError::Corrupt {
+                loc: top.loc(),
+                what: "chain",
+                detail: format!(
+                    "resolves to {present} present blocks, the footer records {}",
+                    top.footer.present_blocks
+                ),
+            });
+        }
+        Ok(reader)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.top().header.version
+    }
+
+    /// The image of this version itself (the newest layer).
+    pub fn top(&self) -> &ImageFile {
+        &self.layers[self.layers.len() - 1]
+    }
+
+    pub fn layers(&self) -> &[Arc<ImageFile>] {
+        &self.layers
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn source_size(&self) -> u64 {
+        self.source_size
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn locate(&self, block: u64) -> BlockLocation {
+        unpack(self.map[block as usize])
+    }
+
+    /// The index entry of `block`, or `None` when the block is zero.
+    pub fn entry(&self, block: u64) -> Result<Option<(&ImageFile, IndexEntry)>> {
+        match self.locate(block) {
+            BlockLocation::Zero => Ok(None),
+            BlockLocation::Stored { layer, entry } => {
+                let image = &self.layers[layer];
+                Ok(Some((image, image.read_entry(entry, block)?)))
+            }
+        }
+    }
+
+    /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`.
+    pub fn read_block(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
+        assert_eq!(out.len(), self.block_size as usize);
+        match self.entry(block)? {
+            None => {
+                out.fill(0);
+                Ok(())
+            }
+            Some((image, entry)) => image.read_block(&entry, scratch, out),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset` of the version's source; returns the bytes read
+    /// (fewer only at the end of the source).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], scratch: &mut ReadScratch) -> Result<usize> {
+        if offset >= self.source_size {
+            return Ok(0);
+        }
+        let bs = u64::from(self.block_size);
+        let len = (buf.len() as u64).min(self.source_size - offset) as usize;
+        let mut done = 0usize;
+        let mut block_buf = std::mem::take(&mut scratch.block);
+        block_buf.resize(self.block_size as usize, 0);
+        let result = (|| {
+            while done < len {
+                let pos = offset + done as u64;
+                let block = pos / bs;
+                let within = (pos % bs) as usize;
+                let n = (self.block_size as usize - within).min(len - done);
+                if within == 0 && n == self.block_size as usize {
+                    self.read_block(block, scratch, &mut buf[done..done + n])?;
+                } else {
+                    self.read_block(block, scratch, &mut block_buf)?;
+                    buf[done..done + n].copy_from_slice(&block_buf[within..within + n]);
+                }
+                done += n;
+            }
+            Ok(len)
+        })();
+        scratch.block = block_buf;
+        result
+    }
+
+    /// Recomputes this version's whole-source digest from the block hashes of its resolved index
+    /// (no block data is read). Matches the footer's digest when the index is sound.
+    pub fn digest_from_index(&self) -> Result<[u8; 32]> {
+        let zero = zero_block_hash(self.block_size);
+        let mut digest = SourceDigest::new(self.source_size, self.block_size);
+        let mut hashes = HashCursor::new(self);
+        for block in 0..self.block_count() {
+            digest.push(&hashes.hash(block)?.unwrap_or(zero));
+        }
+        Ok(digest.finish())
+    }
+
+    pub fn loc(&self) -> Loc {
+        self.top().loc()
+    }
+}
+
+/// Looks up the content hashes of a version's blocks in increasing block order, reading each
+/// layer's index sequentially in windows (so a pass over all blocks reads every index at most
+/// once). Used to compare a new backup with its parent and to recompute digests.
+pub struct HashCursor<'a> {
+    version: &'a VersionReader,
+    windows: Vec<Option<Window>>,
+}
+
+struct Window {
+    first: u64,
+    entries: Vec<IndexEntry>,
+}
+
+const CURSOR_WINDOW: usize = 256;
+
+impl<'a> HashCursor<'a> {
+    pub fn new(version: &'a VersionReader) -> HashCursor<'a> {
+        HashCursor { version, windows: (0..version.layers.len()).map(|_| None).collect() }
+    }
+
+    /// The content hash of `block`, or `None` when it is zero in this version.
+    pub fn hash(&mut self, block: u64) -> Result<Option<[u8; 32]>> {
+        let BlockLocation::Stored { layer, entry } = self.version.locate(block) else {
+            return Ok(None);
+        };
+        let window = self.windows[layer].get_or_insert_with(|| Window { first: 0, entries: Vec::new() });
+        let inside = entry >= window.first && entry < window.first + window.entries.len() as u64;
+        if !inside {
+            window.first = entry;
+            self.version.layers[layer].read_entries(entry, CURSOR_WINDOW, &mut window.entries)?;
+        }
+        let found = window.entries[(entry - window.first) as usize];
+        if found.block != block {
+            return Err(FormatError::Corrupt {
+                loc: self.version.layers[layer].loc(),
+                what: "index entry",
+                detail: format!("entry {entry} describes block {}, expected block {block}", found.block),
+            });
+        }
+        Ok(Some(found.hash))
+    }
+}

@@ -1,0 +1,88 @@
+//! `strata backup SOURCE REPO`: make a full, incremental or differential image.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use strata_format::Kind;
+
+use crate::backup::{backup, BackupRequest};
+use crate::units::{bytes, parse_size};
+use crate::{Global, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The block device or raw disk image to back up.
+    pub source: PathBuf,
+    /// The repository folder (created on the first backup).
+    pub repo: PathBuf,
+    /// Make a full image.
+    #[arg(long, group = "kind")]
+    pub full: bool,
+    /// Make an incremental: the blocks changed since the previous version (the default).
+    #[arg(long, group = "kind")]
+    pub incremental: bool,
+    /// Make a differential: the blocks changed since the chain's full.
+    #[arg(long, group = "kind")]
+    pub differential: bool,
+    /// Block size of a new repository (power of two, 4K to 4M; fixed per repository).
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
+    /// zstd compression level (1-19).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: i32,
+    /// A label stored with the version.
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args, global: &Global) -> Result<Outcome> {
+    let kind = if args.full {
+        Some(Kind::Full)
+    } else if args.incremental {
+        Some(Kind::Incremental)
+    } else if args.differential {
+        Some(Kind::Differential)
+    } else {
+        None
+    };
+    let block_size = match &args.block_size {
+        None => None,
+        Some(s) => {
+            let n = parse_size(s)?;
+            let n = u32::try_from(n).map_err(|_| anyhow::anyhow!("block size {s} is too large"))?;
+            strata_format::header::check_block_size(n)?;
+            Some(n)
+        }
+    };
+    let req = BackupRequest {
+        source: args.source,
+        repo: args.repo,
+        kind,
+        block_size,
+        level: args.compression_level,
+        label: args.label,
+    };
+    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let s = backup(&req, progress.as_ref())?;
+    if args.json {
+        super::print_json(&s)?;
+    } else if !global.quiet {
+        let parent = s.parent.map(|p| format!(" of version {p}")).unwrap_or_default();
+        println!(
+            "version {} {}{parent}: {}/{} blocks changed, read {}, stored {}, {:.2} s, {:.1} MB/s ({})",
+            s.id,
+            s.kind,
+            s.changed_blocks,
+            s.total_blocks,
+            bytes(s.bytes_read),
+            bytes(s.stored_bytes),
+            s.seconds,
+            s.mb_per_s,
+            s.file
+        );
+    }
+    Ok(Outcome::Success)
+}

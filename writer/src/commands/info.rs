@@ -1,0 +1,112 @@
+//! `strata info REPO VERSION`: one version in detail, with its chain.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use strata_format::digest::hex;
+use strata_format::header::hex_id;
+use strata_format::Repository;
+
+use crate::units::{bytes, rfc3339};
+use crate::{Global, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository folder.
+    pub repo: PathBuf,
+    /// The version id, or `latest`.
+    pub version: String,
+    /// Print as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Info {
+    id: u64,
+    kind: &'static str,
+    parent: Option<u64>,
+    full: u64,
+    chain: Vec<u64>,
+    created: String,
+    label: String,
+    source: String,
+    source_size: u64,
+    block_size: u32,
+    block_count: u64,
+    present_blocks: u64,
+    changed_blocks: u64,
+    stored_bytes: u64,
+    compression_level: i32,
+    file: String,
+    repo_id: String,
+    image_id: String,
+    source_digest: String,
+    restorable: bool,
+    problem: Option<String>,
+}
+
+pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
+    let repo = Repository::open(&args.repo)?;
+    let mut state = repo.scan()?;
+    state.check_indexes();
+    let id = state.resolve_name(&args.version)?;
+    let status = state.status(id);
+    let Some(image) = status.image.clone() else {
+        anyhow::bail!(
+            "{}: version {id} cannot be read: {}",
+            status.path.display(),
+            status.problem.unwrap_or_default()
+        );
+    };
+    let h = &image.header;
+    let info = Info {
+        id,
+        kind: h.kind.as_str(),
+        parent: h.parent.map(|p| p.version),
+        full: h.full.version,
+        chain: status.chain.clone(),
+        created: rfc3339(h.created_secs, h.created_nanos),
+        label: h.label.clone(),
+        source: h.source.clone(),
+        source_size: h.source_size,
+        block_size: h.block_size,
+        block_count: h.block_count(),
+        present_blocks: image.footer.present_blocks,
+        changed_blocks: image.footer.entry_count,
+        stored_bytes: image.footer.stored_bytes,
+        compression_level: h.compression_level,
+        file: status.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        repo_id: hex_id(&h.repo_id),
+        image_id: hex_id(&h.image_id),
+        source_digest: hex(&image.footer.source_digest),
+        restorable: status.restorable(),
+        problem: status.problem.clone(),
+    };
+    if args.json {
+        super::print_json(&info)?;
+        return Ok(Outcome::Success);
+    }
+    let chain: Vec<String> = info.chain.iter().map(u64::to_string).collect();
+    println!("version        {}", info.id);
+    println!("kind           {}", info.kind);
+    println!("parent         {}", info.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
+    println!("full           {}", info.full);
+    println!("chain          {}", chain.join(" <- "));
+    println!("created        {}", info.created);
+    println!("label          {}", info.label);
+    println!("source         {}", info.source);
+    println!("source size    {} ({} bytes)", bytes(info.source_size), info.source_size);
+    println!("block size     {}", bytes(u64::from(info.block_size)));
+    println!("blocks         {} total, {} not zero, {} changed in this image", info.block_count, info.present_blocks, info.changed_blocks);
+    println!("stored         {} (zstd level {})", bytes(info.stored_bytes), info.compression_level);
+    println!("file           {}", info.file);
+    println!("image id       {}", info.image_id);
+    println!("repository id  {}", info.repo_id);
+    println!("source digest  blake3:{}", info.source_digest);
+    match &info.problem {
+        None => println!("restorable     yes"),
+        Some(p) => println!("restorable     NO: {p}"),
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,105 @@
+//! `strata list REPO`: one row per version with its health.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use strata_format::Repository;
+
+use crate::units::{bytes, rfc3339};
+use crate::{Global, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository folder.
+    pub repo: PathBuf,
+    /// Print the versions as a JSON array on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub id: u64,
+    /// "full", "incremental", "differential", or "unknown" when the header is unreadable.
+    pub kind: String,
+    pub parent: Option<u64>,
+    pub created: Option<String>,
+    pub label: String,
+    pub source_size: Option<u64>,
+    pub block_size: u32,
+    pub changed_blocks: Option<u64>,
+    pub stored_bytes: Option<u64>,
+    pub file: String,
+    pub restorable: bool,
+    pub problem: Option<String>,
+}
+
+/// The rows of `strata list` (indexes are read and checked; block data is not).
+pub fn rows(repo_path: &Path) -> Result<Vec<Row>> {
+    let repo = Repository::open(repo_path)?;
+    let mut state = repo.scan()?;
+    state.check_indexes();
+    Ok(state
+        .statuses()
+        .into_iter()
+        .map(|s| {
+            let file = s.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let h = s.image.as_ref().map(|i| &i.header);
+            Row {
+                id: s.id,
+                kind: h.map(|h| h.kind.as_str().to_string()).unwrap_or_else(|| "unknown".into()),
+                parent: h.and_then(|h| h.parent.map(|p| p.version)),
+                created: h.map(|h| rfc3339(h.created_secs, h.created_nanos)),
+                label: h.map(|h| h.label.clone()).unwrap_or_default(),
+                source_size: h.map(|h| h.source_size),
+                block_size: repo.block_size,
+                changed_blocks: s.image.as_ref().map(|i| i.footer.entry_count),
+                stored_bytes: s.image.as_ref().map(|i| i.footer.stored_bytes),
+                file,
+                restorable: s.restorable(),
+                problem: s.problem,
+            }
+        })
+        .collect())
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub fn print_table(rows: &[Row]) {
+    println!(
+        "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
+        "ID", "KIND", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE", "LABEL / PROBLEM"
+    );
+    for r in rows {
+        let last = match &r.problem {
+            Some(p) => p.clone(),
+            None => r.label.clone(),
+        };
+        println!(
+            "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
+            r.id,
+            r.kind,
+            opt(r.parent),
+            r.created.clone().unwrap_or_else(|| "-".into()),
+            opt(r.source_size.map(bytes)),
+            opt(r.changed_blocks),
+            opt(r.stored_bytes.map(bytes)),
+            if r.restorable { "yes" } else { "NO" },
+            last
+        );
+    }
+}
+
+pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
+    let rows = rows(&args.repo)?;
+    if args.json {
+        super::print_json(&rows)?;
+    } else if rows.is_empty() {
+        println!("no versions in {}", args.repo.display());
+    } else {
+        print_table(&rows);
+    }
+    Ok(Outcome::Success)
+}

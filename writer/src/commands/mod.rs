@@ -1,0 +1,18 @@
+//! One module per subcommand: its arguments, and how its result is shown (a table or line for
+//! people, JSON on stdout with `--json`).
+
+pub mod backup;
+pub mod demo;
+pub mod info;
+pub mod list;
+pub mod restore;
+pub mod verify;
+
+/// Prints `value` as one JSON document on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The `strata` command: parse the command line, set up logging, run one subcommand, print its
+//! error chain on one line and map the outcome to an exit code (0 success, 1 failure, 2 usage).
+
+mod backup;
+mod commands;
+mod plan;
+mod progress;
+mod restore;
+mod source;
+mod units;
+mod verify;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "strata", version, about = "Block-level disk backups: full, incremental and differential images")]
+struct Cli {
+    /// No progress and no summary chatter (errors are still printed).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// More log detail (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up a block device or raw disk image into a repository.
+    Backup(commands::backup::Args),
+    /// List the versions of a repository.
+    List(commands::list::Args),
+    /// Show one version in detail, with its chain.
+    Info(commands::info::Args),
+    /// Check every image and version; exit 1 if anything is damaged.
+    Verify(commands::verify::Args),
+    /// Write a version back onto a device or into a file.
+    Restore(commands::restore::Args),
+    /// Run the whole job on a built-in sample: a small ext4 disk, full/incremental/differential
+    /// backups, verify and restore.
+    Demo(commands::demo::Args),
+}
+
+/// What a command's run ended with, short of an error.
+pub enum Outcome {
+    Success,
+    /// The command ran but found a problem it reported (e.g. verify found damage).
+    Failure,
+}
+
+pub struct Global {
+    pub quiet: bool,
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let global = Global { quiet: cli.quiet };
+    match cli.command {
+        Command::Backup(a) => commands::backup::run(a, &global),
+        Command::List(a) => commands::list::run(a, &global),
+        Command::Info(a) => commands::info::run(a, &global),
+        Command::Verify(a) => commands::verify::run(a, &global),
+        Command::Restore(a) => commands::restore::run(a, &global),
+        Command::Demo(a) => commands::demo::run(a, &global),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("STRATA_LOG")
+        .format(|buf, record| {
+            let level = record.level().to_string().to_lowercase();
+            writeln!(buf, "strata: {level}: {}", record.args())
+        })
+        .init();
+}
+
+/// Lets a chain of file descriptors (a block-heavy chain needs one per image) stay open.
+fn raise_open_file_limit() {
+    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(cli.verbose);
+    raise_open_file_limit();
+    match run(cli) {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Failure) => ExitCode::from(1),
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The restore engine: write one version into a regular file (sparse: zero blocks become holes)
+//! or onto a block device, decoding on all cores, checking every block's crc32c while reading and
+//! the version's whole-source digest at the end. Refuses targets that would lose data.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use strata_format::block::hash_block;
+use strata_format::digest::{hex, zero_block_hash, SourceDigest};
+use strata_format::{BlockLocation, ReadScratch, Repository, VersionReader};
+
+use crate::progress::Progress;
+use crate::source::block_device_size;
+
+const BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreSummary {
+    pub id: u64,
+    pub target: PathBuf,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+    pub digest: String,
+    pub digest_verified: bool,
+}
+
+enum TargetKind {
+    /// A regular file: created or truncated, zero blocks left as holes.
+    File,
+    /// A block device or other special file: every byte is written.
+    Device,
+}
+
+/// Opens `target` for writing `size` bytes, refusing what would lose data: a mounted or too
+/// small device, and an existing non-empty file or device without `force`.
+fn open_target(target: &Path, size: u64, force: bool) -> Result<(File, TargetKind)> {
+    let meta = std::fs::metadata(target);
+    match meta {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(target)
+                .with_context(|| format!("{}: cannot create the restore target", target.display()))?;
+            Ok((f, TargetKind::File))
+        }
+        Err(e) => Err(e).with_context(|| format!("{}: cannot stat the restore target", target.display())),
+        Ok(m) if m.file_type().is_file() => {
+            if m.len() > 0 && !force {
+                bail!(
+                    "{}: the target exists and is not empty ({} bytes); add --force to overwrite it",
+                    target.display(),
+                    m.len()
+                );
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(target)
+                .with_context(|| format!("{}: cannot open the restore target", target.display()))?;
+            Ok((f, TargetKind::File))
+        }
+        Ok(m) if m.file_type().is_block_device() => {
+            if let Some(mnt) = mounted_at(target) {
+                bail!("{}: the device is mounted on {mnt}; unmount it before restoring onto it", target.display());
+            }
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_EXCL)
+                .open(target)
+                .map_err(|e| {
+                    if e.raw_os_error() == Some(libc::EBUSY) {
+                        anyhow::anyhow!("{}: the device is in use (mounted or held); refusing to restore onto it", target.display())
+                    } else {
+                        anyhow::Error::new(e).context(format!("{}: cannot open the device", target.display()))
+                    }
+                })?;
+            let dev_size = block_device_size(&f, target)?;
+            if dev_size < size {
+                bail!(
+                    "{}: the device holds {dev_size} bytes, fewer than the version's {size}; choose a larger device",
+                    target.display()
+                );
+            }
+            if !force && !starts_empty(&f)? {
+                bail!("{}: the device holds data; add --force to overwrite it", target.display());
+            }
+            Ok((f, TargetKind::Device))
+        }
+        Ok(m) if m.file_type().is_char_device() || m.file_type().is_fifo() => {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(target)
+                .with_context(|| format!("{}: cannot open the restore target", target.display()))?;
+            Ok((f, TargetKind::Device))
+        }
+        Ok(_) => bail!("{}: the restore target must be a regular file or a block device", target.display()),
+    }
+}
+
+/// Whether the first MiB of a device is all zeros.
+fn starts_empty(f: &File) -> Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    let n = f.read_at(&mut buf, 0).context("reading the start of the target device")?;
+    Ok(strata_format::block::is_zero(&buf[..n]))
+}
+
+/// Where the block device `dev` is mounted, from /proc/self/mountinfo (by device number).
+fn mounted_at(dev: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev).ok()?.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let devno = fields.nth(2)?;
+        let mount_point = fields.nth(1)?;
+        (devno == format!("{major}:{minor}")).then(|| mount_point.to_string())
+    })
+}
+
+pub fn restore(
+    repo_path: &Path,
+    version: &str,
+    target: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<RestoreSummary> {
+    let started = Instant::now();
+    let repo = Repository::open(repo_path)?;
+    let state = repo.scan()?;
+    let id = state.resolve_name(version)?;
+    let reader = state.open_version(id)?;
+    let (file, kind) = open_target(target, reader.source_size(), force)?;
+    let digest = write_version(&reader, &file, &kind, target, progress)?;
+    file.sync_all().with_context(|| format!("{}: fsync", target.display()))?;
+    let expected = reader.top().footer.source_digest;
+    if digest != expected {
+        bail!(
+            "{}: the restored data of version {id} does not match its digest (expected {}, got {}); \
+             the target is NOT a faithful copy; run `strata verify {}`",
+            target.display(),
+            hex(&expected),
+            hex(&digest),
+            repo_path.display()
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(RestoreSummary {
+        id,
+        target: target.to_path_buf(),
+        bytes: reader.source_size(),
+        seconds,
+        mb_per_s: crate::units::mb_per_s(reader.source_size(), seconds),
+        digest: hex(&digest),
+        digest_verified: true,
+    })
+}
+
+/// Writes every block of `reader` into `file`; returns the digest of what was written.
+fn write_version(
+    reader: &VersionReader,
+    file: &File,
+    kind: &TargetKind,
+    target: &Path,
+    progress: &dyn Progress,
+) -> Result<[u8; 32]> {
+    let bs = reader.block_size() as usize;
+    let size = reader.source_size();
+    if let TargetKind::File = kind {
+        file.set_len(size).with_context(|| format!("{}: cannot size the target to {size} bytes", target.display()))?;
+    }
+    let zero_hash = zero_block_hash(reader.block_size());
+    let mut digest = SourceDigest::new(size, reader.block_size());
+    let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
+    let mut buf = vec![0u8; batch_blocks as usize * bs];
+    progress.begin("restore", size);
+    let mut start = 0u64;
+    while start < reader.block_count() {
+        let n = batch_blocks.min(reader.block_count() - start);
+        let batch = &mut buf[..n as usize * bs];
+        let hashes: Vec<Option<[u8; 32]>> = batch
+            .par_chunks_mut(bs)
+            .enumerate()
+            .map_init(ReadScratch::new, |scratch, (i, out)| -> strata_format::Result<Option<[u8; 32]>> {
+                let b = start + i as u64;
+                if reader.locate(b) == BlockLocation::Zero {
+                    return Ok(None);
+                }
+                reader.read_block(b, scratch, out)?;
+                Ok(Some(hash_block(out)))
+            })
+            .collect::<strata_format::Result<_>>()?;
+        for (i, h) in hashes.iter().enumerate() {
+            let b = start + i as u64;
+            let offset = b * bs as u64;
+            let len = (bs as u64).min(size - offset) as usize;
+            match h {
+                Some(h) => {
+                    digest.push(h);
+                    let data = &batch[i * bs..i * bs + len];
+                    file.write_all_at(data, offset)
+                        .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
+                }
+                None => {
+                    digest.push(&zero_hash);
+                    if let TargetKind::Device = kind {
+                        batch[i * bs..i * bs + len].fill(0);
+                        file.write_all_at(&batch[i * bs..i * bs + len], offset)
+                            .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
+                    }
+                }
+            }
+        }
+        progress.advance((n * bs as u64).min(size - start * bs as u64));
+        start += n;
+    }
+    progress.end();
+    Ok(digest.finish())
+}

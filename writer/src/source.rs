@@ -1,0 +1,124 @@
+//! The backup source: a block device (size from the BLKGETSIZE64 ioctl) or a regular file (a raw
+//! disk image). Reads are positional and large; in a regular file, holes (SEEK_DATA/SEEK_HOLE)
+//! are filled with zeros without being read.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
+
+/// Size in bytes of an open block device.
+pub fn block_device_size(file: &File, path: &Path) -> Result<u64> {
+    let mut size = 0u64;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer we pass, which lives on our stack.
+    unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }
+        .with_context(|| format!("{}: cannot read the device size (BLKGETSIZE64)", path.display()))?;
+    Ok(size)
+}
+
+pub struct Source {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    is_block_device: bool,
+    /// Bytes actually read (holes excluded).
+    bytes_read: std::sync::atomic::AtomicU64,
+}
+
+impl Source {
+    pub fn open(path: &Path) -> Result<Source> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open the source", path.display()))?;
+        let meta = file.metadata().with_context(|| format!("{}: cannot stat the source", path.display()))?;
+        let ft = meta.file_type();
+        let (size, is_block_device) = if ft.is_block_device() {
+            (block_device_size(&file, path)?, true)
+        } else if ft.is_file() {
+            (meta.len(), false)
+        } else {
+            bail!("{}: the source must be a block device or a regular file (a raw disk image)", path.display());
+        };
+        if size == 0 {
+            bail!("{}: the source is empty (0 bytes); nothing to back up", path.display());
+        }
+        // SAFETY: advisory call on a descriptor we own.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into() })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Fills `buf` with the source's bytes at `offset`; bytes past the source's end are zero.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = (offset + buf.len() as u64).min(self.size);
+        let valid = end.saturating_sub(offset) as usize;
+        buf[valid..].fill(0);
+        let mut pos = offset;
+        while pos < end {
+            let (data, data_end) = self.next_data(pos, end)?;
+            buf[(pos - offset) as usize..(data - offset) as usize].fill(0);
+            if data >= end {
+                break;
+            }
+            let dst = &mut buf[(data - offset) as usize..(data_end - offset) as usize];
+            self.read_exact(data, dst)?;
+            pos = data_end;
+        }
+        Ok(())
+    }
+
+    /// The next range `[data, data_end)` at or after `pos` that holds data, clipped to `end`.
+    /// Block devices and file systems without SEEK_DATA report everything as data.
+    fn next_data(&self, pos: u64, end: u64) -> Result<(u64, u64)> {
+        if self.is_block_device {
+            return Ok((pos, end));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on our own descriptor; all other reads are positional, so moving the
+        // file offset affects nothing.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok((end, end)),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((pos, end)),
+                _ => Err(err).with_context(|| format!("{}: seeking data at offset {pos}", self.path.display())),
+            };
+        }
+        let data = (data as u64).min(end);
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let data_end = if hole < 0 { end } else { (hole as u64).clamp(data, end) };
+        Ok((data, data_end.max(data).min(end)))
+    }
+
+    fn read_exact(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            match self.file.read_at(&mut buf[done..], at) {
+                Ok(0) => bail!(
+                    "{}: the source ended at offset {at}, before its size {}; did it change during the backup?",
+                    self.path.display(),
+                    self.size
+                ),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{}: read error at offset {at}", self.path.display()))
+                }
+            }
+        }
+        self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}

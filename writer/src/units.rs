@@ -1,0 +1,66 @@
+//! Human-readable sizes, rates and times, and parsing of sizes such as `64K`.
+
+use anyhow::{bail, Result};
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Decimal megabytes per second.
+pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds <= 0.0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / seconds
+    }
+}
+
+/// Parses `4096`, `64K`, `64KiB`, `1M`, `4MiB` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(_) => bail!("{s:?} is not a size (examples: 4096, 64K, 1M)"),
+    };
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => bail!("{s:?} is not a size (examples: 4096, 64K, 1M)"),
+    };
+    n.checked_mul(mult).ok_or_else(|| anyhow::anyhow!("{s:?} is too large"))
+}
+
+/// RFC 3339 UTC time, seconds precision.
+pub fn rfc3339(secs: i64, nanos: u32) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs.max(0) as u64, nanos);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("4MiB").unwrap(), 4 << 20);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

@@ -1,0 +1,162 @@
+//! The verify engine: check every image (header, footer, index, and unless quick every stored
+//! block: crc32c, decompression and BLAKE3 content hash), then every version: is its whole chain
+//! present and sound, and does the digest of its resolved blocks match the one recorded at
+//! backup time.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use anyhow::Result;
+use rayon::prelude::*;
+use strata_format::block::hash_block;
+use strata_format::digest::hex;
+use strata_format::{Encoding, FormatError, ImageFile, IndexEntry, ReadScratch, Repository};
+
+use crate::progress::Progress;
+
+/// Most bad blocks listed per image (all are counted).
+const LISTED_PROBLEMS: usize = 20;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageReport {
+    pub version: u64,
+    pub file: String,
+    pub sound: bool,
+    pub blocks_checked: u64,
+    pub bad_blocks: u64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionReport {
+    pub id: u64,
+    pub restorable: bool,
+    pub digest_verified: bool,
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub images: Vec<ImageReport>,
+    pub versions: Vec<VersionReport>,
+}
+
+pub struct VerifyOptions<'a> {
+    pub versions: &'a [String],
+    /// Skip reading block data (headers, footers, indexes and digests only).
+    pub quick: bool,
+}
+
+pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progress) -> Result<VerifyReport> {
+    let repo = Repository::open(repo_path)?;
+    let mut state = repo.scan()?;
+    let wanted: Vec<u64> = if opts.versions.is_empty() {
+        state.ids().collect()
+    } else {
+        opts.versions.iter().map(|v| state.resolve_name(v)).collect::<Result<_, _>>()?
+    };
+    // Every image the wanted versions need, as far as their chains can be followed.
+    let mut images: BTreeSet<u64> = BTreeSet::new();
+    for &id in &wanted {
+        images.extend(state.status(id).chain);
+        images.insert(id);
+    }
+    let total: u64 = images
+        .iter()
+        .filter_map(|id| state.images.get(id)?.image.as_ref().ok().map(|i| i.footer.stored_bytes))
+        .sum();
+    progress.begin("verify", total);
+    let mut image_reports = Vec::new();
+    for &id in &images {
+        let Some(slot) = state.images.get(&id) else { continue };
+        let file = slot.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut report = ImageReport { version: id, file, sound: true, blocks_checked: 0, bad_blocks: 0, problems: Vec::new() };
+        match &slot.image {
+            Err(why) => report.problems.push(why.clone()),
+            Ok(image) => check_image(image, opts.quick, &mut report, progress),
+        }
+        report.sound = report.problems.is_empty();
+        if let Some(first) = report.problems.first() {
+            state.mark_damaged(id, first.clone());
+        }
+        image_reports.push(report);
+    }
+    progress.end();
+    let mut versions = Vec::new();
+    for &id in &wanted {
+        let status = state.status(id);
+        let mut v = VersionReport { id, restorable: status.restorable(), digest_verified: false, problem: status.problem };
+        if v.restorable {
+            match state.open_version(id).and_then(|r| Ok((r.digest_from_index()?, r.top().footer.source_digest))) {
+                Ok((actual, expected)) if actual == expected => v.digest_verified = true,
+                Ok((actual, expected)) => {
+                    v.restorable = false;
+                    v.problem = Some(format!(
+                        "its blocks do not add up to the digest recorded at backup (expected {}, found {})",
+                        hex(&expected),
+                        hex(&actual)
+                    ));
+                }
+                Err(e) => {
+                    v.restorable = false;
+                    v.problem = Some(e.to_string());
+                }
+            }
+        }
+        versions.push(v);
+    }
+    let ok = image_reports.iter().all(|r| r.sound) && versions.iter().all(|v| v.restorable);
+    Ok(VerifyReport { ok, images: image_reports, versions })
+}
+
+fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progress: &dyn Progress) {
+    const CHUNK: usize = 256;
+    let mut entries: Vec<IndexEntry> = Vec::with_capacity(CHUNK);
+    let mut stream = image.stream_entries();
+    loop {
+        entries.clear();
+        for entry in stream.by_ref().take(CHUNK) {
+            match entry {
+                Ok(e) => entries.push(e),
+                Err(e) => {
+                    report.problems.push(e.to_string());
+                    return;
+                }
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        report.blocks_checked += entries.len() as u64;
+        if quick {
+            continue;
+        }
+        let bad: Vec<FormatError> = entries
+            .par_iter()
+            .map_init(
+                || (ReadScratch::new(), vec![0u8; image.header.block_size as usize]),
+                |(scratch, out), entry| check_block(image, entry, scratch, out).err(),
+            )
+            .flatten()
+            .collect();
+        progress.advance(entries.iter().map(|e| u64::from(e.stored_len)).sum());
+        report.bad_blocks += bad.len() as u64;
+        for e in bad {
+            if report.problems.len() < LISTED_PROBLEMS {
+                report.problems.push(e.to_string());
+            }
+        }
+    }
+}
+
+fn check_block(image: &ImageFile, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> strata_format::Result<()> {
+    if entry.encoding == Encoding::Zero {
+        return Ok(());
+    }
+    image.read_block(entry, scratch, out)?;
+    if hash_block(out) != entry.hash {
+        return Err(FormatError::HashMismatch { loc: image.loc().at(entry.data_offset), block: entry.block });
+    }
+    Ok(())
+}
