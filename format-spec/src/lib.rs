@@ -22,3 +22,6 @@ pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
 pub use index::{Encoding, IndexEntry};
 pub use repo::{RepoLock, RepoState, Repository, VersionStatus};
 pub use version::{BlockLocation, HashCursor, VersionReader};
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,9 @@ mod source;
 mod units;
 mod verify;
 
+#[cfg(test)]
+mod model_tests;
+
 use std::io::Write;
 use std::process::ExitCode;
 

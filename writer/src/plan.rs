@@ -23,12 +23,11 @@ pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64) -> Pla
     let wanted = requested.unwrap_or(Kind::Incremental);
     let latest = state.latest_restorable();
     let Some(base_id) = latest else {
-        if state.images.is_empty() {
-            return full(Vec::new());
-        }
-        let note = match requested {
-            Some(k) => format!("no usable full in the repository: making a full instead of the {k} asked for"),
-            None => "no usable full in the repository: making a full".to_string(),
+        let note = match (requested, state.images.is_empty()) {
+            (None, true) => return full(Vec::new()),
+            (Some(k), true) => format!("the repository has no full yet: making a full instead of the {k} asked for"),
+            (Some(k), false) => format!("no usable full in the repository: making a full instead of the {k} asked for"),
+            (None, false) => "no usable full in the repository: making a full".to_string(),
         };
         return full(vec![note]);
     };

@@ -1,0 +1,381 @@
+//! Unit tests of the format: every structure round-trips, every field is checked, corrupt,
+//! truncated, foreign and future input is refused with the named error, a version resolves
+//! through its chain, and the constants match SPEC.md.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::block::hash_block;
+use crate::digest::{zero_block_hash, SourceDigest};
+use crate::error::{FormatError, Loc};
+use crate::footer::ImageFooter;
+use crate::header::{ImageHeader, ImageRef, Kind};
+use crate::image::{Finish, ImageFile, ImageWriter};
+use crate::index::{Encoding, EntryLimits, IndexEntry};
+use crate::layout::{self, FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
+use crate::repo::Repository;
+use crate::version::VersionReader;
+use crate::ReadScratch;
+
+const BS: u32 = 4096;
+
+fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<ImageRef>, size: u64) -> ImageHeader {
+    let image_id = crate::header::new_id();
+    ImageHeader {
+        repo_id: [7; 16],
+        image_id,
+        version,
+        kind,
+        parent,
+        full: full.unwrap_or(ImageRef { version, image_id }),
+        block_size: BS,
+        compression_level: 3,
+        source_size: size,
+        created_secs: 1_700_000_000,
+        created_nanos: 123,
+        label: "läbel".into(),
+        source: "/dev/sdz1".into(),
+    }
+}
+
+#[test]
+fn header_round_trips_every_field() {
+    let h = header(9, Kind::Incremental, Some(ImageRef { version: 8, image_id: [1; 16] }), Some(ImageRef { version: 2, image_id: [2; 16] }), 12_345_678);
+    let bytes = h.encode();
+    assert_eq!(bytes.len(), HEADER_SIZE);
+    assert_eq!(ImageHeader::decode(&bytes, &Loc::file(Path::new("x"))).unwrap(), h);
+}
+
+#[test]
+fn every_flipped_header_byte_is_detected() {
+    let h = header(1, Kind::Full, None, None, 1 << 20);
+    let good = h.encode();
+    for i in 0..HEADER_SIZE {
+        let mut bad = good;
+        bad[i] ^= 0x40;
+        assert!(ImageHeader::decode(&bad, &Loc::file(Path::new("x"))).is_err(), "flip at {i} accepted");
+    }
+}
+
+#[test]
+fn future_format_version_is_refused_by_name() {
+    let mut b = header(1, Kind::Full, None, None, 1 << 20).encode();
+    b[layout::header::FORMAT_VERSION] = 2;
+    let err = ImageHeader::decode(&b, &Loc::file(Path::new("x"))).unwrap_err();
+    assert!(matches!(err, FormatError::UnsupportedFormat { found: 2, .. }), "{err}");
+    assert!(err.to_string().contains("format version 2"), "{err}");
+}
+
+#[test]
+fn foreign_file_is_not_an_image() {
+    let b = [0x55u8; HEADER_SIZE];
+    let err = ImageHeader::decode(&b, &Loc::file(Path::new("x"))).unwrap_err();
+    assert!(matches!(err, FormatError::NotAnImage { .. }), "{err}");
+}
+
+#[test]
+fn differential_whose_parent_is_not_its_full_is_rejected() {
+    let full = ImageRef { version: 1, image_id: [1; 16] };
+    let h = header(3, Kind::Differential, Some(ImageRef { version: 2, image_id: [2; 16] }), Some(full), 1 << 20);
+    assert!(ImageHeader::decode(&h.encode(), &Loc::file(Path::new("x"))).is_err());
+}
+
+#[test]
+fn footer_and_entry_round_trip_and_self_check() {
+    let f = ImageFooter {
+        image_id: [3; 16],
+        index_offset: 4096,
+        entry_count: 2,
+        index_crc: 0xdead_beef,
+        stored_bytes: 777,
+        present_blocks: 5,
+        source_digest: [9; 32],
+    };
+    let loc = Loc::file(Path::new("x"));
+    assert_eq!(ImageFooter::decode(&f.encode(), &loc, 0).unwrap(), f);
+    let mut bad = f.encode();
+    bad[layout::footer::ENTRY_COUNT] ^= 1;
+    assert!(matches!(ImageFooter::decode(&bad, &loc, 0), Err(FormatError::Checksum { .. })));
+
+    let e = IndexEntry { block: 3, data_offset: 600, stored_len: 100, encoding: Encoding::Zstd, data_crc: 5, hash: [4; 32] };
+    let limits = EntryLimits { block_count: 10, block_size: BS, data_start: 512, data_end: 4096, max_stored: BS };
+    assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
+    for i in 0..INDEX_ENTRY_SIZE {
+        let mut bad = e.encode();
+        bad[i] ^= 0x10;
+        assert!(IndexEntry::decode(&bad, &loc, 0, &limits).is_err(), "flip at {i} accepted");
+    }
+    // A well-formed entry pointing outside the data region is refused (validate before seeking).
+    let outside = IndexEntry { data_offset: 4090, ..e };
+    assert!(matches!(IndexEntry::decode(&outside.encode(), &loc, 0, &limits), Err(FormatError::Corrupt { .. })));
+    let beyond = IndexEntry { block: 10, ..e };
+    assert!(IndexEntry::decode(&beyond.encode(), &loc, 0, &limits).is_err());
+}
+
+/// Writes an image of `disk` as a delta against `parent` (or a full), like the writer does.
+fn write_image(dir: &Path, h: ImageHeader, disk: &[u8], parent: Option<&[u8]>) -> PathBuf {
+    let final_path = dir.join(crate::repo::image_file_name(h.version));
+    let temp = dir.join(format!(".tmp-{}", h.version));
+    let mut w = ImageWriter::create(temp, final_path, h).unwrap();
+    let bs = BS as usize;
+    let blocks = disk.len().div_ceil(bs);
+    let mut digest = SourceDigest::new(disk.len() as u64, BS);
+    let mut present = 0;
+    let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
+    let mut out = Vec::new();
+    for b in 0..blocks {
+        let mut block = vec![0u8; bs];
+        let end = ((b + 1) * bs).min(disk.len());
+        block[..end - b * bs].copy_from_slice(&disk[b * bs..end]);
+        let hash = hash_block(&block);
+        digest.push(&hash);
+        let zero = crate::block::is_zero(&block);
+        present += u64::from(!zero);
+        let parent_block = parent.map(|p| {
+            let mut pb = vec![0u8; bs];
+            pb[..end - b * bs].copy_from_slice(&p[b * bs..end]);
+            pb
+        });
+        match (&parent_block, zero) {
+            (Some(pb), _) if *pb == block => {}
+            (None, true) => {}
+            (Some(_), true) => w.append_zero(b as u64, zero_block_hash(BS)).unwrap(),
+            (_, false) => match crate::block::compress_into(&mut compressor, &block, &mut out) {
+                Encoding::Zstd => w.append_block(b as u64, Encoding::Zstd, &out, hash).unwrap(),
+                _ => w.append_block(b as u64, Encoding::Raw, &block, hash).unwrap(),
+            },
+        }
+    }
+    w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap()
+}
+
+fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
+    let mut d = vec![0u8; len];
+    for (i, x) in d.iter_mut().enumerate() {
+        if (i / BS as usize) % 3 != 1 {
+            *x = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 9) as u8);
+        }
+    }
+    d
+}
+
+fn read_all(r: &VersionReader) -> Vec<u8> {
+    let mut buf = vec![0u8; r.source_size() as usize];
+    let mut s = ReadScratch::new();
+    assert_eq!(r.read_at(0, &mut buf, &mut s).unwrap(), buf.len());
+    buf
+}
+
+#[test]
+fn chain_resolves_to_each_versions_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 10 * BS as usize + 1000;
+    let v1 = sample_disk(size, 1);
+    let mut v2 = v1.clone();
+    v2[5000..9000].fill(0xaa);
+    v2[2 * BS as usize..3 * BS as usize].fill(0); // a block becomes zero
+    let mut v3 = v1.clone();
+    v3[size - 10..].fill(0x11);
+    let h1 = header(1, Kind::Full, None, None, size as u64);
+    let r1 = ImageRef { version: 1, image_id: h1.image_id };
+    let p1 = write_image(dir.path(), h1, &v1, None);
+    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
+    let r2 = ImageRef { version: 2, image_id: h2.image_id };
+    let p2 = write_image(dir.path(), h2, &v2, Some(&v1));
+    let h3 = header(3, Kind::Incremental, Some(r2), Some(r1), size as u64);
+    let p3 = write_image(dir.path(), h3, &v3, Some(&v2));
+    let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
+    let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
+    for (chain, want) in [(vec![i1.clone()], &v1), (vec![i1.clone(), i2.clone()], &v2), (vec![i1, i2, i3], &v3)] {
+        let r = VersionReader::from_chain(chain).unwrap();
+        assert_eq!(&read_all(&r), want);
+        assert_eq!(r.digest_from_index().unwrap(), r.top().footer.source_digest);
+        // unaligned reads across block boundaries
+        let mut s = ReadScratch::new();
+        let mut part = vec![0u8; 3 * BS as usize];
+        let n = r.read_at(BS as u64 - 7, &mut part, &mut s).unwrap();
+        assert_eq!(&part[..n], &want[BS as usize - 7..BS as usize - 7 + n]);
+    }
+}
+
+#[test]
+fn chain_with_a_replaced_parent_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * BS as usize;
+    let v1 = sample_disk(size, 1);
+    let h1 = header(1, Kind::Full, None, None, size as u64);
+    let p1 = write_image(dir.path(), h1, &v1, None);
+    // version 2 claims a parent image id that is not the file present
+    let fake = ImageRef { version: 1, image_id: [0xee; 16] };
+    let h2 = header(2, Kind::Incremental, Some(fake), Some(fake), size as u64);
+    let p2 = write_image(dir.path(), h2, &v1, Some(&v1));
+    let chain = vec![Arc::new(ImageFile::open(&p1).unwrap()), Arc::new(ImageFile::open(&p2).unwrap())];
+    assert!(VersionReader::from_chain(chain).is_err());
+}
+
+fn one_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let size = 6 * BS as usize;
+    let v1 = sample_disk(size, 5);
+    let p = write_image(dir, header(1, Kind::Full, None, None, size as u64), &v1, None);
+    (p, v1)
+}
+
+#[test]
+fn truncated_file_is_rejected_at_every_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = one_image(dir.path());
+    let whole = std::fs::read(&p).unwrap();
+    let cut = dir.path().join("cut");
+    for len in (0..whole.len()).step_by(97).chain([whole.len() - 1, whole.len() - FOOTER_SIZE]) {
+        std::fs::write(&cut, &whole[..len]).unwrap();
+        assert!(ImageFile::open(&cut).is_err(), "truncated to {len} accepted");
+    }
+}
+
+#[test]
+fn damaged_block_is_named_with_file_version_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = one_image(dir.path());
+    let img = ImageFile::open(&p).unwrap();
+    let mut entries = Vec::new();
+    img.read_entries(0, 10, &mut entries).unwrap();
+    let victim = entries[1];
+    drop(img);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[victim.data_offset as usize + 3] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let img = Arc::new(ImageFile::open(&p).unwrap());
+    img.check_index().unwrap();
+    let r = VersionReader::from_chain(vec![img]).unwrap();
+    let mut out = vec![0u8; BS as usize];
+    let err = r.read_block(victim.block, &mut ReadScratch::new(), &mut out).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, FormatError::Checksum { .. }), "{msg}");
+    assert!(msg.contains("v00000001.strata") && msg.contains("version 1") && msg.contains(&format!("offset {}", victim.data_offset)), "{msg}");
+    // other blocks still read
+    r.read_block(entries[0].block, &mut ReadScratch::new(), &mut out).unwrap();
+}
+
+#[test]
+fn damaged_index_is_detected_by_its_checksum() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = one_image(dir.path());
+    let img = ImageFile::open(&p).unwrap();
+    let at = img.footer.index_offset as usize + 8; // an entry's data_offset
+    drop(img);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    let img = ImageFile::open(&p).unwrap();
+    assert!(img.check_index().is_err());
+}
+
+#[test]
+fn repository_identity_round_trips_and_ids_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("repo");
+    let mut repo = Repository::create(&path, 65536).unwrap();
+    let lock = repo.lock().unwrap();
+    assert!(matches!(repo.lock(), Err(FormatError::Busy { .. })), "second lock must fail");
+    repo.record_published(&lock, 7).unwrap();
+    let again = Repository::open(&path).unwrap();
+    assert_eq!((again.repo_id, again.block_size, again.last_version), (repo.repo_id, 65536, 7));
+    let state = again.scan().unwrap();
+    assert_eq!(again.next_version_id(&state), 8);
+    assert!(Repository::create(&path, 65536).is_err());
+    assert!(matches!(Repository::open(dir.path()), Err(FormatError::NotARepository { .. })));
+}
+
+#[test]
+fn image_names_parse_strictly() {
+    use crate::repo::{image_file_name, parse_image_file_name};
+    assert_eq!(image_file_name(12), "v00000012.strata");
+    assert_eq!(parse_image_file_name("v00000012.strata"), Some(12));
+    assert_eq!(parse_image_file_name("v123456789.strata"), Some(123_456_789));
+    for bad in ["v12.strata", "v00000000.strata", "x00000012.strata", "v0000001a.strata", ".tmp-v00000012.strata.5"] {
+        assert_eq!(parse_image_file_name(bad), None, "{bad}");
+    }
+}
+
+/// Pulls `| \`NAME\` | value |` rows and `| offset | size | field |` rows out of SPEC.md.
+fn spec_text() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("SPEC.md")).unwrap()
+}
+
+fn spec_constant(spec: &str, name: &str) -> String {
+    let key = format!("| `{name}` | ");
+    let line = spec.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("SPEC.md lacks {name}"));
+    line[key.len()..].trim_end_matches('|').trim().trim_matches('`').to_string()
+}
+
+/// The (offset, size, field) rows of the SPEC.md table under `heading`.
+fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
+    let start = spec.find(heading).unwrap_or_else(|| panic!("SPEC.md lacks {heading}"));
+    spec[start..]
+        .lines()
+        .skip_while(|l| !l.starts_with("| offset"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].parse().unwrap(), cells[2].parse().unwrap(), cells[3].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn constants_match_spec() {
+    let spec = spec_text();
+    let numbers: [(&str, u64); 17] = [
+        ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
+        ("HEADER_SIZE", HEADER_SIZE as u64),
+        ("FOOTER_SIZE", FOOTER_SIZE as u64),
+        ("INDEX_ENTRY_SIZE", INDEX_ENTRY_SIZE as u64),
+        ("MIN_BLOCK_SIZE", layout::MIN_BLOCK_SIZE.into()),
+        ("MAX_BLOCK_SIZE", layout::MAX_BLOCK_SIZE.into()),
+        ("DEFAULT_BLOCK_SIZE", layout::DEFAULT_BLOCK_SIZE.into()),
+        ("LABEL_MAX", layout::LABEL_MAX as u64),
+        ("SOURCE_MAX", layout::SOURCE_MAX as u64),
+        ("MAX_CHAIN_LEN", layout::MAX_CHAIN_LEN as u64),
+        ("KIND_FULL", layout::KIND_FULL.into()),
+        ("KIND_INCREMENTAL", layout::KIND_INCREMENTAL.into()),
+        ("KIND_DIFFERENTIAL", layout::KIND_DIFFERENTIAL.into()),
+        ("ENCODING_ZERO", layout::ENCODING_ZERO.into()),
+        ("ENCODING_RAW", layout::ENCODING_RAW.into()),
+        ("ENCODING_ZSTD", layout::ENCODING_ZSTD.into()),
+        ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
+    ];
+    for (name, value) in numbers {
+        assert_eq!(spec_constant(&spec, name), value.to_string(), "{name}");
+    }
+    assert_eq!(spec_constant(&spec, "IMAGE_MAGIC").as_bytes(), layout::IMAGE_MAGIC);
+    assert_eq!(spec_constant(&spec, "FOOTER_MAGIC").as_bytes(), layout::FOOTER_MAGIC);
+
+    use layout::{entry as e, footer as f, header as h};
+    let header_offsets = [
+        h::MAGIC, h::FORMAT_VERSION, h::HEADER_SIZE, h::REPO_ID, h::IMAGE_ID, h::VERSION_ID, h::KIND, h::KIND + 1,
+        h::PARENT_ID, h::PARENT_IMAGE_ID, h::FULL_ID, h::FULL_IMAGE_ID, h::BLOCK_SIZE, h::COMPRESSION_LEVEL,
+        h::SOURCE_SIZE, h::CREATED_SECS, h::CREATED_NANOS, h::LABEL_LEN, h::SOURCE_LEN, h::LABEL, h::SOURCE,
+        h::RESERVED, h::CRC,
+    ];
+    let footer_offsets = [
+        f::MAGIC, f::FORMAT_VERSION, f::FOOTER_SIZE, f::IMAGE_ID, f::INDEX_OFFSET, f::ENTRY_COUNT, f::INDEX_CRC,
+        f::RESERVED0, f::STORED_BYTES, f::PRESENT_BLOCKS, f::SOURCE_DIGEST, f::RESERVED1, f::CRC,
+    ];
+    let entry_offsets = [e::BLOCK, e::DATA_OFFSET, e::STORED_LEN, e::ENCODING, e::RESERVED, e::DATA_CRC, e::HASH, e::ENTRY_CRC];
+    for (heading, offsets, total) in [
+        ("### 3.1 Header", &header_offsets[..], HEADER_SIZE),
+        ("### 3.4 Footer", &footer_offsets[..], FOOTER_SIZE),
+        ("### 3.3 Index entry", &entry_offsets[..], INDEX_ENTRY_SIZE),
+    ] {
+        let rows = spec_table(&spec, heading);
+        let spec_offsets: Vec<usize> = rows.iter().map(|r| r.0).collect();
+        assert_eq!(spec_offsets, offsets, "{heading} offsets");
+        // sizes tile the structure exactly
+        for pair in rows.windows(2) {
+            assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "{heading}: {} does not end where {} starts", pair[0].2, pair[1].2);
+        }
+        let last = rows.last().unwrap();
+        assert_eq!(last.0 + last.1, total, "{heading} size");
+    }
+}

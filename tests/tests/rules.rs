@@ -1,0 +1,364 @@
+//! The rules users rely on: which kind a backup makes, which versions a damaged or missing image
+//! takes with it, concurrent backups, interrupted backups, and clear errors on bad input.
+
+use std::path::Path;
+
+use strata_tests::*;
+
+fn backup(source: &Path, repo: &Path, flag: Option<&str>) -> serde_json::Value {
+    let (s, r) = (p(source), p(repo));
+    let mut args = vec!["backup", "--json", "--block-size", "4K"];
+    args.extend(flag);
+    args.extend([s.as_str(), r.as_str()]);
+    strata(&args).ok().json()
+}
+
+fn disk(path: &Path, seed: u64) {
+    write_disk(path, 1 << 20, seed, |b| b % 4 != 3);
+}
+
+fn change(path: &Path, block: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&text(seed, 4096), block * 4096).unwrap();
+}
+
+/// full 1, incr 2, incr 3, diff 4, incr 5 (of 4), each after a change.
+fn five_versions(t: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (src, repo) = (t.join("disk.img"), t.join("repo"));
+    disk(&src, 1);
+    assert_eq!(backup(&src, &repo, None)["kind"], "full");
+    change(&src, 1, 2);
+    assert_eq!(backup(&src, &repo, None)["kind"], "incremental");
+    change(&src, 2, 3);
+    assert_eq!(backup(&src, &repo, None)["kind"], "incremental");
+    change(&src, 3, 4);
+    assert_eq!(backup(&src, &repo, Some("--differential"))["kind"], "differential");
+    change(&src, 5, 5);
+    assert_eq!(backup(&src, &repo, None)["kind"], "incremental");
+    (src, repo)
+}
+
+fn restorable(repo: &Path) -> Vec<(u64, bool)> {
+    list_json(repo).iter().map(|r| (r["id"].as_u64().unwrap(), r["restorable"].as_bool().unwrap())).collect()
+}
+
+#[test]
+fn first_backup_is_a_full_even_when_a_delta_is_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    let run = strata(["backup", "--differential", &p(&src), &p(&repo)]).ok();
+    assert!(run.stdout.contains("version 1 full"), "{}", run.stdout);
+    assert!(run.stderr.contains("making a full instead of the differential"), "{}", run.stderr);
+}
+
+#[test]
+fn incremental_stores_only_changed_blocks_and_differential_all_since_the_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    let full = backup(&src, &repo, None);
+    assert_eq!(full["changed_blocks"], 192, "every non-zero block of 256, a quarter being zero");
+    change(&src, 10, 7);
+    assert_eq!(backup(&src, &repo, None)["changed_blocks"], 1);
+    change(&src, 20, 8);
+    assert_eq!(backup(&src, &repo, None)["changed_blocks"], 1);
+    let diff = backup(&src, &repo, Some("--differential"));
+    assert_eq!((diff["changed_blocks"].as_u64(), diff["parent"].as_u64()), (Some(2), Some(1)));
+    // zeroing a block is a change too, and unchanged source makes an empty incremental
+    let zeros = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&src).unwrap(), &zeros, 0).unwrap();
+    assert_eq!(backup(&src, &repo, None)["changed_blocks"], 1);
+    let same = backup(&src, &repo, None);
+    assert_eq!((same["changed_blocks"].as_u64(), same["stored_bytes"].as_u64()), (Some(0), Some(0)));
+    let out = tmp.path().join("out");
+    strata(["restore", &p(&repo), "latest", &p(&out)]).ok();
+    assert!(same_file(&out, &src));
+}
+
+#[test]
+fn resized_source_forces_a_full_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    backup(&src, &repo, None);
+    std::fs::OpenOptions::new().write(true).open(&src).unwrap().set_len((1 << 20) + 12345).unwrap();
+    let run = strata(["backup", "--incremental", &p(&src), &p(&repo)]).ok();
+    assert!(run.stdout.contains("version 2 full"), "{}", run.stdout);
+    assert!(run.stderr.contains("resized or replaced"), "{}", run.stderr);
+    let out = tmp.path().join("out");
+    strata(["restore", &p(&repo), "2", &p(&out)]).ok();
+    assert!(same_file(&out, &src), "a source that is not a multiple of the block size restores exactly");
+}
+
+#[test]
+fn deleted_incremental_makes_exactly_its_successors_unrestorable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, repo) = five_versions(tmp.path());
+    std::fs::remove_file(repo.join("v00000002.strata")).unwrap();
+    assert_eq!(restorable(&repo), vec![(1, true), (3, false), (4, true), (5, true)]);
+    let rows = list_json(&repo);
+    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("needs version 2 (v00000002.strata), which is missing"));
+    let v = strata(["verify", &p(&repo)]).expect_code(1);
+    assert!(v.stdout.contains("version 3: NOT restorable"), "{}", v.stdout);
+    assert!(v.stdout.contains("version 5: restorable"), "{}", v.stdout);
+    let out = tmp.path().join("out");
+    let r = strata(["restore", &p(&repo), "3", &p(&out)]).expect_code(1);
+    assert!(r.stderr.contains("version 3 is not restorable") && r.stderr.lines().count() == 1, "{}", r.stderr);
+    assert!(!out.exists(), "nothing written for an unrestorable version");
+    strata(["restore", &p(&repo), "5", &p(&out)]).ok();
+    // ids are never reused
+    let src = tmp.path().join("disk.img");
+    assert_eq!(backup(&src, &repo, None)["id"], 6);
+}
+
+#[test]
+fn damaged_full_makes_every_version_unrestorable_and_the_next_backup_a_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    flip_byte(&repo.join("v00000001.strata"), 100); // inside the header
+    assert!(restorable(&repo).iter().all(|(id, ok)| !ok || *id > 5));
+    let v = strata(["verify", &p(&repo)]).expect_code(1);
+    assert!(v.stdout.contains("DAMAGED  v00000001.strata") && v.stdout.contains("header checksum mismatch"), "{}", v.stdout);
+    for id in 1..=5 {
+        assert!(v.stdout.contains(&format!("version {id}: NOT restorable")), "{}", v.stdout);
+    }
+    let run = strata(["backup", &p(&src), &p(&repo)]).ok();
+    assert!(run.stdout.contains("version 6 full"), "{}", run.stdout);
+    assert!(run.stderr.contains("no usable full"), "{}", run.stderr);
+}
+
+#[test]
+fn damaged_block_data_is_found_by_verify_with_file_version_and_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, repo) = five_versions(tmp.path());
+    // version 4 (the differential) stores blocks 1, 2, 3; damage its first stored block
+    flip_byte(&repo.join("v00000004.strata"), 512 + 10);
+    let v = strata(["verify", "--json", &p(&repo)]).expect_code(1).json();
+    let img = v["images"].as_array().unwrap().iter().find(|i| i["version"] == 4).unwrap();
+    assert_eq!(img["sound"], false);
+    let problem = img["problems"][0].as_str().unwrap();
+    assert!(problem.contains("v00000004.strata (version 4) at offset 512"), "{problem}");
+    let verdicts: Vec<(u64, bool)> =
+        v["versions"].as_array().unwrap().iter().map(|x| (x["id"].as_u64().unwrap(), x["restorable"].as_bool().unwrap())).collect();
+    assert_eq!(verdicts, vec![(1, true), (2, true), (3, true), (4, false), (5, false)]);
+    // restore refuses: it fails on the bad block rather than writing wrong data
+    let out = tmp.path().join("out");
+    let r = strata(["restore", &p(&repo), "5", &p(&out)]).expect_code(1);
+    assert!(r.stderr.contains("checksum mismatch") && r.stderr.contains("v00000004.strata"), "{}", r.stderr);
+    // verify of a version outside the damage is clean
+    strata(["verify", &p(&repo), "3"]).ok();
+}
+
+#[test]
+fn truncated_or_foreign_or_future_images_are_named_and_never_versions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    let v5 = repo.join("v00000005.strata");
+    let len = std::fs::metadata(&v5).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&v5).unwrap().set_len(len - 50).unwrap();
+    let rows = list_json(&repo);
+    assert_eq!(row(&rows, 5)["restorable"], false);
+    assert!(row(&rows, 5)["problem"].as_str().unwrap().contains("incomplete"), "{rows:?}");
+
+    // an image of another repository copied in under a free name
+    let other = tmp.path().join("other");
+    backup(&src, &other, None);
+    std::fs::copy(other.join("v00000001.strata"), repo.join("v00000009.strata")).unwrap();
+    let rows = list_json(&repo);
+    assert!(row(&rows, 9)["problem"].as_str().unwrap().contains("belongs to another repository"), "{rows:?}");
+
+    // a future format version
+    let v3 = repo.join("v00000003.strata");
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[2], 8).unwrap();
+    let rows = list_json(&repo);
+    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 2"), "{rows:?}");
+    let r = strata(["restore", &p(&repo), "3", &p(&tmp.path().join("o"))]).expect_code(1);
+    assert!(r.stderr.contains("format version 2"), "{}", r.stderr);
+}
+
+#[test]
+fn concurrent_backup_is_refused() {
+    use std::os::unix::io::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    backup(&src, &repo, None);
+    let lock = std::fs::File::open(repo.join("lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let r = strata(["backup", &p(&src), &p(&repo)]).expect_code(1);
+    assert!(r.stderr.contains("another strata backup is running"), "{}", r.stderr);
+    drop(lock);
+    strata(["backup", &p(&src), &p(&repo)]).ok();
+}
+
+#[test]
+fn two_real_backups_at_once_publish_one_version_each_or_refuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    write_disk(&src, 64 << 20, 3, |_| true);
+    backup(&src, &repo, None);
+    let spawn = || {
+        std::process::Command::new(strata_bin())
+            .args(["backup", "--full", "--compression-level", "9", &p(&src), &p(&repo)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let refused = [&a, &b].iter().filter(|o| String::from_utf8_lossy(&o.stderr).contains("another strata backup is running")).count();
+    let succeeded = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert_eq!(succeeded + refused, 2);
+    assert_eq!(list_json(&repo).len(), 1 + succeeded);
+    strata(["verify", "--quick", &p(&repo)]).ok();
+}
+
+#[test]
+fn interrupted_backup_leaves_no_version_and_the_next_backup_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    for (n, point) in ["image.block:1", "image.before_rename"].iter().enumerate() {
+        change(&src, 7, 40 + n as u64);
+        let r = strata_env(["backup", &p(&src), &p(&repo)], &[("STRATA_CRASH_AT", point)]);
+        assert_ne!(r.code, Some(0), "the crash point {point} was not reached");
+        let leftovers: Vec<_> = std::fs::read_dir(&repo).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-")).collect();
+        assert_eq!(leftovers.len(), 1, "{point}: the partial image stays as a temporary file");
+        assert_eq!(list_json(&repo).len(), 5, "{point}: no half version listed");
+        strata(["verify", &p(&repo)]).ok();
+    }
+    // after the rename the version is complete even though the process died before the end
+    let r = strata_env(["backup", &p(&src), &p(&repo)], &[("STRATA_CRASH_AT", "image.after_rename")]);
+    assert_ne!(r.code, Some(0));
+    assert_eq!(list_json(&repo).len(), 6);
+    let next = backup(&src, &repo, None);
+    assert_eq!(next["id"], 7);
+    let temp_left = std::fs::read_dir(&repo).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
+    assert!(!temp_left, "the next backup removes leftovers");
+    strata(["verify", &p(&repo)]).ok();
+}
+
+#[test]
+fn killed_backup_leaves_earlier_versions_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    write_disk(&src, 64 << 20, 5, |_| true);
+    backup(&src, &repo, None);
+    for delay_ms in [30u64, 120, 300] {
+        let mut child = std::process::Command::new(strata_bin())
+            .args(["backup", "--full", "--compression-level", "12", &p(&src), &p(&repo)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        // SAFETY: signals the child this test started, by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().unwrap();
+        for r in list_json(&repo) {
+            assert_eq!(r["restorable"], true, "after kill at {delay_ms} ms: {r}");
+        }
+    }
+    strata(["verify", &p(&repo)]).ok();
+    let out = tmp.path().join("out");
+    strata(["restore", &p(&repo), "1", &p(&out)]).ok();
+    assert!(same_file(&out, &src));
+}
+
+#[test]
+fn restore_refuses_to_overwrite_a_non_empty_file_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    backup(&src, &repo, None);
+    let out = tmp.path().join("out");
+    std::fs::write(&out, b"precious").unwrap();
+    let r = strata(["restore", &p(&repo), "1", &p(&out)]).expect_code(1);
+    assert!(r.stderr.contains("--force"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    strata(["restore", "--force", &p(&repo), "1", &p(&out)]).ok();
+    assert!(same_file(&out, &src));
+}
+
+#[test]
+fn restored_file_is_sparse_and_holes_in_the_source_are_not_read() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    write_disk(&src, 256 << 20, 9, |b| b < 16);
+    let s = backup(&src, &repo, None);
+    assert!(s["bytes_read"].as_u64().unwrap() < 1 << 20, "holes are skipped: {s}");
+    let out = tmp.path().join("out");
+    strata(["restore", &p(&repo), "1", &p(&out)]).ok();
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!(m.len(), 256 << 20);
+    assert!(m.blocks() * 512 < 4 << 20, "restored file allocates {} bytes", m.blocks() * 512);
+    assert!(same_file(&out, &src));
+}
+
+#[test]
+fn bad_input_gets_a_one_line_error_and_the_right_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    let one_line = |r: Run| {
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.starts_with("strata: error: "), "{}", r.stderr);
+        r
+    };
+    let r = one_line(strata(["backup", &p(&t.join("missing")), &p(&repo)]).expect_code(1));
+    assert!(r.stderr.contains("missing") && r.stderr.contains("cannot open the source"), "{}", r.stderr);
+    one_line(strata(["list", &p(&t.join("nope"))]).expect_code(1));
+    one_line(strata(["verify", &p(t)]).expect_code(1));
+    std::fs::write(&src, b"").unwrap();
+    one_line(strata(["backup", &p(&src), &p(&repo)]).expect_code(1));
+    disk(&src, 1);
+    one_line(strata(["backup", "--block-size", "3K", &p(&src), &p(&repo)]).expect_code(1));
+    backup(&src, &repo, None);
+    one_line(strata(["backup", "--block-size", "64K", &p(&src), &p(&repo)]).expect_code(1));
+    one_line(strata(["restore", &p(&repo), "42", &p(&t.join("o"))]).expect_code(1));
+    one_line(strata(["restore", &p(&repo), "banana", &p(&t.join("o"))]).expect_code(1));
+    one_line(strata(["info", &p(&repo), "0"]).expect_code(1));
+    // usage errors exit 2
+    strata(["backup"]).expect_code(2);
+    strata(["frobnicate"]).expect_code(2);
+    strata(["backup", "--full", "--differential", &p(&src), &p(&repo)]).expect_code(2);
+    let v = strata(["--version"]).ok();
+    assert!(v.stdout.starts_with("strata "), "{}", v.stdout);
+    // a folder with other files is not taken over as a repository
+    let busy = t.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("notes.txt"), b"x").unwrap();
+    one_line(strata(["backup", &p(&src), &p(&busy)]).expect_code(1));
+}
+
+#[test]
+fn quiet_prints_nothing_and_json_is_machine_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    let r = strata(["backup", "-q", "--block-size", "4K", &p(&src), &p(&repo)]).ok();
+    assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("", ""));
+    let s = backup(&src, &repo, None);
+    assert_eq!((s["id"].as_u64(), s["kind"].as_str()), (Some(2), Some("incremental")));
+    let r = strata(["verify", "-q", &p(&repo)]).ok();
+    assert_eq!(r.stdout, "");
+    let v = strata(["verify", "--json", &p(&repo)]).ok().json();
+    assert_eq!(v["ok"], true);
+}
+
+#[test]
+fn images_and_repository_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("d"), tmp.path().join("repo"));
+    disk(&src, 1);
+    backup(&src, &repo, None);
+    assert_eq!(std::fs::metadata(&repo).unwrap().permissions().mode() & 0o777, 0o700);
+    for f in ["v00000001.strata", "strata.repo"] {
+        assert_eq!(std::fs::metadata(repo.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
+    }
+}
