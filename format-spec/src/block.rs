@@ -21,11 +21,7 @@ pub fn hash_block(buf: &[u8]) -> [u8; 32] {
 
 /// Compresses one block with a reusable compressor; returns the encoding and the stored bytes
 /// (`out` holds them when compressed; otherwise the caller stores `block` itself).
-pub fn compress_into(
-    compressor: &mut zstd::bulk::Compressor<'_>,
-    block: &[u8],
-    out: &mut Vec<u8>,
-) -> Encoding {
+pub fn compress_into(compressor: &mut zstd::bulk::Compressor<'_>, block: &[u8], out: &mut Vec<u8>) -> Encoding {
     out.clear();
     out.reserve(zstd::zstd_safe::compress_bound(block.len()));
     match compressor.compress_to_buffer(block, out) {

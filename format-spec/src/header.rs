@@ -88,9 +88,7 @@ pub struct ImageHeader {
 
 /// Checks that a block size is a power of two between the format's limits.
 pub fn check_block_size(block_size: u32) -> Result<()> {
-    if !block_size.is_power_of_two()
-        || !(layout::MIN_BLOCK_SIZE..=layout::MAX_BLOCK_SIZE).contains(&block_size)
-    {
+    if !block_size.is_power_of_two() || !(layout::MIN_BLOCK_SIZE..=layout::MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(FormatError::Invalid(format!(
             "block size {block_size} is not a power of two from {} KiB to {} MiB",
             layout::MIN_BLOCK_SIZE / 1024,
@@ -172,11 +170,7 @@ impl ImageHeader {
         if expected != actual {
             return Err(FormatError::Checksum { loc: at(off::CRC), what: "header", expected, actual });
         }
-        let corrupt = |o: usize, detail: String| FormatError::Corrupt {
-            loc: at(o),
-            what: "header",
-            detail,
-        };
+        let corrupt = |o: usize, detail: String| FormatError::Corrupt { loc: at(o), what: "header", detail };
         let header_size = get_u32(b, off::HEADER_SIZE);
         if header_size as usize != HEADER_SIZE {
             return Err(corrupt(off::HEADER_SIZE, format!("header size {header_size}")));

@@ -104,9 +104,7 @@ impl ImageFile {
         let count = count.min(self.entry_count().saturating_sub(first) as usize);
         let mut raw = vec![0u8; count * INDEX_ENTRY_SIZE];
         let at = self.entry_offset(first);
-        self.file
-            .read_exact_at(&mut raw, at)
-            .map_err(|e| FormatError::io(self.loc().at(at), "read index", e))?;
+        self.file.read_exact_at(&mut raw, at).map_err(|e| FormatError::io(self.loc().at(at), "read index", e))?;
         for (i, chunk) in raw.chunks_exact(INDEX_ENTRY_SIZE).enumerate() {
             let off = at + (i * INDEX_ENTRY_SIZE) as u64;
             out.push(IndexEntry::decode(chunk, &self.loc(), off, &self.limits)?);
@@ -164,12 +162,9 @@ impl ImageFile {
             .read_exact_at(stored, entry.data_offset)
             .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
         block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out).map_err(|e| match e {
-            DecodeError::Crc { expected, actual } => FormatError::Checksum {
-                loc: self.loc().at(entry.data_offset),
-                what: "block data",
-                expected,
-                actual,
-            },
+            DecodeError::Crc { expected, actual } => {
+                FormatError::Checksum { loc: self.loc().at(entry.data_offset), what: "block data", expected, actual }
+            }
             DecodeError::Decompress(detail) => FormatError::Corrupt {
                 loc: self.loc().at(entry.data_offset),
                 what: "block data",

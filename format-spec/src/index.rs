@@ -55,12 +55,7 @@ impl IndexEntry {
 
     /// Decodes one entry read from `file_offset` and checks its own crc and that its stored
     /// range lies in `[data_start, data_end)` and is no longer than `max_stored`.
-    pub fn decode(
-        b: &[u8],
-        loc: &Loc,
-        file_offset: u64,
-        limits: &EntryLimits,
-    ) -> Result<IndexEntry> {
+    pub fn decode(b: &[u8], loc: &Loc, file_offset: u64, limits: &EntryLimits) -> Result<IndexEntry> {
         let at = |o: usize| loc.clone().at(file_offset + o as u64);
         let expected = get_u32(b, off::ENTRY_CRC);
         let actual = crc32c::crc32c(&b[..off::ENTRY_CRC]);
@@ -83,7 +78,10 @@ impl IndexEntry {
             hash: get_array(b, off::HASH),
         };
         if entry.block >= limits.block_count {
-            return Err(corrupt(off::BLOCK, format!("block {} beyond the source's {} blocks", entry.block, limits.block_count)));
+            return Err(corrupt(
+                off::BLOCK,
+                format!("block {} beyond the source's {} blocks", entry.block, limits.block_count),
+            ));
         }
         match encoding {
             Encoding::Zero => {
@@ -93,8 +91,7 @@ impl IndexEntry {
             }
             Encoding::Raw | Encoding::Zstd => {
                 let end = entry.data_offset.checked_add(u64::from(entry.stored_len));
-                let in_range = entry.data_offset >= limits.data_start
-                    && end.is_some_and(|e| e <= limits.data_end);
+                let in_range = entry.data_offset >= limits.data_start && end.is_some_and(|e| e <= limits.data_end);
                 if !in_range || entry.stored_len == 0 || entry.stored_len > limits.max_stored {
                     return Err(corrupt(
                         off::DATA_OFFSET,

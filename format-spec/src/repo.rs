@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, Loc, Result};
-use crate::header::{hex_id, new_id, check_block_size, Id128, Kind};
+use crate::header::{check_block_size, hex_id, new_id, Id128, Kind};
 use crate::image::{sync_dir, ImageFile};
 use crate::layout::{self, IMAGE_SUFFIX, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
 use crate::version::VersionReader;
@@ -208,7 +208,10 @@ impl Repository {
             return Err(format!("{loc}: holds version {} but is named for version {id}", h.version));
         }
         if h.block_size != self.block_size {
-            return Err(format!("{loc}: block size {} differs from the repository's {}", h.block_size, self.block_size));
+            return Err(format!(
+                "{loc}: block size {} differs from the repository's {}",
+                h.block_size, self.block_size
+            ));
         }
         Ok(image)
     }
@@ -320,7 +323,9 @@ impl RepoState {
                 Some(s) => s,
                 None => {
                     return Err(match child {
-                        Some(c) => format!("needs version {want} ({name}), which is missing (from version {c}'s chain)"),
+                        Some(c) => {
+                            format!("needs version {want} ({name}), which is missing (from version {c}'s chain)")
+                        }
                         None => format!("no image {name}"),
                     })
                 }
@@ -406,7 +411,9 @@ impl RepoState {
     /// Resolves a version name as users write it: a number or `latest`.
     pub fn resolve_name(&self, name: &str) -> Result<u64> {
         if name == "latest" {
-            return self.latest_restorable().ok_or_else(|| FormatError::NoRestorableVersion { repo: self.repo.path.clone() });
+            return self
+                .latest_restorable()
+                .ok_or_else(|| FormatError::NoRestorableVersion { repo: self.repo.path.clone() });
         }
         let id: u64 = name.parse().map_err(|_| {
             FormatError::Invalid(format!("{name:?} is not a version (a number such as 3, or `latest`)"))
@@ -419,7 +426,8 @@ impl RepoState {
 
     /// Opens version `id` for reading.
     pub fn open_version(&self, id: u64) -> Result<VersionReader> {
-        let chain = self.chain(id).map_err(|reason| FormatError::NotRestorable { repo: self.repo.path.clone(), id, reason })?;
+        let chain =
+            self.chain(id).map_err(|reason| FormatError::NotRestorable { repo: self.repo.path.clone(), id, reason })?;
         VersionReader::from_chain(chain)
     }
 }

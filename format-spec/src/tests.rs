@@ -40,7 +40,13 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
 
 #[test]
 fn header_round_trips_every_field() {
-    let h = header(9, Kind::Incremental, Some(ImageRef { version: 8, image_id: [1; 16] }), Some(ImageRef { version: 2, image_id: [2; 16] }), 12_345_678);
+    let h = header(
+        9,
+        Kind::Incremental,
+        Some(ImageRef { version: 8, image_id: [1; 16] }),
+        Some(ImageRef { version: 2, image_id: [2; 16] }),
+        12_345_678,
+    );
     let bytes = h.encode();
     assert_eq!(bytes.len(), HEADER_SIZE);
     assert_eq!(ImageHeader::decode(&bytes, &Loc::file(Path::new("x"))).unwrap(), h);
@@ -97,7 +103,14 @@ fn footer_and_entry_round_trip_and_self_check() {
     bad[layout::footer::ENTRY_COUNT] ^= 1;
     assert!(matches!(ImageFooter::decode(&bad, &loc, 0), Err(FormatError::Checksum { .. })));
 
-    let e = IndexEntry { block: 3, data_offset: 600, stored_len: 100, encoding: Encoding::Zstd, data_crc: 5, hash: [4; 32] };
+    let e = IndexEntry {
+        block: 3,
+        data_offset: 600,
+        stored_len: 100,
+        encoding: Encoding::Zstd,
+        data_crc: 5,
+        hash: [4; 32],
+    };
     let limits = EntryLimits { block_count: 10, block_size: BS, data_start: 512, data_end: 4096, max_stored: BS };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
     for i in 0..INDEX_ENTRY_SIZE {
@@ -251,7 +264,12 @@ fn damaged_block_is_named_with_file_version_and_offset() {
     let err = r.read_block(victim.block, &mut ReadScratch::new(), &mut out).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, FormatError::Checksum { .. }), "{msg}");
-    assert!(msg.contains("v00000001.strata") && msg.contains("version 1") && msg.contains(&format!("offset {}", victim.data_offset)), "{msg}");
+    assert!(
+        msg.contains("v00000001.strata")
+            && msg.contains("version 1")
+            && msg.contains(&format!("offset {}", victim.data_offset)),
+        "{msg}"
+    );
     // other blocks still read
     r.read_block(entries[0].block, &mut ReadScratch::new(), &mut out).unwrap();
 }
@@ -353,16 +371,47 @@ fn constants_match_spec() {
 
     use layout::{entry as e, footer as f, header as h};
     let header_offsets = [
-        h::MAGIC, h::FORMAT_VERSION, h::HEADER_SIZE, h::REPO_ID, h::IMAGE_ID, h::VERSION_ID, h::KIND, h::KIND + 1,
-        h::PARENT_ID, h::PARENT_IMAGE_ID, h::FULL_ID, h::FULL_IMAGE_ID, h::BLOCK_SIZE, h::COMPRESSION_LEVEL,
-        h::SOURCE_SIZE, h::CREATED_SECS, h::CREATED_NANOS, h::LABEL_LEN, h::SOURCE_LEN, h::LABEL, h::SOURCE,
-        h::RESERVED, h::CRC,
+        h::MAGIC,
+        h::FORMAT_VERSION,
+        h::HEADER_SIZE,
+        h::REPO_ID,
+        h::IMAGE_ID,
+        h::VERSION_ID,
+        h::KIND,
+        h::KIND + 1,
+        h::PARENT_ID,
+        h::PARENT_IMAGE_ID,
+        h::FULL_ID,
+        h::FULL_IMAGE_ID,
+        h::BLOCK_SIZE,
+        h::COMPRESSION_LEVEL,
+        h::SOURCE_SIZE,
+        h::CREATED_SECS,
+        h::CREATED_NANOS,
+        h::LABEL_LEN,
+        h::SOURCE_LEN,
+        h::LABEL,
+        h::SOURCE,
+        h::RESERVED,
+        h::CRC,
     ];
     let footer_offsets = [
-        f::MAGIC, f::FORMAT_VERSION, f::FOOTER_SIZE, f::IMAGE_ID, f::INDEX_OFFSET, f::ENTRY_COUNT, f::INDEX_CRC,
-        f::RESERVED0, f::STORED_BYTES, f::PRESENT_BLOCKS, f::SOURCE_DIGEST, f::RESERVED1, f::CRC,
+        f::MAGIC,
+        f::FORMAT_VERSION,
+        f::FOOTER_SIZE,
+        f::IMAGE_ID,
+        f::INDEX_OFFSET,
+        f::ENTRY_COUNT,
+        f::INDEX_CRC,
+        f::RESERVED0,
+        f::STORED_BYTES,
+        f::PRESENT_BLOCKS,
+        f::SOURCE_DIGEST,
+        f::RESERVED1,
+        f::CRC,
     ];
-    let entry_offsets = [e::BLOCK, e::DATA_OFFSET, e::STORED_LEN, e::ENCODING, e::RESERVED, e::DATA_CRC, e::HASH, e::ENTRY_CRC];
+    let entry_offsets =
+        [e::BLOCK, e::DATA_OFFSET, e::STORED_LEN, e::ENCODING, e::RESERVED, e::DATA_CRC, e::HASH, e::ENTRY_CRC];
     for (heading, offsets, total) in [
         ("### 3.1 Header", &header_offsets[..], HEADER_SIZE),
         ("### 3.4 Footer", &footer_offsets[..], FOOTER_SIZE),
@@ -373,7 +422,13 @@ fn constants_match_spec() {
         assert_eq!(spec_offsets, offsets, "{heading} offsets");
         // sizes tile the structure exactly
         for pair in rows.windows(2) {
-            assert_eq!(pair[0].0 + pair[0].1, pair[1].0, "{heading}: {} does not end where {} starts", pair[0].2, pair[1].2);
+            assert_eq!(
+                pair[0].0 + pair[0].1,
+                pair[1].0,
+                "{heading}: {} does not end where {} starts",
+                pair[0].2,
+                pair[1].2
+            );
         }
         let last = rows.last().unwrap();
         assert_eq!(last.0 + last.1, total, "{heading} size");

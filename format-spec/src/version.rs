@@ -47,10 +47,7 @@ pub struct VersionReader {
 
 impl std::fmt::Debug for VersionReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VersionReader")
-            .field("version", &self.id())
-            .field("layers", &self.layers.len())
-            .finish()
+        f.debug_struct("VersionReader").field("version", &self.id()).field("layers", &self.layers.len()).finish()
     }
 }
 
@@ -62,7 +59,11 @@ pub fn check_chain(layers: &[Arc<ImageFile>]) -> Result<()> {
         return Err(FormatError::Invalid(format!("chain of {} images is longer than {MAX_CHAIN_LEN}", layers.len())));
     }
     if first.header.kind != Kind::Full {
-        return Err(FormatError::Corrupt { loc: first.loc(), what: "chain", detail: "does not start with a full".into() });
+        return Err(FormatError::Corrupt {
+            loc: first.loc(),
+            what: "chain",
+            detail: "does not start with a full".into(),
+        });
     }
     for pair in layers.windows(2) {
         let (parent, child) = (&pair[0].header, &pair[1].header);

@@ -126,7 +126,11 @@ pub fn is_root() -> bool {
 
 /// Needs e2fsprogs (mkfs.ext4, debugfs, e2fsck).
 pub fn have_e2fsprogs(test: &str) -> bool {
-    capable(test, "e2fsprogs (mkfs.ext4, debugfs, e2fsck)", ["mkfs.ext4", "debugfs", "e2fsck"].iter().all(|t| has_tool(t)))
+    capable(
+        test,
+        "e2fsprogs (mkfs.ext4, debugfs, e2fsck)",
+        ["mkfs.ext4", "debugfs", "e2fsck"].iter().all(|t| has_tool(t)),
+    )
 }
 
 /// Deterministic text content (so files compress like real ones).
@@ -139,7 +143,7 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
         x ^= x >> 7;
         x ^= x << 17;
         out.extend_from_slice(WORDS[(x % 8) as usize].as_bytes());
-        out.push(if x % 13 == 0 { b'\n' } else { b' ' });
+        out.push(if x.is_multiple_of(13) { b'\n' } else { b' ' });
     }
     out.truncate(len);
     out

@@ -44,7 +44,8 @@ fn every_version_of_an_ext4_disk_restores_byte_identical() {
     let mut expected_files = Vec::new();
     for (i, (flag, cmds, check)) in steps.iter().enumerate() {
         for n in 1..=5u64 {
-            std::fs::write(data_dir.join(format!("new{n}")), text(100 * i as u64 + n, 10_000 + 40_000 * n as usize)).unwrap();
+            std::fs::write(data_dir.join(format!("new{n}")), text(100 * i as u64 + n, 10_000 + 40_000 * n as usize))
+                .unwrap();
         }
         if !cmds.is_empty() {
             debugfs_w(&disk, &cmds.replace("{D}", &p(&data_dir)));

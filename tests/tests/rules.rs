@@ -68,7 +68,8 @@ fn incremental_stores_only_changed_blocks_and_differential_all_since_the_full() 
     assert_eq!((diff["changed_blocks"].as_u64(), diff["parent"].as_u64()), (Some(2), Some(1)));
     // zeroing a block is a change too, and unchanged source makes an empty incremental
     let zeros = vec![0u8; 4096];
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&src).unwrap(), &zeros, 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&src).unwrap(), &zeros, 0)
+        .unwrap();
     assert_eq!(backup(&src, &repo, None)["changed_blocks"], 1);
     let same = backup(&src, &repo, None);
     assert_eq!((same["changed_blocks"].as_u64(), same["stored_bytes"].as_u64()), (Some(0), Some(0)));
@@ -99,7 +100,10 @@ fn deleted_incremental_makes_exactly_its_successors_unrestorable() {
     std::fs::remove_file(repo.join("v00000002.strata")).unwrap();
     assert_eq!(restorable(&repo), vec![(1, true), (3, false), (4, true), (5, true)]);
     let rows = list_json(&repo);
-    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("needs version 2 (v00000002.strata), which is missing"));
+    assert!(row(&rows, 3)["problem"]
+        .as_str()
+        .unwrap()
+        .contains("needs version 2 (v00000002.strata), which is missing"));
     let v = strata(["verify", &p(&repo)]).expect_code(1);
     assert!(v.stdout.contains("version 3: NOT restorable"), "{}", v.stdout);
     assert!(v.stdout.contains("version 5: restorable"), "{}", v.stdout);
@@ -120,7 +124,11 @@ fn damaged_full_makes_every_version_unrestorable_and_the_next_backup_a_full() {
     flip_byte(&repo.join("v00000001.strata"), 100); // inside the header
     assert!(restorable(&repo).iter().all(|(id, ok)| !ok || *id > 5));
     let v = strata(["verify", &p(&repo)]).expect_code(1);
-    assert!(v.stdout.contains("DAMAGED  v00000001.strata") && v.stdout.contains("header checksum mismatch"), "{}", v.stdout);
+    assert!(
+        v.stdout.contains("DAMAGED  v00000001.strata") && v.stdout.contains("header checksum mismatch"),
+        "{}",
+        v.stdout
+    );
     for id in 1..=5 {
         assert!(v.stdout.contains(&format!("version {id}: NOT restorable")), "{}", v.stdout);
     }
@@ -140,8 +148,12 @@ fn damaged_block_data_is_found_by_verify_with_file_version_and_offset() {
     assert_eq!(img["sound"], false);
     let problem = img["problems"][0].as_str().unwrap();
     assert!(problem.contains("v00000004.strata (version 4) at offset 512"), "{problem}");
-    let verdicts: Vec<(u64, bool)> =
-        v["versions"].as_array().unwrap().iter().map(|x| (x["id"].as_u64().unwrap(), x["restorable"].as_bool().unwrap())).collect();
+    let verdicts: Vec<(u64, bool)> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["id"].as_u64().unwrap(), x["restorable"].as_bool().unwrap()))
+        .collect();
     assert_eq!(verdicts, vec![(1, true), (2, true), (3, true), (4, false), (5, false)]);
     // restore refuses: it fails on the bad block rather than writing wrong data
     let out = tmp.path().join("out");
@@ -171,7 +183,8 @@ fn truncated_or_foreign_or_future_images_are_named_and_never_versions() {
 
     // a future format version
     let v3 = repo.join("v00000003.strata");
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[2], 8).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[2], 8)
+        .unwrap();
     let rows = list_json(&repo);
     assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 2"), "{rows:?}");
     let r = strata(["restore", &p(&repo), "3", &p(&tmp.path().join("o"))]).expect_code(1);
@@ -210,7 +223,10 @@ fn two_real_backups_at_once_publish_one_version_each_or_refuse() {
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    let refused = [&a, &b].iter().filter(|o| String::from_utf8_lossy(&o.stderr).contains("another strata backup is running")).count();
+    let refused = [&a, &b]
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stderr).contains("another strata backup is running"))
+        .count();
     let succeeded = [&a, &b].iter().filter(|o| o.status.success()).count();
     assert_eq!(succeeded + refused, 2);
     assert_eq!(list_json(&repo).len(), 1 + succeeded);
@@ -225,7 +241,11 @@ fn interrupted_backup_leaves_no_version_and_the_next_backup_cleans_up() {
         change(&src, 7, 40 + n as u64);
         let r = strata_env(["backup", &p(&src), &p(&repo)], &[("STRATA_CRASH_AT", point)]);
         assert_ne!(r.code, Some(0), "the crash point {point} was not reached");
-        let leftovers: Vec<_> = std::fs::read_dir(&repo).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(&repo)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
         assert_eq!(leftovers.len(), 1, "{point}: the partial image stays as a temporary file");
         assert_eq!(list_json(&repo).len(), 5, "{point}: no half version listed");
         strata(["verify", &p(&repo)]).ok();
@@ -236,7 +256,10 @@ fn interrupted_backup_leaves_no_version_and_the_next_backup_cleans_up() {
     assert_eq!(list_json(&repo).len(), 6);
     let next = backup(&src, &repo, None);
     assert_eq!(next["id"], 7);
-    let temp_left = std::fs::read_dir(&repo).unwrap().filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
+    let temp_left = std::fs::read_dir(&repo)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
     assert!(!temp_left, "the next backup removes leftovers");
     strata(["verify", &p(&repo)]).ok();
 }

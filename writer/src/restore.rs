@@ -70,18 +70,16 @@ fn open_target(target: &Path, size: u64, force: bool) -> Result<(File, TargetKin
             if let Some(mnt) = mounted_at(target) {
                 bail!("{}: the device is mounted on {mnt}; unmount it before restoring onto it", target.display());
             }
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_EXCL)
-                .open(target)
-                .map_err(|e| {
-                    if e.raw_os_error() == Some(libc::EBUSY) {
-                        anyhow::anyhow!("{}: the device is in use (mounted or held); refusing to restore onto it", target.display())
-                    } else {
-                        anyhow::Error::new(e).context(format!("{}: cannot open the device", target.display()))
-                    }
-                })?;
+            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(target).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    anyhow::anyhow!(
+                        "{}: the device is in use (mounted or held); refusing to restore onto it",
+                        target.display()
+                    )
+                } else {
+                    anyhow::Error::new(e).context(format!("{}: cannot open the device", target.display()))
+                }
+            })?;
             let dev_size = block_device_size(&f, target)?;
             if dev_size < size {
                 bail!(

@@ -113,9 +113,7 @@ impl Source {
                 ),
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("{}: read error at offset {at}", self.path.display()))
-                }
+                Err(e) => return Err(e).with_context(|| format!("{}: read error at offset {at}", self.path.display())),
             }
         }
         self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -62,16 +62,15 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
         images.extend(state.status(id).chain);
         images.insert(id);
     }
-    let total: u64 = images
-        .iter()
-        .filter_map(|id| state.images.get(id)?.image.as_ref().ok().map(|i| i.footer.stored_bytes))
-        .sum();
+    let total: u64 =
+        images.iter().filter_map(|id| state.images.get(id)?.image.as_ref().ok().map(|i| i.footer.stored_bytes)).sum();
     progress.begin("verify", total);
     let mut image_reports = Vec::new();
     for &id in &images {
         let Some(slot) = state.images.get(&id) else { continue };
         let file = slot.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let mut report = ImageReport { version: id, file, sound: true, blocks_checked: 0, bad_blocks: 0, problems: Vec::new() };
+        let mut report =
+            ImageReport { version: id, file, sound: true, blocks_checked: 0, bad_blocks: 0, problems: Vec::new() };
         match &slot.image {
             Err(why) => report.problems.push(why.clone()),
             Ok(image) => check_image(image, opts.quick, &mut report, progress),
@@ -86,7 +85,8 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
     let mut versions = Vec::new();
     for &id in &wanted {
         let status = state.status(id);
-        let mut v = VersionReport { id, restorable: status.restorable(), digest_verified: false, problem: status.problem };
+        let mut v =
+            VersionReport { id, restorable: status.restorable(), digest_verified: false, problem: status.problem };
         if v.restorable {
             match state.open_version(id).and_then(|r| Ok((r.digest_from_index()?, r.top().footer.source_digest))) {
                 Ok((actual, expected)) if actual == expected => v.digest_verified = true,
@@ -150,7 +150,12 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
     }
 }
 
-fn check_block(image: &ImageFile, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> strata_format::Result<()> {
+fn check_block(
+    image: &ImageFile,
+    entry: &IndexEntry,
+    scratch: &mut ReadScratch,
+    out: &mut [u8],
+) -> strata_format::Result<()> {
     if entry.encoding == Encoding::Zero {
         return Ok(());
     }

@@ -40,8 +40,8 @@ impl Rng {
 }
 
 const WORDS: [&str; 16] = [
-    "block", "image", "chain", "delta", "full", "restore", "verify", "mount", "sector", "extent",
-    "inode", "journal", "backup", "volume", "digest", "snapshot",
+    "block", "image", "chain", "delta", "full", "restore", "verify", "mount", "sector", "extent", "inode", "journal",
+    "backup", "volume", "digest", "snapshot",
 ];
 
 /// Text of `len` bytes: words, so that it compresses like real files do.
@@ -50,14 +50,16 @@ fn sample_text(rng: &mut Rng, len: usize) -> Vec<u8> {
     while out.len() < len {
         let r = rng.next();
         out.extend_from_slice(WORDS[(r % 16) as usize].as_bytes());
-        out.push(if r % 11 == 0 { b'\n' } else { b' ' });
+        out.push(if r.is_multiple_of(11) { b'\n' } else { b' ' });
     }
     out.truncate(len);
     out
 }
 
 fn run_tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {:?}; the demo needs e2fsprogs (apt-get install e2fsprogs)", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| {
+        format!("cannot run {:?}; the demo needs e2fsprogs (apt-get install e2fsprogs)", cmd.get_program())
+    })?;
     if !out.status.success() {
         bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -124,7 +126,13 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
     }
     let disk = work.join("disk.img");
     say(format!("demo: making a {DISK_SIZE} ext4 disk image with 40 files in {}", disk.display()));
-    run_tool(tool("mkfs.ext4").args(["-q", "-F", "-b", "4096", "-L", "strata-demo", "-d"]).arg(&files).arg(&disk).arg(DISK_SIZE))?;
+    run_tool(
+        tool("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-L", "strata-demo", "-d"])
+            .arg(&files)
+            .arg(&disk)
+            .arg(DISK_SIZE),
+    )?;
 
     // (what to back up as, debugfs commands applied before the backup)
     let steps: Vec<(Option<Kind>, &str, String)> = vec![
@@ -132,7 +140,11 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
         (None, "new report, one file deleted", "write {F}/new.txt /report.txt\nrm /doc03.txt\n".into()),
         (None, "two more files", "write {F}/new.txt /notes.txt\nwrite {F}/doc10.txt /copy10.txt\n".into()),
         (Some(Kind::Differential), "one file replaced", "rm /doc20.txt\nwrite {F}/new.txt /doc20.txt\n".into()),
-        (None, "a directory of files", "mkdir /archive\nwrite {F}/doc01.txt /archive/a.txt\nwrite {F}/doc02.txt /archive/b.txt\n".into()),
+        (
+            None,
+            "a directory of files",
+            "mkdir /archive\nwrite {F}/doc01.txt /archive/a.txt\nwrite {F}/doc02.txt /archive/b.txt\n".into(),
+        ),
         (Some(Kind::Differential), "report rewritten", "rm /report.txt\nwrite {F}/doc30.txt /report.txt\n".into()),
     ];
     let mut versions = Vec::new();

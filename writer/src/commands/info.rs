@@ -53,11 +53,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     let id = state.resolve_name(&args.version)?;
     let status = state.status(id);
     let Some(image) = status.image.clone() else {
-        anyhow::bail!(
-            "{}: version {id} cannot be read: {}",
-            status.path.display(),
-            status.problem.unwrap_or_default()
-        );
+        anyhow::bail!("{}: version {id} cannot be read: {}", status.path.display(), status.problem.unwrap_or_default());
     };
     let h = &image.header;
     let info = Info {
@@ -98,7 +94,10 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     println!("source         {}", info.source);
     println!("source size    {} ({} bytes)", bytes(info.source_size), info.source_size);
     println!("block size     {}", bytes(u64::from(info.block_size)));
-    println!("blocks         {} total, {} not zero, {} changed in this image", info.block_count, info.present_blocks, info.changed_blocks);
+    println!(
+        "blocks         {} total, {} not zero, {} changed in this image",
+        info.block_count, info.present_blocks, info.changed_blocks
+    );
     println!("stored         {} (zstd level {})", bytes(info.stored_bytes), info.compression_level);
     println!("file           {}", info.file);
     println!("image id       {}", info.image_id);

@@ -69,8 +69,8 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 pub fn print_table(rows: &[Row]) {
     println!(
-        "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
-        "ID", "KIND", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE", "LABEL / PROBLEM"
+        "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  LABEL / PROBLEM",
+        "ID", "KIND", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE"
     );
     for r in rows {
         let last = match &r.problem {
