@@ -258,3 +258,56 @@ pub fn row(rows: &[serde_json::Value], id: u64) -> &serde_json::Value {
 pub fn p(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
+
+/// Whether FUSE mounts can be made here (/dev/fuse, and root or fusermount3).
+pub fn have_fuse(test: &str) -> bool {
+    let ok = Path::new("/dev/fuse").exists() && (is_root() || has_tool("fusermount3"));
+    capable(test, "FUSE (/dev/fuse and root or fusermount3)", ok)
+}
+
+/// A `strata mount` of a repository, unmounted with `strata umount` on drop (lazily by
+/// fusermount3/umount if that fails), so that no mount or driver outlives a test.
+pub struct StrataMount {
+    pub dir: PathBuf,
+    pub driver_pid: Option<i32>,
+}
+
+impl StrataMount {
+    pub fn new(repo: &Path, dir: &Path, extra: &[&str]) -> StrataMount {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args: Vec<String> = vec!["mount".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(p(repo));
+        args.push(p(dir));
+        let run = strata(&args).ok();
+        let driver_pid =
+            run.stdout.split("driver pid ").nth(1).and_then(|s| s.split(')').next()).and_then(|s| s.parse().ok());
+        StrataMount { dir: dir.to_path_buf(), driver_pid }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+impl Drop for StrataMount {
+    fn drop(&mut self) {
+        let run = strata(["umount", &p(&self.dir)]);
+        if run.code != Some(0) {
+            eprintln!("strata umount failed ({}); detaching lazily", run.stderr.trim());
+            let _ = tool_status("umount", &["-l", &p(&self.dir)]);
+            if let Some(pid) = self.driver_pid {
+                // SAFETY: signals the driver this test started, by its pid.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}

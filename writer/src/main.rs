@@ -3,6 +3,7 @@
 
 mod backup;
 mod commands;
+mod logging;
 mod plan;
 mod progress;
 mod restore;
@@ -13,7 +14,6 @@ mod verify;
 #[cfg(test)]
 mod model_tests;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +43,10 @@ enum Command {
     Verify(commands::verify::Args),
     /// Write a version back onto a device or into a file.
     Restore(commands::restore::Args),
+    /// Mount every restorable version read-only with FUSE.
+    Mount(commands::mount::Args),
+    /// Unmount a strata mount and wait for its driver to exit.
+    Umount(commands::umount::Args),
     /// Run the whole job on a built-in sample: a small ext4 disk, full/incremental/differential
     /// backups, verify and restore.
     Demo(commands::demo::Args),
@@ -67,25 +71,10 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Info(a) => commands::info::run(a, &global),
         Command::Verify(a) => commands::verify::run(a, &global),
         Command::Restore(a) => commands::restore::run(a, &global),
+        Command::Mount(a) => commands::mount::run(a, &global),
+        Command::Umount(a) => commands::umount::run(a, &global),
         Command::Demo(a) => commands::demo::run(a, &global),
     }
-}
-
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_env("STRATA_LOG")
-        .format(|buf, record| {
-            let level = record.level().to_string().to_lowercase();
-            writeln!(buf, "strata: {level}: {}", record.args())
-        })
-        .init();
 }
 
 /// Lets a chain of file descriptors (a block-heavy chain needs one per image) stay open.
@@ -109,7 +98,7 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(cli.verbose);
+    logging::init(cli.verbose);
     raise_open_file_limit();
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -5,7 +5,9 @@ pub mod backup;
 pub mod demo;
 pub mod info;
 pub mod list;
+pub mod mount;
 pub mod restore;
+pub mod umount;
 pub mod verify;
 
 /// Prints `value` as one JSON document on stdout.

@@ -1,0 +1,125 @@
+//! strata's FUSE driver: every restorable version of a repository as a read-only folder holding
+//! `disk.img` (the source as it was at that backup) and `partN.img` (each partition of it), plus a
+//! `latest` symlink. All format knowledge lives in strata-format; this crate maps it to FUSE.
+
+mod cache;
+mod fs;
+pub mod partitions;
+mod tree;
+
+use std::path::{Path, PathBuf};
+
+use fuser::{Config, MountOption, SessionACL};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Format(#[from] strata_format::FormatError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: mount failed: {source}")]
+    Mount { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Show only this version.
+    pub version: Option<u64>,
+    /// Bytes of decompressed blocks kept in memory.
+    pub cache_bytes: u64,
+    /// Let other users read the mount (needs `user_allow_other` in /etc/fuse.conf for non-root).
+    pub allow_other: bool,
+    /// FUSE request threads.
+    pub threads: usize,
+}
+
+/// The `fsname` a mount of process `pid` carries, which `strata umount` reads back.
+pub fn fs_name(pid: u32) -> String {
+    format!("strata@{pid}")
+}
+
+/// The FUSE subtype of strata mounts (`fuse.strata` in /proc/mounts).
+pub const SUBTYPE: &str = "strata";
+
+/// Checks that `mountpoint` is an empty folder with nothing mounted on it.
+pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
+    let invalid = |why: &str| MountError::Invalid(format!("{}: {why}", mountpoint.display()));
+    let meta = std::fs::metadata(mountpoint).map_err(|_| invalid("no such folder to mount on"))?;
+    if !meta.is_dir() {
+        return Err(invalid("not a folder"));
+    }
+    let canon = mountpoint.canonicalize().map_err(|e| invalid(&e.to_string()))?;
+    if mount_entry(&canon).is_some() {
+        return Err(invalid("busy: something is already mounted there"));
+    }
+    if std::fs::read_dir(&canon).map_err(|e| invalid(&e.to_string()))?.next().is_some() {
+        return Err(invalid("busy: the folder is not empty; mount on an empty folder"));
+    }
+    Ok(canon)
+}
+
+/// The (source, fstype) of what is mounted exactly at `path`, from /proc/self/mountinfo.
+pub fn mount_entry(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mount_point = unescape(fields.get(4)?);
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
+        (mount_point == want).then(|| (source.to_string(), fstype.to_string()))
+    })
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Mounts the repository at `mountpoint` and serves it until it is unmounted (by `strata
+/// umount`, `fusermount3 -u`, or SIGINT/SIGTERM/SIGHUP to this process, which unmount cleanly).
+/// `ready` runs once the mount is live and readable.
+pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl FnOnce()) -> Result<(), MountError> {
+    let mountpoint = check_mountpoint(mountpoint)?;
+    let catalogue = tree::Catalogue::load(repo, opts.version)?;
+    if catalogue.versions().is_empty() {
+        log::warn!("{}: no restorable version to show", repo.display());
+    }
+    let filesystem = fs::StrataFs::new(catalogue, opts.cache_bytes);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::FSName(fs_name(std::process::id())),
+        MountOption::Subtype(SUBTYPE.into()),
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = opts.threads > 1;
+
+    // Signals are taken by one thread (blocked everywhere else, before FUSE threads start).
+    let mut signals = nix::sys::signal::SigSet::empty();
+    for s in [nix::sys::signal::SIGINT, nix::sys::signal::SIGTERM, nix::sys::signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().map_err(|e| MountError::Invalid(format!("blocking signals: {e}")))?;
+
+    let mut session = fuser::Session::new(filesystem, &mountpoint, &config)
+        .map_err(|source| MountError::Mount { path: mountpoint.clone(), source })?;
+    let mut unmounter = session.unmount_callable();
+    let where_ = mountpoint.clone();
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            log::info!("{sig:?}: unmounting {}", where_.display());
+            if let Err(e) = unmounter.unmount() {
+                log::warn!("unmounting {}: {e}", where_.display());
+            }
+        }
+    });
+    log::info!("mounted {} on {}", repo.display(), mountpoint.display());
+    ready();
+    session.run().map_err(|source| MountError::Mount { path: mountpoint, source })
+}

@@ -1,0 +1,317 @@
+//! The FUSE mount of a repository: every version's disk.img is byte-for-byte the disk at its
+//! backup, partitions appear as partN.img, files can be browsed through a loop mount or fuse2fs,
+//! dd from the mount equals `strata restore`, writes are refused, damage gives EIO only where it
+//! is, concurrent readers are served, and unmounting leaves nothing behind.
+
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use strata_tests::*;
+
+fn needs(test: &str) -> bool {
+    have_fuse(test) && have_e2fsprogs(test)
+}
+
+/// An ext4 disk backed up as full, incr, incr, diff, incr; returns (repo, per-version states).
+fn ext4_history(t: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let files = t.join("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    for i in 0..20u64 {
+        std::fs::write(files.join(format!("f{i}.txt")), text(i, 5000 + (i as usize * 15_731) % 150_000)).unwrap();
+    }
+    std::fs::write(files.join("sub/passwd"), std::fs::read("/etc/passwd").unwrap_or_default()).unwrap();
+    let disk = t.join("disk.img");
+    mkfs_ext4(&disk, "40M", &files);
+    let repo = t.join("repo");
+    let data = t.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let steps = [
+        ("", ""),
+        ("", "write {D}/a /a.txt\nrm /f2.txt\n"),
+        ("", "write {D}/b /sub/b.txt\n"),
+        ("--differential", "write {D}/c /c.txt\nrm /f5.txt\n"),
+        ("", "rm /a.txt\nwrite {D}/d /a.txt\n"),
+    ];
+    let mut states = Vec::new();
+    for (i, (flag, cmds)) in steps.iter().enumerate() {
+        for name in ["a", "b", "c", "d"] {
+            std::fs::write(data.join(name), text(i as u64 * 31 + name.len() as u64, 30_000 + 20_000 * i)).unwrap();
+        }
+        if !cmds.is_empty() {
+            debugfs_w(&disk, &cmds.replace("{D}", &p(&data)));
+        }
+        let state = t.join(format!("state{}.img", i + 1));
+        std::fs::copy(&disk, &state).unwrap();
+        let mut args = vec!["backup".to_string(), "-q".into()];
+        if !flag.is_empty() {
+            args.push(flag.to_string());
+        }
+        args.extend([p(&disk), p(&repo)]);
+        strata(&args).ok();
+        states.push(state);
+    }
+    (repo, states)
+}
+
+fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)?.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+#[test]
+fn mounted_versions_are_the_disk_as_it_was_and_read_only() {
+    let test = "mounted_versions_are_the_disk_as_it_was_and_read_only";
+    if !needs(test) || !capable(test, "root (loop mounts)", is_root()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (repo, states) = ext4_history(t);
+    let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
+
+    let mut names: Vec<String> =
+        std::fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["1", "2", "3", "4", "5", "latest"]);
+    assert_eq!(std::fs::read_link(m.path("latest")).unwrap(), Path::new("5"));
+    for (i, state) in states.iter().enumerate() {
+        let disk = m.path(&format!("{}/disk.img", i + 1));
+        assert!(same_file(&disk, state), "version {} differs from the disk at its backup", i + 1);
+        e2fsck_clean(&disk);
+    }
+    // only disk.img in a version of an unpartitioned disk
+    let entries: Vec<_> = std::fs::read_dir(m.path("3")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, ["disk.img"]);
+
+    // browse files: loop-mount version 3 read-only and compare with the disk as it was
+    let v3 = Mounted::mount(&["-o", "loop,ro", &p(&m.path("3/disk.img"))], &t.join("v3"));
+    let orig = Mounted::mount(&["-o", "loop,ro", &p(&states[2])], &t.join("orig3"));
+    let diff = tool_status("diff", &["-r", &p(&v3.dir), &p(&orig.dir)]);
+    assert_eq!(diff.code, Some(0), "files of version 3 differ:\n{}", diff.stdout);
+    assert!(v3.dir.join("sub/b.txt").exists());
+    drop(orig);
+
+    // dd from the mount equals strata restore
+    let dd_out = t.join("dd.img");
+    tool("dd", &[&format!("if={}", p(&m.path("4/disk.img"))), &format!("of={}", p(&dd_out)), "bs=4M", "status=none"]);
+    let restored = t.join("restored4.img");
+    strata(["restore", "-q", &p(&repo), "4", &p(&restored)]).ok();
+    assert!(same_file(&dd_out, &restored));
+
+    // read-only everywhere, owned by the mounting user, mtime the backup time
+    let meta = std::fs::metadata(m.path("2/disk.img")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o444);
+    assert_eq!(std::fs::metadata(m.path("2")).unwrap().mode() & 0o777, 0o555);
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(meta.uid(), unsafe { libc::getuid() });
+    let info = strata(["info", "--json", &p(&repo), "2"]).ok().json();
+    let created = humantime_secs(info["created"].as_str().unwrap());
+    assert_eq!(meta.mtime(), created);
+    let erofs = |r: std::io::Result<std::fs::File>| r.err().and_then(|e| e.raw_os_error());
+    assert_eq!(erofs(std::fs::OpenOptions::new().write(true).open(m.path("2/disk.img"))), Some(libc::EROFS));
+    assert_eq!(erofs(std::fs::File::create(m.path("2/new"))), Some(libc::EROFS));
+    let chmod = std::fs::set_permissions(m.path("2/disk.img"), std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    assert_eq!(chmod.err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+    assert_eq!(std::fs::create_dir(m.path("9")).err().and_then(|e| e.raw_os_error()), Some(libc::EROFS));
+    let st = nix_statfs(&m.dir);
+    assert!(st > 0, "statfs reports the size");
+
+    // concurrent readers (several threads and a loop mount at once)
+    let readers: Vec<_> = (1..=5)
+        .map(|id| {
+            let (disk, state) = (m.path(&format!("{id}/disk.img")), states[id - 1].clone());
+            std::thread::spawn(move || read_all(&disk).unwrap() == std::fs::read(state).unwrap())
+        })
+        .collect();
+    let listing = std::fs::read_dir(&v3.dir).unwrap().count();
+    assert!(listing > 10);
+    for r in readers {
+        assert!(r.join().unwrap(), "a concurrent reader saw wrong data");
+    }
+    drop(v3);
+
+    // a version made while mounted appears without remounting
+    strata(["backup", "-q", "--full", &p(&states[4]), &p(&repo)]).ok();
+    let mut appeared = false;
+    for _ in 0..50 {
+        if m.path("6/disk.img").exists() {
+            appeared = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(appeared, "version 6 did not appear in the mount");
+    assert!(same_file(&m.path("6/disk.img"), &states[4]));
+
+    // unmount leaves no mount and no driver behind
+    let pid = m.driver_pid.expect("strata mount reports the driver pid");
+    let dir = m.dir.clone();
+    drop(m);
+    assert!(!std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&p(&dir)), "still mounted");
+    assert!(process_gone(pid), "the driver is still running");
+}
+
+fn humantime_secs(rfc3339: &str) -> i64 {
+    // YYYY-MM-DDTHH:MM:SSZ
+    let n = |a: usize, b: usize| rfc3339[a..b].parse::<i64>().unwrap();
+    let (y, mo, d, h, mi, s) = (n(0, 4), n(5, 7), n(8, 10), n(11, 13), n(14, 16), n(17, 19));
+    let (y2, m2) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + h * 3600 + mi * 60 + s
+}
+
+fn nix_statfs(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(p(path)).unwrap();
+    // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_blocks as u64 * st.f_frsize as u64
+}
+
+#[test]
+fn partitions_appear_as_part_images_that_mount_and_browse() {
+    let test = "partitions_appear_as_part_images_that_mount_and_browse";
+    if !needs(test) || !capable(test, "sfdisk (fdisk)", has_tool("sfdisk")) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let files = t.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    for i in 0..8u64 {
+        std::fs::write(files.join(format!("p{i}.txt")), text(i + 500, 40_000)).unwrap();
+    }
+    let fs_img = t.join("fs.img");
+    mkfs_ext4(&fs_img, "20M", &files);
+    // a 32 MiB GPT disk with partition 1 at 1 MiB holding that ext4, partition 2 after it
+    let disk = t.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    let script = t.join("layout");
+    std::fs::write(&script, "label: gpt\nstart=2048, size=40960, type=L\nstart=43008, size=8192, type=L\n").unwrap();
+    let out = std::process::Command::new(tool_path("sfdisk"))
+        .arg(&disk)
+        .stdin(std::fs::File::open(&script).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
+    let fs_bytes = std::fs::read(&fs_img).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().write_all_at(&fs_bytes, 1 << 20).unwrap();
+    let repo = t.join("repo");
+    strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+
+    let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
+    let mut names: Vec<String> = std::fs::read_dir(m.path("1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "part1.img", "part2.img"]);
+    assert_eq!(std::fs::metadata(m.path("1/part1.img")).unwrap().len(), 40960 * 512);
+    assert_eq!(std::fs::metadata(m.path("1/part2.img")).unwrap().len(), 8192 * 512);
+    assert!(same_file(&m.path("1/part1.img"), &fs_img), "part1.img is the partition's bytes");
+    e2fsck_clean(&m.path("1/part1.img"));
+    assert!(same_file(&m.path("1/disk.img"), &disk));
+
+    if capable(test, "root (loop mounts)", is_root()) {
+        let lm = Mounted::mount(&["-o", "loop,ro", &p(&m.path("1/part1.img"))], &t.join("p1"));
+        assert_eq!(std::fs::read(lm.dir.join("p3.txt")).unwrap(), text(503, 40_000));
+    }
+    // without root: fuse2fs -o ro on partN.img
+    if capable(test, "fuse2fs", has_tool("fuse2fs")) {
+        let dir = t.join("f2");
+        std::fs::create_dir_all(&dir).unwrap();
+        tool("fuse2fs", &["-o", "ro,fakeroot", &p(&m.path("1/part1.img")), &p(&dir)]);
+        let _guard = FuseGuard(dir.clone());
+        assert_eq!(std::fs::read(dir.join("p5.txt")).unwrap(), text(505, 40_000));
+    }
+}
+
+/// Unmounts a plain FUSE mount (fuse2fs) on drop.
+struct FuseGuard(PathBuf);
+
+impl Drop for FuseGuard {
+    fn drop(&mut self) {
+        if tool_status("fusermount3", &["-u", &p(&self.0)]).code != Some(0) {
+            let _ = tool_status("umount", &["-l", &p(&self.0)]);
+        }
+    }
+}
+
+#[test]
+fn damaged_block_reads_eio_and_the_rest_still_reads() {
+    let test = "damaged_block_reads_eio_and_the_rest_still_reads";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    write_disk(&src, 1 << 20, 3, |_| true);
+    strata(["backup", "-q", "--block-size", "4K", &p(&src), &p(&repo)]).ok();
+    // block 0 is the first stored block: data starts at offset 512
+    flip_byte(&repo.join("v00000001.strata"), 512 + 5);
+    let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
+    let f = std::fs::File::open(m.path("1/disk.img")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = f.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let src_bytes = std::fs::read(&src).unwrap();
+    for off in [4096u64, 8192, 500_000, (1 << 20) - 4096] {
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(&buf[..], &src_bytes[off as usize..off as usize + 4096], "offset {off}");
+    }
+    // still serving after the error
+    assert!(std::fs::metadata(m.path("latest")).is_ok());
+}
+
+#[test]
+fn mount_errors_are_clear_and_version_option_shows_one_version() {
+    let test = "mount_errors_are_clear_and_version_option_shows_one_version";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    write_disk(&src, 1 << 20, 3, |b| b % 2 == 0);
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    write_disk(&src, 1 << 20, 4, |b| b % 3 == 0);
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+
+    let r = strata(["mount", &p(&repo), &p(&t.join("nope"))]).expect_code(1);
+    assert!(r.stderr.contains("no such folder"), "{}", r.stderr);
+    let busy = t.join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("x"), b"x").unwrap();
+    let r = strata(["mount", &p(&repo), &p(&busy)]).expect_code(1);
+    assert!(r.stderr.contains("busy"), "{}", r.stderr);
+    let empty = t.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let r = strata(["mount", &p(&busy), &p(&empty)]).expect_code(1);
+    assert!(r.stderr.contains("not a strata repository"), "{}", r.stderr);
+    let r = strata(["umount", &p(&empty)]).expect_code(1);
+    assert!(r.stderr.contains("nothing is mounted"), "{}", r.stderr);
+
+    let m = StrataMount::new(&repo, &t.join("v1"), &["--version", "1"]);
+    let names: Vec<_> = std::fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.contains(&"1".into()) && !names.contains(&"2".into()), "{names:?}");
+    // mounting again on a mount point in use is refused
+    let r = strata(["mount", &p(&repo), &p(&m.dir)]).expect_code(1);
+    assert!(r.stderr.contains("busy"), "{}", r.stderr);
+    drop(m);
+
+    // an unrestorable version is left out with a warning naming it
+    std::fs::remove_file(repo.join("v00000001.strata")).unwrap();
+    let dir = t.join("v2");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = strata(["mount", &p(&repo), &p(&dir)]).ok();
+    let _m = StrataMount { dir: dir.clone(), driver_pid: None };
+    assert!(run.stderr.contains("version 2 is not restorable"), "{}", run.stderr);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}
