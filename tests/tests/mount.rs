@@ -315,3 +315,40 @@ fn mount_errors_are_clear_and_version_option_shows_one_version() {
     assert!(run.stderr.contains("version 2 is not restorable"), "{}", run.stderr);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
+
+#[test]
+fn foreground_mount_unmounts_cleanly_on_sigterm_and_sigint() {
+    let test = "foreground_mount_unmounts_cleanly_on_sigterm_and_sigint";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    write_disk(&src, 1 << 20, 3, |_| true);
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let dir = t.join(format!("mnt{signal}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new(strata_bin())
+            .args(["mount", "--foreground", &p(&repo), &p(&dir)])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // the guard unmounts if anything below fails (which also ends the driver)
+        let _guard = StrataMount { dir: dir.clone(), driver_pid: None };
+        let mounted = || std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} ", p(&dir)));
+        for _ in 0..100 {
+            if mounted() && dir.join("1/disk.img").exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(same_file(&dir.join("1/disk.img"), &src));
+        // SAFETY: signals the driver this test started, by its pid.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "driver exited with {status} after signal {signal}");
+        assert!(!mounted(), "still mounted after signal {signal}");
+    }
+}

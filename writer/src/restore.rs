@@ -196,26 +196,29 @@ fn write_version(
                 Ok(Some(hash_block(out)))
             })
             .collect::<strata_format::Result<_>>()?;
+        let device = matches!(kind, TargetKind::Device);
         for (i, h) in hashes.iter().enumerate() {
-            let b = start + i as u64;
-            let offset = b * bs as u64;
-            let len = (bs as u64).min(size - offset) as usize;
-            match h {
-                Some(h) => {
-                    digest.push(h);
-                    let data = &batch[i * bs..i * bs + len];
-                    file.write_all_at(data, offset)
-                        .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
-                }
-                None => {
-                    digest.push(&zero_hash);
-                    if let TargetKind::Device = kind {
-                        batch[i * bs..i * bs + len].fill(0);
-                        file.write_all_at(&batch[i * bs..i * bs + len], offset)
-                            .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
-                    }
-                }
+            digest.push(h.as_ref().unwrap_or(&zero_hash));
+            if h.is_none() && device {
+                batch[i * bs..(i + 1) * bs].fill(0);
             }
+        }
+        // Write runs of consecutive blocks that must be written (all of them on a device, the
+        // non-zero ones in a file, whose zero blocks stay holes).
+        let mut i = 0usize;
+        while i < hashes.len() {
+            if hashes[i].is_none() && !device {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < hashes.len() && (device || hashes[i].is_some()) {
+                i += 1;
+            }
+            let offset = (start + run_start as u64) * bs as u64;
+            let end = ((start + i as u64) * bs as u64).min(size);
+            file.write_all_at(&batch[run_start * bs..run_start * bs + (end - offset) as usize], offset)
+                .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
         }
         progress.advance((n * bs as u64).min(size - start * bs as u64));
         start += n;
