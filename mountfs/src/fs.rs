@@ -245,6 +245,7 @@ impl Filesystem for StrataFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        log::trace!("read fh {} offset {offset} size {size}", fh.0);
         let Some(h) = self.handles.lock().unwrap().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let want = (u64::from(size)).min(h.len.saturating_sub(offset)) as usize;
         let bs = u64::from(h.reader.block_size());
@@ -252,14 +253,22 @@ impl Filesystem for StrataFs {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
         }
-        let mut buf = vec![0u8; want];
-        match read_window(&h.reader, &self.cache, h.start, h.len, offset, &mut buf) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => {
-                log::warn!("{}/{} (version {}) at offset {offset}: {e}", h.version, h.name, h.version);
-                reply.error(Errno::EIO)
-            }
+        // One reply buffer per FUSE thread: a fresh 1 MiB allocation would be fresh pages to
+        // fault in and zero on every request.
+        thread_local! {
+            static REPLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        REPLY.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.resize(want, 0);
+            match read_window(&h.reader, &self.cache, h.start, h.len, offset, &mut buf[..want]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => {
+                    log::warn!("{}/{} (version {}) at offset {offset}: {e}", h.version, h.name, h.version);
+                    reply.error(Errno::EIO)
+                }
+            }
+        });
     }
 
     fn release(
@@ -273,6 +282,10 @@ impl Filesystem for StrataFs {
         reply: ReplyEmpty,
     ) {
         self.handles.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         reply.ok();
     }
 

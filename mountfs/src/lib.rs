@@ -49,7 +49,7 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
         return Err(invalid("not a folder"));
     }
     let canon = mountpoint.canonicalize().map_err(|e| invalid(&e.to_string()))?;
-    if mount_entry(&canon).is_some() {
+    if mount_info(&canon).is_some() {
         return Err(invalid("busy: something is already mounted there"));
     }
     if std::fs::read_dir(&canon).map_err(|e| invalid(&e.to_string()))?.next().is_some() {
@@ -58,8 +58,16 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
     Ok(canon)
 }
 
-/// The (source, fstype) of what is mounted exactly at `path`, from /proc/self/mountinfo.
-pub fn mount_entry(path: &Path) -> Option<(String, String)> {
+/// One line of /proc/self/mountinfo.
+pub struct MountInfo {
+    /// `major:minor` of the mounted file system.
+    pub devno: String,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// What is mounted exactly at `path` (the newest mount there), from /proc/self/mountinfo.
+pub fn mount_info(path: &Path) -> Option<MountInfo> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
     info.lines().rev().find_map(|line| {
@@ -67,12 +75,33 @@ pub fn mount_entry(path: &Path) -> Option<(String, String)> {
         let mount_point = unescape(fields.get(4)?);
         let sep = fields.iter().position(|f| *f == "-")?;
         let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
-        (mount_point == want).then(|| (source.to_string(), fstype.to_string()))
+        let devno = fields.get(2)?;
+        (mount_point == want).then(|| MountInfo {
+            devno: devno.to_string(),
+            fstype: fstype.to_string(),
+            source: source.to_string(),
+        })
     })
 }
 
 fn unescape(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Readahead of the mount's backing device, in KiB.
+const READAHEAD_KB: u32 = 1024;
+
+/// The kernel caps FUSE readahead at the bdi default (128 KiB) whatever the driver asks for;
+/// root may raise it through sysfs, so sequential reads arrive as 1 MiB requests.
+/// The device number is taken from mountinfo: a stat of the mount itself would wait for this
+/// driver, which does not serve requests yet.
+fn raise_readahead(mountpoint: &Path) {
+    let Some(devno) = mount_info(mountpoint).map(|m| m.devno) else { return };
+    let path = format!("/sys/class/bdi/{devno}/read_ahead_kb");
+    match std::fs::write(&path, READAHEAD_KB.to_string()) {
+        Ok(()) => log::debug!("{path} = {READAHEAD_KB}"),
+        Err(e) => log::debug!("cannot raise readahead ({path}): {e}"),
+    }
 }
 
 /// Mounts the repository at `mountpoint` and serves it until it is unmounted (by `strata
@@ -120,6 +149,7 @@ pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
         }
     });
     log::info!("mounted {} on {}", repo.display(), mountpoint.display());
+    raise_readahead(&mountpoint);
     ready();
     session.run().map_err(|source| MountError::Mount { path: mountpoint, source })
 }

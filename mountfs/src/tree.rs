@@ -256,13 +256,14 @@ pub fn read_window(
     }
     let n = (buf.len() as u64).min(len - offset) as usize;
     let bs = u64::from(reader.block_size());
+    let first = (start + offset) / bs;
+    let last = (start + offset + n as u64 - 1) / bs;
+    let blocks = cache.get_many(reader, first..last + 1)?;
     let mut done = 0usize;
-    while done < n {
+    for data in blocks {
         let pos = start + offset + done as u64;
-        let block = pos / bs;
         let within = (pos % bs) as usize;
         let take = (bs as usize - within).min(n - done);
-        let data = cache.get(reader, block)?;
         buf[done..done + take].copy_from_slice(&data[within..within + take]);
         done += take;
     }

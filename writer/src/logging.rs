@@ -49,6 +49,8 @@ pub fn init(verbose: u8) {
     };
     let inner = env_logger::Builder::new()
         .filter_level(level)
+        // fuser reports its own unmount-on-exit attempt after we unmounted as a warning
+        .filter_module("fuser", if verbose >= 2 { level } else { log::LevelFilter::Error })
         .parse_env("STRATA_LOG")
         .format(|buf, record| {
             use std::io::Write;

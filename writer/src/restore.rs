@@ -138,7 +138,11 @@ pub fn restore(
     let reader = state.open_version(id)?;
     let (file, kind) = open_target(target, reader.source_size(), force)?;
     let digest = write_version(&reader, &file, &kind, target, progress)?;
-    file.sync_all().with_context(|| format!("{}: fsync", target.display()))?;
+    match file.sync_all() {
+        // Character devices and pipes (e.g. /dev/null) have nothing to sync.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        other => other.with_context(|| format!("{}: fsync", target.display()))?,
+    }
     let expected = reader.top().footer.source_digest;
     if digest != expected {
         bail!(
