@@ -311,3 +311,23 @@ pub fn process_gone(pid: i32) -> bool {
         Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
     }
 }
+
+/// Restores `version` of `repo` into a new file in `dir` and asserts it equals `expected`.
+pub fn assert_restores_to(repo: &Path, version: &str, expected: &Path, dir: &Path) {
+    let out = dir.join(format!("restored-{version}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    strata(["restore", "-q", &p(repo), version, &p(&out)]).ok();
+    assert!(same_file(&out, expected), "version {version} of {} does not restore to {}", p(repo), p(expected));
+    std::fs::remove_file(&out).unwrap();
+}
+
+/// A 1 MiB pseudo-random disk `dir/d` backed up once into `dir/repo` with `backup_args`.
+pub fn one_version_repo(dir: &Path, backup_args: &[&str]) -> (PathBuf, PathBuf) {
+    let (src, repo) = (dir.join("d"), dir.join("repo"));
+    write_disk(&src, 1 << 20, 3, |_| true);
+    let mut args = vec!["backup".to_string(), "-q".into()];
+    args.extend(backup_args.iter().map(|s| s.to_string()));
+    args.extend([p(&src), p(&repo)]);
+    strata(&args).ok();
+    (src, repo)
+}

@@ -251,9 +251,7 @@ fn damaged_block_reads_eio_and_the_rest_still_reads() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let (src, repo) = (t.join("d"), t.join("repo"));
-    write_disk(&src, 1 << 20, 3, |_| true);
-    strata(["backup", "-q", "--block-size", "4K", &p(&src), &p(&repo)]).ok();
+    let (src, repo) = one_version_repo(t, &["--block-size", "4K"]);
     // block 0 is the first stored block: data starts at offset 512
     flip_byte(&repo.join("v00000001.strata"), 512 + 5);
     let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
@@ -324,9 +322,7 @@ fn foreground_mount_unmounts_cleanly_on_sigterm_and_sigint() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    let (src, repo) = (t.join("d"), t.join("repo"));
-    write_disk(&src, 1 << 20, 3, |_| true);
-    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    let (src, repo) = one_version_repo(t, &[]);
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let dir = t.join(format!("mnt{signal}"));
         std::fs::create_dir_all(&dir).unwrap();

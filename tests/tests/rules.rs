@@ -73,9 +73,7 @@ fn incremental_stores_only_changed_blocks_and_differential_all_since_the_full() 
     assert_eq!(backup(&src, &repo, None)["changed_blocks"], 1);
     let same = backup(&src, &repo, None);
     assert_eq!((same["changed_blocks"].as_u64(), same["stored_bytes"].as_u64()), (Some(0), Some(0)));
-    let out = tmp.path().join("out");
-    strata(["restore", &p(&repo), "latest", &p(&out)]).ok();
-    assert!(same_file(&out, &src));
+    assert_restores_to(&repo, "latest", &src, tmp.path());
 }
 
 #[test]
@@ -88,9 +86,8 @@ fn resized_source_forces_a_full_and_says_why() {
     let run = strata(["backup", "--incremental", &p(&src), &p(&repo)]).ok();
     assert!(run.stdout.contains("version 2 full"), "{}", run.stdout);
     assert!(run.stderr.contains("resized or replaced"), "{}", run.stderr);
-    let out = tmp.path().join("out");
-    strata(["restore", &p(&repo), "2", &p(&out)]).ok();
-    assert!(same_file(&out, &src), "a source that is not a multiple of the block size restores exactly");
+    // a source that is not a multiple of the block size restores exactly
+    assert_restores_to(&repo, "2", &src, tmp.path());
 }
 
 #[test]
@@ -286,9 +283,7 @@ fn killed_backup_leaves_earlier_versions_intact() {
         }
     }
     strata(["verify", &p(&repo)]).ok();
-    let out = tmp.path().join("out");
-    strata(["restore", &p(&repo), "1", &p(&out)]).ok();
-    assert!(same_file(&out, &src));
+    assert_restores_to(&repo, "1", &src, tmp.path());
 }
 
 #[test]
