@@ -60,6 +60,77 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// Why a version is the kind it is, as recorded when it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rule {
+    Unspecified,
+    /// The first backup of a repository.
+    First,
+    /// Asked for on the command line (--full, --incremental, --differential).
+    Requested,
+    /// The repository's scheme (or the default) for an ordinary run.
+    Scheme,
+    /// A full because the scheme's "full every N backups" came due.
+    FullEvery,
+    /// A full because the scheme's "full every D days" came due.
+    FullEveryDays,
+    /// A full because there was no usable full to build a delta on.
+    NoUsableFull,
+    /// A full because the source's size differs from the chain's.
+    SourceResized,
+    /// A synthetic full made by merging the version's chain (no source read).
+    Merged,
+    /// A value this strata does not know (written by a newer one).
+    Other(u8),
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::Unspecified => "unspecified",
+            Rule::First => "first backup",
+            Rule::Requested => "requested",
+            Rule::Scheme => "scheme",
+            Rule::FullEvery => "full every N backups",
+            Rule::FullEveryDays => "full every D days",
+            Rule::NoUsableFull => "no usable full",
+            Rule::SourceResized => "source resized",
+            Rule::Merged => "synthetic full (merged)",
+            Rule::Other(_) => "unknown",
+        }
+    }
+
+    fn to_byte(self) -> u8 {
+        match self {
+            Rule::Unspecified => layout::RULE_UNSPECIFIED,
+            Rule::First => layout::RULE_FIRST,
+            Rule::Requested => layout::RULE_REQUESTED,
+            Rule::Scheme => layout::RULE_SCHEME,
+            Rule::FullEvery => layout::RULE_FULL_EVERY,
+            Rule::FullEveryDays => layout::RULE_FULL_EVERY_DAYS,
+            Rule::NoUsableFull => layout::RULE_NO_USABLE_FULL,
+            Rule::SourceResized => layout::RULE_SOURCE_RESIZED,
+            Rule::Merged => layout::RULE_MERGED,
+            Rule::Other(b) => b,
+        }
+    }
+
+    fn from_byte(b: u8) -> Rule {
+        match b {
+            layout::RULE_UNSPECIFIED => Rule::Unspecified,
+            layout::RULE_FIRST => Rule::First,
+            layout::RULE_REQUESTED => Rule::Requested,
+            layout::RULE_SCHEME => Rule::Scheme,
+            layout::RULE_FULL_EVERY => Rule::FullEvery,
+            layout::RULE_FULL_EVERY_DAYS => Rule::FullEveryDays,
+            layout::RULE_NO_USABLE_FULL => Rule::NoUsableFull,
+            layout::RULE_SOURCE_RESIZED => Rule::SourceResized,
+            layout::RULE_MERGED => Rule::Merged,
+            other => Rule::Other(other),
+        }
+    }
+}
+
 /// A reference to another image of the same repository: its version id and its unique image id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageRef {
@@ -73,6 +144,7 @@ pub struct ImageHeader {
     pub image_id: Id128,
     pub version: u64,
     pub kind: Kind,
+    pub rule: Rule,
     /// The version this one is a delta against; `None` for a full.
     pub parent: Option<ImageRef>,
     /// The full that starts this image's chain (the image itself for a full).
@@ -124,6 +196,7 @@ impl ImageHeader {
         put_bytes(&mut b, off::IMAGE_ID, &self.image_id);
         put_u64(&mut b, off::VERSION_ID, self.version);
         b[off::KIND] = self.kind.to_byte();
+        b[off::RULE] = self.rule.to_byte();
         let parent = self.parent.unwrap_or(ImageRef { version: 0, image_id: [0; 16] });
         put_u64(&mut b, off::PARENT_ID, parent.version);
         put_bytes(&mut b, off::PARENT_IMAGE_ID, &parent.image_id);
@@ -222,6 +295,7 @@ impl ImageHeader {
             image_id,
             version,
             kind,
+            rule: Rule::from_byte(b[off::RULE]),
             parent,
             full,
             block_size,

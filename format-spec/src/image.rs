@@ -149,6 +149,25 @@ impl ImageFile {
         Ok(())
     }
 
+    /// Reads the stored bytes of `entry` into `stored` as they are on disk, checking the crc32c
+    /// (for copying a block into another image without decoding it).
+    pub fn read_stored(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
+        stored.resize(entry.stored_len as usize, 0);
+        self.file
+            .read_exact_at(stored, entry.data_offset)
+            .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
+        let actual = crc32c::crc32c(stored);
+        if actual != entry.data_crc {
+            return Err(FormatError::Checksum {
+                loc: self.loc().at(entry.data_offset),
+                what: "block data",
+                expected: entry.data_crc,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// Reads the stored bytes of `entry` and decodes them into `out` (one block), checking the
     /// crc32c.
     pub fn read_block(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {

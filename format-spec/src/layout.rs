@@ -43,6 +43,8 @@ pub mod header {
     pub const IMAGE_ID: usize = 32;
     pub const VERSION_ID: usize = 48;
     pub const KIND: usize = 56;
+    pub const RULE: usize = 57;
+    pub const RESERVED_KIND: usize = 58;
     pub const PARENT_ID: usize = 64;
     pub const PARENT_IMAGE_ID: usize = 72;
     pub const FULL_ID: usize = 88;
@@ -93,6 +95,17 @@ pub mod entry {
 pub const KIND_FULL: u8 = 1;
 pub const KIND_INCREMENTAL: u8 = 2;
 pub const KIND_DIFFERENTIAL: u8 = 3;
+
+/// Why a version was made the kind it is (header `rule` byte; informational).
+pub const RULE_UNSPECIFIED: u8 = 0;
+pub const RULE_FIRST: u8 = 1;
+pub const RULE_REQUESTED: u8 = 2;
+pub const RULE_SCHEME: u8 = 3;
+pub const RULE_FULL_EVERY: u8 = 4;
+pub const RULE_FULL_EVERY_DAYS: u8 = 5;
+pub const RULE_NO_USABLE_FULL: u8 = 6;
+pub const RULE_SOURCE_RESIZED: u8 = 7;
+pub const RULE_MERGED: u8 = 8;
 
 /// Block encodings as stored in an index entry's `encoding` byte.
 pub const ENCODING_ZERO: u8 = 0;

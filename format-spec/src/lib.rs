@@ -17,7 +17,7 @@ pub mod repo;
 pub mod version;
 
 pub use error::{FormatError, Loc, Result};
-pub use header::{ImageHeader, ImageRef, Kind};
+pub use header::{ImageHeader, ImageRef, Kind, Rule};
 pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
 pub use index::{Encoding, IndexEntry};
 pub use repo::{RepoLock, RepoState, Repository, VersionStatus};

@@ -351,12 +351,15 @@ impl RepoState {
             if chain.len() > layout::MAX_CHAIN_LEN {
                 return Err(format!("chain longer than {} images", layout::MAX_CHAIN_LEN));
             }
+            if let Some(c) = chain.iter().rev().nth(1) {
+                let c: &Arc<ImageFile> = c;
+                if c.header.kind == Kind::Differential && image.header.kind != Kind::Full {
+                    return Err(format!("{}: a differential whose parent is not a full", c.loc()));
+                }
+            }
             match image.header.parent {
                 None => break,
                 Some(parent) => {
-                    if image.header.kind == Kind::Differential && parent.version != image.header.full.version {
-                        return Err(format!("{name}: a differential whose parent is not its full"));
-                    }
                     child = Some(want);
                     want = parent.version;
                     want_image = Some(parent.image_id);
@@ -364,10 +367,6 @@ impl RepoState {
             }
         }
         chain.reverse();
-        let full = &chain[0].header;
-        if let Some(bad) = chain.iter().find(|i| i.header.full != full.full) {
-            return Err(format!("{}: refers to a different full than version {}", bad.loc(), full.version));
-        }
         Ok(chain)
     }
 

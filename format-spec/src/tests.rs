@@ -26,6 +26,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
         image_id,
         version,
         kind,
+        rule: crate::header::Rule::Scheme,
         parent,
         full: full.unwrap_or(ImageRef { version, image_id }),
         block_size: BS,
@@ -344,7 +345,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 17] = [
+    let numbers: [(&str, u64); 25] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -361,7 +362,15 @@ fn constants_match_spec() {
         ("ENCODING_ZERO", layout::ENCODING_ZERO.into()),
         ("ENCODING_RAW", layout::ENCODING_RAW.into()),
         ("ENCODING_ZSTD", layout::ENCODING_ZSTD.into()),
-        ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
+        ("RULE_UNSPECIFIED", layout::RULE_UNSPECIFIED.into()),
+        ("RULE_FIRST", layout::RULE_FIRST.into()),
+        ("RULE_REQUESTED", layout::RULE_REQUESTED.into()),
+        ("RULE_SCHEME", layout::RULE_SCHEME.into()),
+        ("RULE_FULL_EVERY", layout::RULE_FULL_EVERY.into()),
+        ("RULE_FULL_EVERY_DAYS", layout::RULE_FULL_EVERY_DAYS.into()),
+        ("RULE_NO_USABLE_FULL", layout::RULE_NO_USABLE_FULL.into()),
+        ("RULE_SOURCE_RESIZED", layout::RULE_SOURCE_RESIZED.into()),
+        ("RULE_MERGED", layout::RULE_MERGED.into()),
     ];
     for (name, value) in numbers {
         assert_eq!(spec_constant(&spec, name), value.to_string(), "{name}");
@@ -378,7 +387,8 @@ fn constants_match_spec() {
         h::IMAGE_ID,
         h::VERSION_ID,
         h::KIND,
-        h::KIND + 1,
+        h::RULE,
+        h::RESERVED_KIND,
         h::PARENT_ID,
         h::PARENT_IMAGE_ID,
         h::FULL_ID,

@@ -68,7 +68,7 @@ pub fn check_chain(layers: &[Arc<ImageFile>]) -> Result<()> {
     for pair in layers.windows(2) {
         let (parent, child) = (&pair[0].header, &pair[1].header);
         let ok = child.parent.is_some_and(|p| p.version == parent.version && p.image_id == parent.image_id)
-            && child.full == first.header.full
+            && (child.kind != Kind::Differential || parent.kind == Kind::Full)
             && child.repo_id == parent.repo_id
             && child.block_size == parent.block_size
             && child.source_size == parent.source_size;

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -17,8 +17,11 @@ use strata_format::{
     Encoding, Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader,
 };
 
+use crate::config::{Scheme, TaskConfig};
+use crate::merge::merge_version;
 use crate::plan::plan;
 use crate::progress::Progress;
+use crate::prune::prune_locked;
 use crate::source::Source;
 
 /// Bytes of source read and processed per batch.
@@ -26,11 +29,13 @@ const BATCH_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub struct BackupRequest {
-    pub source: PathBuf,
+    /// The source; `None` takes the one recorded in the repository's strata.toml.
+    pub source: Option<PathBuf>,
     pub repo: PathBuf,
     pub kind: Option<Kind>,
     pub block_size: Option<u32>,
-    pub level: i32,
+    /// zstd level; `None` takes the repository's configured compression.
+    pub level: Option<i32>,
     pub label: String,
 }
 
@@ -38,6 +43,8 @@ pub struct BackupRequest {
 pub struct BackupSummary {
     pub id: u64,
     pub kind: &'static str,
+    /// Why this kind (the scheme rule, or what was asked).
+    pub rule: &'static str,
     pub parent: Option<u64>,
     pub file: String,
     pub changed_blocks: u64,
@@ -48,6 +55,10 @@ pub struct BackupSummary {
     pub seconds: f64,
     pub mb_per_s: f64,
     pub notes: Vec<String>,
+    /// Versions merged into a full after the backup (incremental-forever's max_chain).
+    pub merged: Vec<u64>,
+    /// Versions deleted after the backup (the merged-away full, retention).
+    pub deleted: Vec<u64>,
 }
 
 /// Opens the repository at `path`, creating it when the folder is missing or empty.
@@ -87,22 +98,44 @@ struct BlockResult {
 
 pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSummary> {
     let started = Instant::now();
-    let source = Source::open(&req.source)?;
-    if let Ok(canon) = req.source.canonicalize() {
-        if let Ok(repo_canon) = req.repo.canonicalize() {
-            if canon.starts_with(&repo_canon) {
-                bail!("{}: the source lies inside the repository", req.source.display());
-            }
+    // The source is opened before anything is created, so a bad source leaves no repository.
+    let existing = Repository::open(&req.repo).ok();
+    let mut config = match &existing {
+        Some(r) => TaskConfig::load(r.path())?,
+        None => TaskConfig::default(),
+    };
+    let source_path = match (&req.source, &config.source) {
+        (Some(s), _) => s.clone(),
+        (None, Some(s)) => s.clone(),
+        (None, None) => bail!(
+            "{}: no source recorded; give one (`strata backup SOURCE REPO`) or set it with `strata config REPO --source DEV`",
+            req.repo.display()
+        ),
+    };
+    let source = Source::open(&source_path)?;
+    if let (Ok(canon), Ok(repo_canon)) = (source_path.canonicalize(), req.repo.canonicalize()) {
+        if canon.starts_with(&repo_canon) {
+            bail!("{}: the source lies inside the repository", source_path.display());
         }
     }
     let mut repo = open_or_create_repo(&req.repo, req.block_size)?;
+    let level = match req.level {
+        Some(l) => l,
+        None => crate::config::compression_level(&config.compression)?,
+    };
     let lock = repo.lock()?;
     for leftover in repo.remove_leftovers(&lock)? {
         log::warn!("removed {} left by an interrupted backup", leftover.display());
     }
+    if config.source.is_none() {
+        config.source = Some(source_path.canonicalize().unwrap_or_else(|_| source_path.clone()));
+        config.save(repo.path())?;
+        log::info!("recorded the source {} in {}", source_path.display(), crate::config::CONFIG_FILE);
+    }
     let mut state = repo.scan()?;
     state.check_indexes();
-    let plan = plan(req.kind, &state, source.size());
+    let (now_secs, now_nanos) = crate::config::now()?;
+    let plan = plan(req.kind, &state, source.size(), &config, now_secs);
     for note in &plan.notes {
         log::warn!("{note}");
     }
@@ -112,13 +145,12 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
         Some(VersionReader::from_chain(plan.parent_chain.clone()).context("opening the parent version")?)
     };
     let id = repo.next_version_id(&state);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let image_id = new_id();
     let (parent_ref, full_ref) = match &parent {
         None => (None, ImageRef { version: id, image_id }),
         Some(p) => {
             let top = &p.top().header;
-            (Some(ImageRef { version: top.version, image_id: top.image_id }), top.full)
+            (Some(ImageRef { version: top.version, image_id: top.image_id }), p.layers()[0].header.full)
         }
     };
     let header = ImageHeader {
@@ -126,29 +158,49 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
         image_id,
         version: id,
         kind: plan.kind,
+        rule: plan.rule,
         parent: parent_ref,
         full: full_ref,
         block_size: repo.block_size,
-        compression_level: req.level,
+        compression_level: level,
         source_size: source.size(),
-        created_secs: now.as_secs() as i64,
-        created_nanos: now.subsec_nanos(),
+        created_secs: now_secs,
+        created_nanos: now_nanos,
         label: req.label.clone(),
-        source: req.source.display().to_string(),
+        source: source_path.display().to_string(),
     };
     let total_blocks = header.block_count();
     let mut writer = ImageWriter::create(repo.temp_image_path(id), repo.image_path(id), header)?;
-    let outcome = copy_blocks(&source, parent.as_ref(), repo.block_size, req.level, &mut writer, progress)?;
+    let outcome = copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress)?;
     let changed_blocks = writer.entry_count();
     let stored_bytes = writer.stored_bytes();
     let path = writer.finish(Finish { present_blocks: outcome.present_blocks, source_digest: outcome.digest })?;
     repo.record_published(&lock, id)?;
-    drop(lock);
-    let seconds = started.elapsed().as_secs_f64();
     log::info!("published {}", path.display());
+    let seconds = started.elapsed().as_secs_f64();
+    drop(parent);
+
+    let (mut merged, mut deleted) = (Vec::new(), Vec::new());
+    if let (Scheme::IncrementalForever, Some(k)) = (config.scheme, config.max_chain) {
+        let (m, d) = keep_chain_short(&repo, &lock, id, k as usize, progress)?;
+        merged.extend(m);
+        deleted.extend(d);
+    }
+    if !config.retention.is_empty() {
+        let report = prune_locked(&repo, &lock, &config.retention, false, progress)?;
+        for d in report.decisions {
+            match d.action {
+                crate::prune::Action::Merge => merged.push(d.id),
+                crate::prune::Action::Delete => deleted.push(d.id),
+                _ => {}
+            }
+        }
+    }
+    drop(lock);
     Ok(BackupSummary {
         id,
         kind: plan.kind.as_str(),
+        rule: plan.rule.as_str(),
         parent: parent_ref.map(|p| p.version),
         file: image_file_name(id),
         changed_blocks,
@@ -159,7 +211,44 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
         seconds,
         mb_per_s: crate::units::mb_per_s(source.size(), seconds),
         notes: plan.notes,
+        merged,
+        deleted,
     })
+}
+
+/// incremental-forever: while the chain of `id` is longer than `max_chain` images, merge its
+/// oldest incremental into a full and delete the old full when no version needs it any more.
+fn keep_chain_short(
+    repo: &Repository,
+    lock: &strata_format::RepoLock,
+    id: u64,
+    max_chain: usize,
+    progress: &dyn Progress,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    let (mut merged, mut deleted) = (Vec::new(), Vec::new());
+    loop {
+        let mut state = repo.scan()?;
+        state.check_indexes();
+        let Ok(chain) = state.chain(id) else { break };
+        if chain.len() <= max_chain {
+            break;
+        }
+        let (old_full, oldest_incremental) = (chain[0].header.version, chain[1].header.version);
+        merge_version(&state, lock, oldest_incremental, progress)?;
+        merged.push(oldest_incremental);
+        let state = repo.scan()?;
+        let still_needed = state.ids().any(|v| v != old_full && state.status(v).chain.contains(&old_full));
+        if !still_needed {
+            let path = repo.image_path(old_full);
+            std::fs::remove_file(&path).with_context(|| format!("{}: cannot delete", path.display()))?;
+            strata_format::image::sync_dir(repo.path())?;
+            deleted.push(old_full);
+            log::info!(
+                "version {old_full} merged into version {oldest_incremental} and deleted (max_chain {max_chain})"
+            );
+        }
+    }
+    Ok((merged, deleted))
 }
 
 struct Outcome {

@@ -3,10 +3,14 @@
 
 mod backup;
 mod commands;
+mod config;
 mod logging;
+mod merge;
 mod plan;
 mod progress;
+mod prune;
 mod restore;
+mod schedule;
 mod source;
 mod units;
 mod verify;
@@ -33,6 +37,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create a backup task: a repository with its source, scheme and retention.
+    Init(commands::task::InitArgs),
+    /// Show or change a repository's task configuration.
+    Config(commands::task::ConfigArgs),
     /// Back up a block device or raw disk image into a repository.
     Backup(commands::backup::Args),
     /// List the versions of a repository.
@@ -43,6 +51,13 @@ enum Command {
     Verify(commands::verify::Args),
     /// Write a version back onto a device or into a file.
     Restore(commands::restore::Args),
+    /// Turn a version into a full built from its chain (a synthetic full).
+    Merge(commands::merge::Args),
+    /// Delete versions no retention rule keeps, merging forward what kept versions need.
+    Prune(commands::prune::Args),
+    /// Run `strata backup REPO` on a timer (systemd), or print the crontab line.
+    #[command(subcommand)]
+    Schedule(commands::schedule::Args),
     /// Mount every restorable version read-only with FUSE.
     Mount(commands::mount::Args),
     /// Unmount a strata mount and wait for its driver to exit.
@@ -66,7 +81,12 @@ pub struct Global {
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let global = Global { quiet: cli.quiet };
     match cli.command {
+        Command::Init(a) => commands::task::init(a, &global),
+        Command::Config(a) => commands::task::config(a, &global),
         Command::Backup(a) => commands::backup::run(a, &global),
+        Command::Merge(a) => commands::merge::run(a, &global),
+        Command::Prune(a) => commands::prune::run(a, &global),
+        Command::Schedule(a) => commands::schedule::run(a, &global),
         Command::List(a) => commands::list::run(a, &global),
         Command::Info(a) => commands::info::run(a, &global),
         Command::Verify(a) => commands::verify::run(a, &global),

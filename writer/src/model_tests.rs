@@ -56,11 +56,11 @@ fn run_model(seed: u64, dir: &Path) {
         std::fs::write(&source, &disk).unwrap();
         let kind = [None, Some(Kind::Full), Some(Kind::Incremental), Some(Kind::Differential)][rng.below(4) as usize];
         let req = BackupRequest {
-            source: source.clone(),
+            source: Some(source.clone()),
             repo: repo.clone(),
             kind,
             block_size: Some(4096),
-            level: 1,
+            level: Some(1),
             label: format!("step {step}"),
         };
         let s = backup(&req, &NoProgress).unwrap();

@@ -1,35 +1,38 @@
-//! Deciding what a backup makes: its kind and the version it is a delta against, from what was
-//! asked, the health of the repository and the source's size. Pure: no I/O.
+//! Deciding what a backup makes: its kind, the rule that chose it, and the version it is a delta
+//! against, from what was asked, the task's scheme, the health of the repository, the source's
+//! size and the time. Pure: no I/O.
 
 use std::sync::Arc;
 
-use strata_format::{ImageFile, Kind, RepoState};
+use strata_format::{ImageFile, Kind, RepoState, Rule};
+
+use crate::config::{Scheme, TaskConfig};
 
 /// What the next backup will be.
 #[derive(Debug)]
 pub struct Plan {
     pub kind: Kind,
+    pub rule: Rule,
     /// The chain the new image is a delta against (full first); empty for a full.
     pub parent_chain: Vec<Arc<ImageFile>>,
     /// Why the plan differs from what was asked (printed as warnings).
     pub notes: Vec<String>,
 }
 
-pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64) -> Plan {
-    let full = |notes| Plan { kind: Kind::Full, parent_chain: Vec::new(), notes };
+pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64, config: &TaskConfig, now_secs: i64) -> Plan {
+    let full = |rule, notes| Plan { kind: Kind::Full, rule, parent_chain: Vec::new(), notes };
     if requested == Some(Kind::Full) {
-        return full(Vec::new());
+        return full(if state.images.is_empty() { Rule::First } else { Rule::Requested }, Vec::new());
     }
-    let wanted = requested.unwrap_or(Kind::Incremental);
-    let latest = state.latest_restorable();
-    let Some(base_id) = latest else {
+    let Some(base_id) = state.latest_restorable() else {
         let note = match (requested, state.images.is_empty()) {
-            (None, true) => return full(Vec::new()),
+            (None, true) => return full(Rule::First, Vec::new()),
             (Some(k), true) => format!("the repository has no full yet: making a full instead of the {k} asked for"),
             (Some(k), false) => format!("no usable full in the repository: making a full instead of the {k} asked for"),
             (None, false) => "no usable full in the repository: making a full".to_string(),
         };
-        return full(vec![note]);
+        let rule = if state.images.is_empty() { Rule::First } else { Rule::NoUsableFull };
+        return full(rule, vec![note]);
     };
     let chain = state.chain(base_id).expect("the latest restorable version has a chain");
     let mut notes = Vec::new();
@@ -37,17 +40,39 @@ pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64) -> Pla
         let why = state.status(newest).problem.unwrap_or_default();
         notes.push(format!("version {newest} is not restorable ({why}); the new backup builds on version {base_id}"));
     }
-    let chain_size = chain[0].header.source_size;
-    if chain_size != source_size {
+    let chain_full = &chain[0].header;
+    if chain_full.source_size != source_size {
         notes.push(format!(
-            "the source is {source_size} bytes but the chain of version {base_id} is {chain_size} bytes \
-             (resized or replaced volume): making a full"
+            "the source is {source_size} bytes but the chain of version {base_id} is {} bytes \
+             (resized or replaced volume): making a full",
+            chain_full.source_size
         ));
-        return full(notes);
+        return full(Rule::SourceResized, notes);
     }
-    let parent_chain = match wanted {
+    let (kind, rule) = match requested {
+        Some(k) => (k, Rule::Requested),
+        None => {
+            let scheme_kind = match config.scheme {
+                Scheme::Differential => Kind::Differential,
+                Scheme::Incremental | Scheme::IncrementalForever => Kind::Incremental,
+            };
+            if config.scheme != Scheme::IncrementalForever {
+                // Versions made since the chain's full, the full included.
+                let cycle = 1 + state.ids().filter(|&id| id > chain_full.version).count() as u64;
+                let age_days = (now_secs - chain_full.created_secs).max(0) / 86_400;
+                if config.full_every.is_some_and(|n| cycle >= u64::from(n)) {
+                    return full(Rule::FullEvery, notes);
+                }
+                if config.full_every_days.is_some_and(|d| age_days >= i64::from(d)) {
+                    return full(Rule::FullEveryDays, notes);
+                }
+            }
+            (scheme_kind, Rule::Scheme)
+        }
+    };
+    let parent_chain = match kind {
         Kind::Differential => vec![chain[0].clone()],
         _ => chain,
     };
-    Plan { kind: wanted, parent_chain, notes }
+    Plan { kind, rule, parent_chain, notes }
 }

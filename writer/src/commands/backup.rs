@@ -11,10 +11,10 @@ use crate::{Global, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The block device or raw disk image to back up.
-    pub source: PathBuf,
-    /// The repository folder (created on the first backup).
-    pub repo: PathBuf,
+    /// [SOURCE] REPO: the block device or raw disk image to back up (default: the source
+    /// recorded in REPO's strata.toml), and the repository folder (created on the first backup).
+    #[arg(num_args = 1..=2, required = true, value_name = "[SOURCE] REPO")]
+    pub paths: Vec<PathBuf>,
     /// Make a full image.
     #[arg(long, group = "kind")]
     pub full: bool,
@@ -27,9 +27,9 @@ pub struct Args {
     /// Block size of a new repository (power of two, 4K to 4M; fixed per repository).
     #[arg(long, value_name = "SIZE")]
     pub block_size: Option<String>,
-    /// zstd compression level (1-19).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
-    pub compression_level: i32,
+    /// zstd compression level (1-19; default: the repository's, zstd:3).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: Option<i32>,
     /// A label stored with the version.
     #[arg(long, default_value = "")]
     pub label: String,
@@ -57,14 +57,12 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             Some(n)
         }
     };
-    let req = BackupRequest {
-        source: args.source,
-        repo: args.repo,
-        kind,
-        block_size,
-        level: args.compression_level,
-        label: args.label,
+    let (source, repo) = match args.paths.as_slice() {
+        [repo] => (None, repo.clone()),
+        [source, repo] => (Some(source.clone()), repo.clone()),
+        _ => unreachable!("clap allows one or two paths"),
     };
+    let req = BackupRequest { source, repo, kind, block_size, level: args.compression_level, label: args.label };
     let progress = crate::progress::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
     if args.json {
@@ -72,9 +70,10 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     } else if !global.quiet {
         let parent = s.parent.map(|p| format!(" of version {p}")).unwrap_or_default();
         println!(
-            "version {} {}{parent}: {}/{} blocks changed, read {}, stored {}, {:.2} s, {:.1} MB/s ({})",
+            "version {} {}{parent} ({}): {}/{} blocks changed, read {}, stored {}, {:.2} s, {:.1} MB/s ({})",
             s.id,
             s.kind,
+            s.rule,
             s.changed_blocks,
             s.total_blocks,
             bytes(s.bytes_read),
@@ -83,6 +82,9 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             s.mb_per_s,
             s.file
         );
+        if !s.merged.is_empty() || !s.deleted.is_empty() {
+            println!("after the backup: merged into fulls {:?}, deleted {:?}", s.merged, s.deleted);
+        }
     }
     Ok(Outcome::Success)
 }

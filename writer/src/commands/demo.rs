@@ -155,11 +155,11 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
             debugfs(&disk, work, &cmds.replace("{F}", &files.display().to_string()))?;
         }
         let req = BackupRequest {
-            source: disk.clone(),
+            source: Some(disk.clone()),
             repo: repo.clone(),
             kind: *kind,
             block_size: None,
-            level: 3,
+            level: Some(3),
             label: what.to_string(),
         };
         let s = backup(&req, &NoProgress)?;

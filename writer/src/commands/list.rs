@@ -22,6 +22,8 @@ pub struct Row {
     pub id: u64,
     /// "full", "incremental", "differential", or "unknown" when the header is unreadable.
     pub kind: String,
+    /// Why it is that kind: the scheme rule or what was asked (see `strata_format::Rule`).
+    pub rule: Option<String>,
     pub parent: Option<u64>,
     pub created: Option<String>,
     pub label: String,
@@ -48,6 +50,7 @@ pub fn rows(repo_path: &Path) -> Result<Vec<Row>> {
             Row {
                 id: s.id,
                 kind: h.map(|h| h.kind.as_str().to_string()).unwrap_or_else(|| "unknown".into()),
+                rule: h.map(|h| h.rule.as_str().to_string()),
                 parent: h.and_then(|h| h.parent.map(|p| p.version)),
                 created: h.map(|h| rfc3339(h.created_secs, h.created_nanos)),
                 label: h.map(|h| h.label.clone()).unwrap_or_default(),
@@ -69,8 +72,8 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 pub fn print_table(rows: &[Row]) {
     println!(
-        "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  LABEL / PROBLEM",
-        "ID", "KIND", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE"
+        "{:>4}  {:<12}  {:<23}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  LABEL / PROBLEM",
+        "ID", "KIND", "RULE", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE"
     );
     for r in rows {
         let last = match &r.problem {
@@ -78,9 +81,10 @@ pub fn print_table(rows: &[Row]) {
             None => r.label.clone(),
         };
         println!(
-            "{:>4}  {:<12}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
+            "{:>4}  {:<12}  {:<23}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
             r.id,
             r.kind,
+            r.rule.clone().unwrap_or_else(|| "-".into()),
             opt(r.parent),
             r.created.clone().unwrap_or_else(|| "-".into()),
             opt(r.source_size.map(bytes)),

@@ -5,8 +5,12 @@ pub mod backup;
 pub mod demo;
 pub mod info;
 pub mod list;
+pub mod merge;
 pub mod mount;
+pub mod prune;
 pub mod restore;
+pub mod schedule;
+pub mod task;
 pub mod umount;
 pub mod verify;
 

@@ -1,0 +1,47 @@
+//! `strata merge REPO VERSION`: rewrite a version as a synthetic full.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use strata_format::Repository;
+
+use crate::merge::merge_version;
+use crate::units::bytes;
+use crate::{Global, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository folder.
+    pub repo: PathBuf,
+    /// The version to turn into a full (an id or `latest`).
+    pub version: String,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args, global: &Global) -> Result<Outcome> {
+    let repo = Repository::open(&args.repo)?;
+    let lock = repo.lock()?;
+    repo.remove_leftovers(&lock)?;
+    let mut state = repo.scan()?;
+    state.check_indexes();
+    let id = state.resolve_name(&args.version)?;
+    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let s = merge_version(&state, &lock, id, progress.as_ref())?;
+    if args.json {
+        super::print_json(&s)?;
+    } else if !global.quiet {
+        let chain: Vec<String> = s.old_chain.iter().map(u64::to_string).collect();
+        println!(
+            "version {} is now a full: {} blocks copied from chain {} ({} -> {}), {:.2} s; versions below it are unchanged",
+            s.id,
+            s.blocks,
+            chain.join(" <- "),
+            bytes(s.old_bytes),
+            bytes(s.new_bytes),
+            s.seconds
+        );
+    }
+    Ok(Outcome::Success)
+}

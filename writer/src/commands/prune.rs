@@ -1,0 +1,62 @@
+//! `strata prune REPO [--keep-*] [--dry-run]`: apply retention, printing each decision and why.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::task::KeepOptions;
+use crate::config::TaskConfig;
+use crate::prune::{prune, Action};
+use crate::units::bytes;
+use crate::{Global, Outcome};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The repository folder.
+    pub repo: PathBuf,
+    #[command(flatten)]
+    pub keep: KeepOptions,
+    /// Print what would be kept, merged and deleted, and change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args, global: &Global) -> Result<Outcome> {
+    let mut policy = TaskConfig::load(&args.repo)?.retention;
+    if args.keep.any() {
+        policy = Default::default();
+        args.keep.apply(&mut policy);
+    }
+    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let report = prune(&args.repo, &policy, args.dry_run, progress.as_ref())?;
+    if args.json {
+        super::print_json(&report)?;
+        return Ok(Outcome::Success);
+    }
+    if !global.quiet {
+        let would = if report.dry_run { "would " } else { "" };
+        for d in &report.decisions {
+            let verb = match d.action {
+                Action::Keep => "keep  ",
+                Action::Merge => "merge ",
+                Action::Delete => "delete",
+                Action::Leave => "leave ",
+            };
+            println!("{would}{verb} version {:>4} ({:>10}): {}", d.id, bytes(d.bytes), d.why);
+        }
+        if report.dry_run {
+            println!("would free {} (merges not counted); nothing changed", bytes(report.freed_bytes.max(0) as u64));
+        } else if report.freed_bytes >= 0 {
+            println!("freed {}", bytes(report.freed_bytes as u64));
+        } else {
+            println!(
+                "the repository grew by {} (merged fulls are larger than what was deleted)",
+                bytes((-report.freed_bytes) as u64)
+            );
+        }
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,241 @@
+//! The backup task's configuration, `REPO/strata.toml`: the source, compression, scheme and
+//! retention. Human-editable TOML; strata rewrites it (durably) only through `init`/`config` or
+//! when a first `strata backup SOURCE REPO` records the source. Reading images never needs it.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "strata.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// A full, then incrementals; a new full every N backups or D days.
+    #[default]
+    Incremental,
+    /// A full, then differentials; a new full every N backups or D days.
+    Differential,
+    /// One full, then only incrementals; the chain is kept at most K long by merging.
+    IncrementalForever,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Incremental => "incremental",
+            Scheme::Differential => "differential",
+            Scheme::IncrementalForever => "incremental-forever",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+}
+
+impl Retention {
+    pub fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub source: Option<PathBuf>,
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    #[serde(default)]
+    pub scheme: Scheme,
+    pub full_every: Option<u32>,
+    pub full_every_days: Option<u32>,
+    pub max_chain: Option<u32>,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+fn default_compression() -> String {
+    "zstd:3".into()
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            source: None,
+            compression: default_compression(),
+            scheme: Scheme::default(),
+            full_every: None,
+            full_every_days: None,
+            max_chain: None,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// Parses `zstd:N` (N from 1 to 19) into the level.
+pub fn compression_level(spec: &str) -> Result<i32> {
+    let level = spec.strip_prefix("zstd:").and_then(|l| l.parse::<i32>().ok());
+    match level {
+        Some(l) if (1..=19).contains(&l) => Ok(l),
+        _ => bail!("compression {spec:?}: expected zstd:LEVEL with LEVEL from 1 to 19 (e.g. zstd:3)"),
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn opt_line(key: &str, v: Option<u32>, help: &str) -> String {
+    match v {
+        Some(n) => format!("{key} = {n}            # {help}\n"),
+        None => format!("# {key} = N          # {help}\n"),
+    }
+}
+
+impl TaskConfig {
+    pub fn validate(&self) -> Result<()> {
+        compression_level(&self.compression)?;
+        for (name, v) in
+            [("full_every", self.full_every), ("full_every_days", self.full_every_days), ("max_chain", self.max_chain)]
+        {
+            if v == Some(0) {
+                bail!("{name} must be at least 1 (leave it out to turn it off)");
+            }
+        }
+        if self.max_chain.is_some() && self.scheme != Scheme::IncrementalForever {
+            bail!("max_chain applies to the incremental-forever scheme only");
+        }
+        if self.max_chain == Some(1) {
+            bail!("max_chain must be at least 2 (a full and one incremental)");
+        }
+        Ok(())
+    }
+
+    /// The documented TOML text of this configuration.
+    pub fn to_toml(&self) -> String {
+        let mut t =
+            String::from("# strata backup task. Edit freely; `strata config REPO` shows what strata reads.\n\n");
+        match &self.source {
+            Some(s) => t += &format!("source = {}\n", toml_string(&s.to_string_lossy())),
+            None => t += "# source = \"/dev/sdb1\"   # block device or raw image backed up by `strata backup REPO`\n",
+        }
+        t += &format!("compression = {}   # zstd:LEVEL, LEVEL 1-19\n\n", toml_string(&self.compression));
+        t += "# incremental | differential | incremental-forever\n";
+        t += &format!("scheme = {}\n", toml_string(self.scheme.as_str()));
+        t += &opt_line("full_every", self.full_every, "incremental/differential: every N-th backup is a full");
+        t += &opt_line(
+            "full_every_days",
+            self.full_every_days,
+            "incremental/differential: a full when the last is D days old",
+        );
+        t += &opt_line(
+            "max_chain",
+            self.max_chain,
+            "incremental-forever: merge the oldest incremental into the full beyond K",
+        );
+        t += "\n# Run after every backup when any is set (see `strata prune`).\n[retention]\n";
+        let r = &self.retention;
+        t += &opt_line("keep_last", r.keep_last, "the N newest versions");
+        t += &opt_line("keep_daily", r.keep_daily, "the newest version of each of the last N days with backups");
+        t += &opt_line("keep_weekly", r.keep_weekly, "... of each of the last N ISO weeks");
+        t += &opt_line("keep_monthly", r.keep_monthly, "... of each of the last N months");
+        t
+    }
+
+    fn path(repo: &Path) -> PathBuf {
+        repo.join(CONFIG_FILE)
+    }
+
+    /// The repository's configuration, or the defaults when it has no strata.toml.
+    pub fn load(repo: &Path) -> Result<TaskConfig> {
+        let path = Self::path(repo);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TaskConfig::default()),
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+        };
+        let config: TaskConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ")))?;
+        config.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Writes the configuration durably (temporary file, fsync, rename, fsync folder).
+    pub fn save(&self, repo: &Path) -> Result<()> {
+        self.validate()?;
+        let path = Self::path(repo);
+        let temp = repo.join(format!("{}{CONFIG_FILE}.{}", strata_format::layout::TEMP_PREFIX, std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .with_context(|| format!("{}: cannot create", temp.display()))?;
+        f.write_all(self.to_toml().as_bytes())
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("{}: write", temp.display()))?;
+        std::fs::rename(&temp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        strata_format::image::sync_dir(repo)?;
+        Ok(())
+    }
+}
+
+/// "Now" in seconds since the epoch: `STRATA_NOW` (seconds, or an RFC 3339 time) when set, so
+/// that tests and dry runs can drive the day-based rules; else the clock.
+pub fn now() -> Result<(i64, u32)> {
+    if let Ok(v) = std::env::var("STRATA_NOW") {
+        if let Ok(secs) = v.parse::<i64>() {
+            return Ok((secs, 0));
+        }
+        let t = humantime::parse_rfc3339_weak(&v).map_err(|e| anyhow::anyhow!("STRATA_NOW={v:?}: {e}"))?;
+        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return Ok((d.as_secs() as i64, d.subsec_nanos()));
+    }
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    Ok((d.as_secs() as i64, d.subsec_nanos()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_config_reads_back_identical() {
+        let c = TaskConfig {
+            source: Some("/dev/sd\"x".into()),
+            compression: "zstd:7".into(),
+            scheme: Scheme::IncrementalForever,
+            full_every: None,
+            full_every_days: Some(30),
+            max_chain: Some(14),
+            retention: Retention { keep_last: Some(3), keep_daily: None, keep_weekly: Some(4), keep_monthly: None },
+        };
+        let back: TaskConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+        let d: TaskConfig = toml::from_str(&TaskConfig::default().to_toml()).unwrap();
+        assert_eq!(d, TaskConfig::default());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(compression_level("zstd:0").is_err());
+        assert!(compression_level("lz4:1").is_err());
+        let c = TaskConfig { max_chain: Some(3), ..TaskConfig::default() };
+        assert!(c.validate().is_err(), "max_chain needs incremental-forever");
+        assert!(toml::from_str::<TaskConfig>("scheme = \"weekly\"").is_err());
+        assert!(toml::from_str::<TaskConfig>("colour = 1").is_err());
+    }
+}
