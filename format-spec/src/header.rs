@@ -80,6 +80,8 @@ pub enum Rule {
     SourceResized,
     /// A synthetic full made by merging the version's chain (no source read).
     Merged,
+    /// A full because the chain reached the longest a chain may be.
+    ChainLimit,
     /// A value this strata does not know (written by a newer one).
     Other(u8),
 }
@@ -96,6 +98,7 @@ impl Rule {
             Rule::NoUsableFull => "no usable full",
             Rule::SourceResized => "source resized",
             Rule::Merged => "synthetic full (merged)",
+            Rule::ChainLimit => "chain limit",
             Rule::Other(_) => "unknown",
         }
     }
@@ -111,6 +114,7 @@ impl Rule {
             Rule::NoUsableFull => layout::RULE_NO_USABLE_FULL,
             Rule::SourceResized => layout::RULE_SOURCE_RESIZED,
             Rule::Merged => layout::RULE_MERGED,
+            Rule::ChainLimit => layout::RULE_CHAIN_LIMIT,
             Rule::Other(b) => b,
         }
     }
@@ -126,6 +130,7 @@ impl Rule {
             layout::RULE_NO_USABLE_FULL => Rule::NoUsableFull,
             layout::RULE_SOURCE_RESIZED => Rule::SourceResized,
             layout::RULE_MERGED => Rule::Merged,
+            layout::RULE_CHAIN_LIMIT => Rule::ChainLimit,
             other => Rule::Other(other),
         }
     }

@@ -77,6 +77,7 @@ impl ImageFile {
             data_start: HEADER_SIZE as u64,
             data_end: footer.index_offset,
             max_stored: block::max_stored_len(header.block_size),
+            zero_entries: header.kind != crate::header::Kind::Full,
         };
         Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits })
     }
@@ -413,7 +414,14 @@ impl ImageWriter {
 
     /// Appends the index and the footer, then publishes: fsync the file, rename it to its final
     /// name, fsync the directory. Only after the directory fsync is the version durable.
-    pub fn finish(mut self, finish: Finish) -> Result<PathBuf> {
+    pub fn finish(self, finish: Finish) -> Result<PathBuf> {
+        self.finish_with(finish, || Ok(()))
+    }
+
+    /// As `finish`, running `before_rename` once the file is durable and before it is renamed
+    /// into place (a backup records the version id there, so that the id is never handed out
+    /// again whatever happens next).
+    pub fn finish_with(mut self, finish: Finish, before_rename: impl FnOnce() -> Result<()>) -> Result<PathBuf> {
         let index_offset = self.offset;
         let mut spill = (self.index.take().expect("finish runs once"))
             .into_inner()
@@ -439,6 +447,7 @@ impl ImageWriter {
         self.write_data(&footer.encode())?;
         self.data.flush().map_err(|e| FormatError::io(self.loc(), "write", e))?;
         self.data.get_ref().sync_all().map_err(|e| FormatError::io(self.loc(), "fsync", e))?;
+        before_rename()?;
         fault::point("image.before_rename");
         std::fs::rename(&self.temp_path, &self.final_path)
             .map_err(|e| FormatError::io(self.loc(), "rename into place", e))?;

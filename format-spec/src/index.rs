@@ -85,8 +85,11 @@ impl IndexEntry {
         }
         match encoding {
             Encoding::Zero => {
-                if entry.stored_len != 0 {
+                if entry.stored_len != 0 || entry.data_offset != 0 || entry.data_crc != 0 {
                     return Err(corrupt(off::STORED_LEN, "a zero block with stored bytes".into()));
+                }
+                if !limits.zero_entries {
+                    return Err(corrupt(off::ENCODING, "a zero entry in a full".into()));
                 }
             }
             Encoding::Raw | Encoding::Zstd => {
@@ -118,4 +121,6 @@ pub struct EntryLimits {
     pub data_start: u64,
     pub data_end: u64,
     pub max_stored: u32,
+    /// Whether zero entries may appear (deltas only: a full lists only stored blocks).
+    pub zero_entries: bool,
 }

@@ -106,6 +106,7 @@ pub const RULE_FULL_EVERY_DAYS: u8 = 5;
 pub const RULE_NO_USABLE_FULL: u8 = 6;
 pub const RULE_SOURCE_RESIZED: u8 = 7;
 pub const RULE_MERGED: u8 = 8;
+pub const RULE_CHAIN_LIMIT: u8 = 9;
 
 /// Block encodings as stored in an index entry's `encoding` byte.
 pub const ENCODING_ZERO: u8 = 0;

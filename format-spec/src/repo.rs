@@ -41,8 +41,11 @@ pub fn parse_image_file_name(name: &str) -> Option<u64> {
     if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    digits.parse().ok().filter(|&id| id > 0)
+    digits.parse().ok().filter(|&id| id > 0 && id <= MAX_VERSION_ID)
 }
+
+/// Highest version id (11 digits: a backup a second for over 3000 years).
+pub const MAX_VERSION_ID: u64 = 99_999_999_999;
 
 impl Repository {
     pub fn path(&self) -> &Path {
@@ -69,6 +72,8 @@ impl Repository {
         if path.join(REPO_FILE).exists() {
             return Err(FormatError::Invalid(format!("{}: a repository already exists here", path.display())));
         }
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| FormatError::io(Loc::file(path), "make the repository folder private (0700)", e))?;
         let repo = Repository { path: path.to_path_buf(), repo_id: new_id(), block_size, last_version: 0 };
         repo.write_identity()?;
         Ok(repo)
@@ -217,9 +222,16 @@ impl Repository {
     }
 
     /// The id the next backup gets: above every image present and every id ever published.
-    pub fn next_version_id(&self, state: &RepoState) -> u64 {
+    pub fn next_version_id(&self, state: &RepoState) -> Result<u64> {
         let newest_file = state.images.keys().next_back().copied().unwrap_or(0);
-        newest_file.max(self.last_version) + 1
+        let next = newest_file.max(self.last_version) + 1;
+        if next > MAX_VERSION_ID {
+            return Err(FormatError::Invalid(format!(
+                "{}: every version id up to {MAX_VERSION_ID} is used; start a new repository",
+                self.path.display()
+            )));
+        }
+        Ok(next)
     }
 }
 
@@ -242,7 +254,7 @@ impl Identity {
             return Err(format!("format {format}; this strata reads format {}", layout::FORMAT_VERSION));
         }
         let hex = get("repo_id")?;
-        if hex.len() != 32 {
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err("bad repo_id".into());
         }
         let mut repo_id = [0u8; 16];
@@ -251,7 +263,10 @@ impl Identity {
         }
         let block_size: u32 = get("block_size")?.parse().map_err(|_| "bad block_size".to_string())?;
         check_block_size(block_size).map_err(|e| e.to_string())?;
-        let last_version = get("last_version")?.parse().map_err(|_| "bad last_version".to_string())?;
+        let last_version: u64 = get("last_version")?.parse().map_err(|_| "bad last_version".to_string())?;
+        if last_version > MAX_VERSION_ID {
+            return Err(format!("last_version {last_version} is above the highest id {MAX_VERSION_ID}"));
+        }
         Ok(Identity { repo_id, block_size, last_version })
     }
 }

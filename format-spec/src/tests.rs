@@ -112,7 +112,14 @@ fn footer_and_entry_round_trip_and_self_check() {
         data_crc: 5,
         hash: [4; 32],
     };
-    let limits = EntryLimits { block_count: 10, block_size: BS, data_start: 512, data_end: 4096, max_stored: BS };
+    let limits = EntryLimits {
+        block_count: 10,
+        block_size: BS,
+        data_start: 512,
+        data_end: 4096,
+        max_stored: BS,
+        zero_entries: true,
+    };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
     for i in 0..INDEX_ENTRY_SIZE {
         let mut bad = e.encode();
@@ -276,6 +283,17 @@ fn damaged_block_is_named_with_file_version_and_offset() {
 }
 
 #[test]
+fn absurd_source_size_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = header(1, Kind::Full, None, None, 1 << 60);
+    let path = dir.path().join("v00000001.strata");
+    let w = ImageWriter::create(dir.path().join(".tmp-1"), path.clone(), h).unwrap();
+    w.finish(Finish { present_blocks: 0, source_digest: [0; 32] }).unwrap();
+    let img = Arc::new(ImageFile::open(&path).unwrap());
+    assert!(VersionReader::from_chain(vec![img]).is_err());
+}
+
+#[test]
 fn damaged_index_is_detected_by_its_checksum() {
     let dir = tempfile::tempdir().unwrap();
     let (p, _) = one_image(dir.path());
@@ -300,7 +318,7 @@ fn repository_identity_round_trips_and_ids_are_never_reused() {
     let again = Repository::open(&path).unwrap();
     assert_eq!((again.repo_id, again.block_size, again.last_version), (repo.repo_id, 65536, 7));
     let state = again.scan().unwrap();
-    assert_eq!(again.next_version_id(&state), 8);
+    assert_eq!(again.next_version_id(&state).unwrap(), 8);
     assert!(Repository::create(&path, 65536).is_err());
     assert!(matches!(Repository::open(dir.path()), Err(FormatError::NotARepository { .. })));
 }
@@ -311,7 +329,15 @@ fn image_names_parse_strictly() {
     assert_eq!(image_file_name(12), "v00000012.strata");
     assert_eq!(parse_image_file_name("v00000012.strata"), Some(12));
     assert_eq!(parse_image_file_name("v123456789.strata"), Some(123_456_789));
-    for bad in ["v12.strata", "v00000000.strata", "x00000012.strata", "v0000001a.strata", ".tmp-v00000012.strata.5"] {
+    for bad in [
+        "v12.strata",
+        "v00000000.strata",
+        "v18446744073709551615.strata",
+        "v100000000000.strata",
+        "x00000012.strata",
+        "v0000001a.strata",
+        ".tmp-v00000012.strata.5",
+    ] {
         assert_eq!(parse_image_file_name(bad), None, "{bad}");
     }
 }
@@ -345,7 +371,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 25] = [
+    let numbers: [(&str, u64); 26] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -371,6 +397,7 @@ fn constants_match_spec() {
         ("RULE_NO_USABLE_FULL", layout::RULE_NO_USABLE_FULL.into()),
         ("RULE_SOURCE_RESIZED", layout::RULE_SOURCE_RESIZED.into()),
         ("RULE_MERGED", layout::RULE_MERGED.into()),
+        ("RULE_CHAIN_LIMIT", layout::RULE_CHAIN_LIMIT.into()),
     ];
     for (name, value) in numbers {
         assert_eq!(spec_constant(&spec, name), value.to_string(), "{name}");

@@ -91,7 +91,13 @@ impl VersionReader {
         let (block_size, source_size) = (top.block_size, top.source_size);
         let block_count = usize::try_from(top.block_count())
             .map_err(|_| FormatError::Invalid(format!("source of {source_size} bytes is too large")))?;
-        let mut map = vec![0u64; block_count];
+        let mut map = Vec::new();
+        map.try_reserve_exact(block_count).map_err(|_| FormatError::Corrupt {
+            loc: layers[layers.len() - 1].loc(),
+            what: "header",
+            detail: format!("a source of {source_size} bytes needs a block map larger than this machine can hold"),
+        })?;
+        map.resize(block_count, 0u64);
         for (layer, image) in layers.iter().enumerate() {
             for (entry_index, entry) in image.stream_entries().enumerate() {
                 let entry = entry?;

@@ -11,8 +11,9 @@ use lru::LruCache;
 use rayon::prelude::*;
 use strata_format::{BlockLocation, ReadScratch, VersionReader};
 
-/// (version id of the image holding the block, block number)
-type Key = (u64, u64);
+/// (image id of the image holding the block, block number): an image id names one version's
+/// state for good, so a key never changes meaning (SPEC.md §3.1).
+type Key = (strata_format::header::Id128, u64);
 
 pub struct BlockCache {
     blocks: Mutex<LruCache<Key, Arc<Vec<u8>>>>,
@@ -42,7 +43,7 @@ impl BlockCache {
     fn key(version: &VersionReader, block: u64) -> Option<Key> {
         match version.locate(block) {
             BlockLocation::Zero => None,
-            BlockLocation::Stored { layer, .. } => Some((version.layers()[layer].header.version, block)),
+            BlockLocation::Stored { layer, .. } => Some((version.layers()[layer].header.image_id, block)),
         }
     }
 

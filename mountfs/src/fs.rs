@@ -46,7 +46,7 @@ pub struct StrataFs {
 
 impl StrataFs {
     pub fn new(catalogue: Catalogue, cache_bytes: u64) -> StrataFs {
-        let block_size = catalogue.versions().first().map(|v| v.block_size).unwrap_or(65536);
+        let block_size = catalogue.block_size();
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         StrataFs {
@@ -291,7 +291,7 @@ impl Filesystem for StrataFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let versions = self.catalogue.versions();
-        let bsize = versions.first().map(|v| v.block_size).unwrap_or(4096);
+        let bsize = self.catalogue.block_size();
         let bytes: u64 = versions.iter().map(|v| v.source_size).sum();
         reply.statfs(bytes.div_ceil(u64::from(bsize)), 0, 0, 2 + 2 * versions.len() as u64, 0, bsize, 255, bsize);
     }

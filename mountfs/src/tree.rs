@@ -81,7 +81,8 @@ pub struct Catalogue {
     repo: Repository,
     only: Option<u64>,
     listing: RwLock<Listing>,
-    readers: Mutex<LruCache<u64, Arc<VersionReader>>>,
+    /// Open readers by (version id, image id of the version's image).
+    readers: Mutex<LruCache<(u64, strata_format::header::Id128), Arc<VersionReader>>>,
     refresh_lock: Mutex<()>,
 }
 
@@ -191,6 +192,11 @@ impl Catalogue {
         }
     }
 
+    /// The repository's block size (every version's).
+    pub fn block_size(&self) -> u32 {
+        self.repo.block_size
+    }
+
     pub fn versions(&self) -> Vec<Arc<VersionInfo>> {
         self.listing.read().unwrap().versions.values().cloned().collect()
     }
@@ -205,11 +211,12 @@ impl Catalogue {
 
     /// The reader of a version, opened (index streamed, block map built) on first use.
     pub fn reader(&self, info: &VersionInfo) -> Result<Arc<VersionReader>, MountError> {
-        if let Some(r) = self.readers.lock().unwrap().get(&info.id) {
+        let key = (info.id, info.chain[info.chain.len() - 1].header.image_id);
+        if let Some(r) = self.readers.lock().unwrap().get(&key) {
             return Ok(r.clone());
         }
         let reader = Arc::new(VersionReader::from_chain(info.chain.clone())?);
-        self.readers.lock().unwrap().put(info.id, reader.clone());
+        self.readers.lock().unwrap().put(key, reader.clone());
         Ok(reader)
     }
 

@@ -348,3 +348,25 @@ fn foreground_mount_unmounts_cleanly_on_sigterm_and_sigint() {
         assert!(!mounted(), "still mounted after signal {signal}");
     }
 }
+
+#[test]
+fn a_first_version_with_large_blocks_appears_in_a_mount_of_an_empty_repository() {
+    let test = "a_first_version_with_large_blocks_appears_in_a_mount_of_an_empty_repository";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    write_disk(&src, 3 << 20, 8, |b| b % 3 != 0);
+    strata(["init", "-q", &p(&repo), "--block-size", "1M", "--source", &p(&src)]).ok();
+    let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
+    strata(["backup", "-q", &p(&repo)]).ok();
+    for _ in 0..50 {
+        if m.path("1/disk.img").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(same_file(&m.path("1/disk.img"), &src));
+}

@@ -115,6 +115,46 @@ fn deleted_incremental_makes_exactly_its_successors_unrestorable() {
 }
 
 #[test]
+fn a_version_id_whose_image_was_deleted_after_a_crash_is_never_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    change(&src, 9, 99);
+    let r = strata_env(["backup", &p(&src), &p(&repo)], &[("STRATA_CRASH_AT", "image.after_rename")]);
+    assert_ne!(r.code, Some(0));
+    std::fs::remove_file(repo.join("v00000006.strata")).unwrap();
+    assert_eq!(backup(&src, &repo, None)["id"], 7);
+}
+
+#[test]
+fn hostile_repository_files_get_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    // an id at the top of the range is refused, not wrapped to 0
+    std::fs::write(repo.join("v18446744073709551615.strata"), b"").unwrap();
+    let ident = std::fs::read_to_string(repo.join("strata.repo")).unwrap();
+    let high = ident.replace("last_version = 5", "last_version = 99999999999");
+    std::fs::write(repo.join("strata.repo"), &high).unwrap();
+    let r = strata(["backup", &p(&src), &p(&repo)]).expect_code(1);
+    assert!(r.stderr.contains("every version id"), "{}", r.stderr);
+    // non-ASCII in the identity file
+    let bad: String = ident
+        .lines()
+        .map(|l| {
+            if l.starts_with("repo_id") {
+                "repo_id = \"€€€€€€€€€€ab\"".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(repo.join("strata.repo"), bad).unwrap();
+    strata(["list", &p(&repo)]).expect_code(1);
+    std::fs::write(repo.join("strata.repo"), &ident).unwrap();
+    strata(["list", &p(&repo)]).ok();
+}
+
+#[test]
 fn damaged_full_makes_every_version_unrestorable_and_the_next_backup_a_full() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, repo) = five_versions(tmp.path());
@@ -250,9 +290,11 @@ fn interrupted_backup_leaves_no_version_and_the_next_backup_cleans_up() {
     // after the rename the version is complete even though the process died before the end
     let r = strata_env(["backup", &p(&src), &p(&repo)], &[("STRATA_CRASH_AT", "image.after_rename")]);
     assert_ne!(r.code, Some(0));
-    assert_eq!(list_json(&repo).len(), 6);
+    // the crash before the rename had already spent id 6 (recorded first, so never reused)
+    let ids: Vec<u64> = list_json(&repo).iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 7]);
     let next = backup(&src, &repo, None);
-    assert_eq!(next["id"], 7);
+    assert_eq!(next["id"], 8);
     let temp_left = std::fs::read_dir(&repo)
         .unwrap()
         .filter_map(|e| e.ok())

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use strata_format::block::{compress_into, hash_block, is_zero};
 use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::new_id;
-use strata_format::layout::DEFAULT_BLOCK_SIZE;
+use strata_format::layout::{DEFAULT_BLOCK_SIZE, TEMP_PREFIX};
 use strata_format::repo::image_file_name;
 use strata_format::{
     Encoding, Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader,
@@ -63,7 +63,13 @@ pub struct BackupSummary {
 
 /// Opens the repository at `path`, creating it when the folder is missing or empty.
 pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<Repository> {
-    let fresh = !path.exists() || path.read_dir().map(|mut d| d.next().is_none()).unwrap_or(false);
+    // Empty, or holding only what an interrupted creation left (`.tmp-*`).
+    let only_leftovers = |p: &Path| {
+        p.read_dir()
+            .map(|d| d.flatten().all(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)))
+            .unwrap_or(false)
+    };
+    let fresh = !path.exists() || (!path.join(strata_format::layout::REPO_FILE).exists() && only_leftovers(path));
     if fresh {
         let repo = Repository::create(path, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
         log::info!("created repository {} (block size {})", path.display(), repo.block_size);
@@ -144,7 +150,7 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     } else {
         Some(VersionReader::from_chain(plan.parent_chain.clone()).context("opening the parent version")?)
     };
-    let id = repo.next_version_id(&state);
+    let id = repo.next_version_id(&state)?;
     let image_id = new_id();
     let (parent_ref, full_ref) = match &parent {
         None => (None, ImageRef { version: id, image_id }),
@@ -174,8 +180,8 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     let outcome = copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress)?;
     let changed_blocks = writer.entry_count();
     let stored_bytes = writer.stored_bytes();
-    let path = writer.finish(Finish { present_blocks: outcome.present_blocks, source_digest: outcome.digest })?;
-    repo.record_published(&lock, id)?;
+    let finish = Finish { present_blocks: outcome.present_blocks, source_digest: outcome.digest };
+    let path = writer.finish_with(finish, || repo.record_published(&lock, id))?;
     log::info!("published {}", path.display());
     let seconds = started.elapsed().as_secs_f64();
     drop(parent);

@@ -70,6 +70,13 @@ pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64, config
             (scheme_kind, Rule::Scheme)
         }
     };
+    if kind == Kind::Incremental && chain.len() >= strata_format::layout::MAX_CHAIN_LEN {
+        notes.push(format!(
+            "the chain of version {base_id} has {} images, the most a chain may have: making a full",
+            chain.len()
+        ));
+        return full(Rule::ChainLimit, notes);
+    }
     let parent_chain = match kind {
         Kind::Differential => vec![chain[0].clone()],
         _ => chain,

@@ -47,13 +47,25 @@ pub fn parse_size(s: &str) -> Result<u64> {
 
 /// RFC 3339 UTC time, seconds precision.
 pub fn rfc3339(secs: i64, nanos: u32) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs.max(0) as u64, nanos);
+    // humantime formats years 1970 to 9999; anything else (a damaged or hostile header) is shown
+    // as raw seconds rather than trusted.
+    if !(0..=253_402_300_799).contains(&secs) {
+        return format!("@{secs}");
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(secs as u64, nanos.min(999_999_999));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_outside_the_calendar_do_not_panic() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(253_402_300_800, 0), "@253402300800");
+        assert_eq!(rfc3339(-5, 0), "@-5");
+    }
 
     #[test]
     fn sizes_parse_with_binary_units() {
