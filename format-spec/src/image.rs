@@ -359,6 +359,7 @@ impl ImageWriter {
         let at = self.offset;
         self.data.write_all(bytes).map_err(|e| FormatError::io(self.loc().at(at), "write", e))?;
         self.offset += bytes.len() as u64;
+        fault::step(fault::Step::Write);
         Ok(())
     }
 
@@ -447,11 +448,13 @@ impl ImageWriter {
         self.write_data(&footer.encode())?;
         self.data.flush().map_err(|e| FormatError::io(self.loc(), "write", e))?;
         self.data.get_ref().sync_all().map_err(|e| FormatError::io(self.loc(), "fsync", e))?;
+        fault::step(fault::Step::Fsync);
         before_rename()?;
         fault::point("image.before_rename");
         std::fs::rename(&self.temp_path, &self.final_path)
             .map_err(|e| FormatError::io(self.loc(), "rename into place", e))?;
         self.published = true;
+        fault::step(fault::Step::Rename);
         fault::point("image.after_rename");
         sync_dir(self.final_path.parent().unwrap_or(Path::new(".")))?;
         fault::point("image.after_dir_sync");
@@ -462,7 +465,9 @@ impl ImageWriter {
 /// fsyncs a directory so that renames and unlinks in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| FormatError::io(Loc::file(dir), "open directory", e))?;
-    d.sync_all().map_err(|e| FormatError::io(Loc::file(dir), "fsync directory", e))
+    d.sync_all().map_err(|e| FormatError::io(Loc::file(dir), "fsync directory", e))?;
+    fault::step(fault::Step::Fsync);
+    Ok(())
 }
 
 impl Drop for ImageWriter {

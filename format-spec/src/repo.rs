@@ -126,7 +126,9 @@ impl Repository {
             let _ = std::fs::remove_file(&temp);
             return Err(FormatError::io(loc, "write", e));
         }
+        crate::fault::step(crate::fault::Step::Fsync);
         std::fs::rename(&temp, self.path.join(REPO_FILE)).map_err(|e| FormatError::io(loc, "rename into place", e))?;
+        crate::fault::step(crate::fault::Step::Rename);
         sync_dir(&self.path)
     }
 
@@ -170,6 +172,7 @@ impl Repository {
             if name.starts_with(TEMP_PREFIX) {
                 let p = entry.path();
                 std::fs::remove_file(&p).map_err(|e| FormatError::io(Loc::file(&p), "remove leftover", e))?;
+                crate::fault::step(crate::fault::Step::Delete);
                 removed.push(p);
             }
         }

@@ -247,6 +247,7 @@ fn keep_chain_short(
         if !still_needed {
             let path = repo.image_path(old_full);
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot delete", path.display()))?;
+            strata_format::fault::step(strata_format::fault::Step::Delete);
             strata_format::image::sync_dir(repo.path())?;
             deleted.push(old_full);
             log::info!(

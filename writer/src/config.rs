@@ -187,7 +187,9 @@ impl TaskConfig {
         f.write_all(self.to_toml().as_bytes())
             .and_then(|_| f.sync_all())
             .with_context(|| format!("{}: write", temp.display()))?;
+        strata_format::fault::step(strata_format::fault::Step::Fsync);
         std::fs::rename(&temp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        strata_format::fault::step(strata_format::fault::Step::Rename);
         strata_format::image::sync_dir(repo)?;
         Ok(())
     }

@@ -183,6 +183,7 @@ pub fn prune_locked(
         let path = repo.image_path(d.id);
         strata_format::fault::point("prune.before_delete");
         std::fs::remove_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot delete: {e}", path.display()))?;
+        strata_format::fault::step(strata_format::fault::Step::Delete);
         log::info!("deleted version {} ({})", d.id, path.display());
         deleted = true;
     }
