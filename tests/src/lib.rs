@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod faulty;
+
 /// The `strata` binary under test: `$STRATA_BIN`, or the one cargo built next to this test.
 pub fn strata_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("STRATA_BIN") {

@@ -52,7 +52,13 @@ fn copy_repo(from: &Path, to: &Path) {
 
 /// What must hold after any interruption. `new` is the model of a version the interrupted
 /// command may have published (a backup), which is then allowed to be listed.
-fn check_after_kill(repo: &Path, models: &BTreeMap<u64, PathBuf>, new: Option<(&Path, u64)>, scratch: &Path, what: &str) {
+fn check_after_kill(
+    repo: &Path,
+    models: &BTreeMap<u64, PathBuf>,
+    new: Option<(&Path, u64)>,
+    scratch: &Path,
+    what: &str,
+) {
     let rows = list_json(repo);
     for r in &rows {
         let id = r["id"].as_u64().unwrap();
@@ -71,7 +77,8 @@ fn check_after_kill(repo: &Path, models: &BTreeMap<u64, PathBuf>, new: Option<(&
 /// The next backup works and leaves no temporary file behind.
 fn next_backup_cleans_up(src: &Path, repo: &Path, what: &str) {
     strata(["backup", "-q", &p(src), &p(repo)]).ok();
-    let temp_left = std::fs::read_dir(repo).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
+    let temp_left =
+        std::fs::read_dir(repo).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
     assert!(!temp_left, "{what}: the next backup left a temporary file");
 }
 
@@ -96,7 +103,12 @@ fn kill_points_in_backup_merge_and_prune_lose_nothing() {
     let new_model = t.join("model6");
     std::fs::copy(&fx.src, &new_model).unwrap();
     let backup_points = points(
-        &[("write", &[1, 2, 3, 5, 8, 13, 21, 40, 80, 120, 160]), ("fsync", &[1, 2, 3, 4, 5]), ("rename", &[1, 2]), ("image.block", &[1, 10, 100])],
+        &[
+            ("write", &[1, 2, 3, 5, 8, 13, 21, 40, 80, 120, 160]),
+            ("fsync", &[1, 2, 3, 4, 5]),
+            ("rename", &[1, 2]),
+            ("image.block", &[1, 10, 100]),
+        ],
         &["repo.before_record", "image.before_rename", "image.after_rename", "image.after_dir_sync"],
     );
     for point in &backup_points {
@@ -113,7 +125,12 @@ fn kill_points_in_backup_merge_and_prune_lose_nothing() {
 
     // merge of version 3 (chain 1 <- 2 <- 3): nothing may change
     let merge_points = points(
-        &[("write", &[1, 2, 4, 8, 16, 32, 64]), ("fsync", &[1, 2, 3]), ("rename", &[1]), ("image.block", &[1, 50, 200])],
+        &[
+            ("write", &[1, 2, 4, 8, 16, 32, 64]),
+            ("fsync", &[1, 2, 3]),
+            ("rename", &[1]),
+            ("image.block", &[1, 50, 200]),
+        ],
         &["image.before_rename", "image.after_rename", "image.after_dir_sync"],
     );
     for point in &merge_points {
@@ -170,7 +187,10 @@ fn random_sigkills_during_backup_merge_and_prune_lose_nothing() {
         let delay = 2 + seed % 120;
         copy_repo(&fx.repo, &work);
         let (args, label): (Vec<String>, &str) = match round % 3 {
-            0 => (vec!["backup".into(), "-q".into(), "--compression-level".into(), "9".into(), p(&fx.src), p(&work)], "backup"),
+            0 => (
+                vec!["backup".into(), "-q".into(), "--compression-level".into(), "9".into(), p(&fx.src), p(&work)],
+                "backup",
+            ),
             1 => (vec!["merge".into(), "-q".into(), p(&work), "5".into()], "merge"),
             _ => (vec!["prune".into(), "-q".into(), "--keep-last".into(), "1".into(), p(&work)], "prune"),
         };

@@ -106,6 +106,14 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Whether the error comes from a full file system.
+fn is_no_space(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(libc::ENOSPC)
+            || e.downcast_ref::<strata_format::FormatError>().and_then(|f| f.raw_os_error()) == Some(libc::ENOSPC)
+    })
+}
+
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
@@ -124,6 +132,13 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failure) => ExitCode::from(1),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if is_no_space(&e) => {
+            eprintln!(
+                "strata: error: no space left: {e:#}; nothing was published and earlier versions are intact \
+                 (free space, or prune old versions, and run the command again)"
+            );
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("strata: error: {e:#}");
             ExitCode::from(1)
