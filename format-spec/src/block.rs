@@ -46,7 +46,7 @@ pub fn decode_into(
     out: &mut [u8],
 ) -> Result<(), DecodeError> {
     let actual = crc32c::crc32c(stored);
-    if actual != expected_crc {
+    if !crate::layout::checksum_matches(expected_crc, actual) {
         return Err(DecodeError::Crc { expected: expected_crc, actual });
     }
     match encoding {

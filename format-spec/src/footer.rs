@@ -59,7 +59,7 @@ impl ImageFooter {
         }
         let expected = get_u32(b, off::CRC);
         let actual = crc32c::crc32c(&b[..off::CRC]);
-        if expected != actual {
+        if !layout::checksum_matches(expected, actual) {
             return Err(FormatError::Checksum { loc: at(off::CRC), what: "footer", expected, actual });
         }
         let size = get_u32(b, off::FOOTER_SIZE);

@@ -245,7 +245,7 @@ impl ImageHeader {
         }
         let expected = get_u32(b, off::CRC);
         let actual = crc32c::crc32c(&b[..off::CRC]);
-        if expected != actual {
+        if !layout::checksum_matches(expected, actual) {
             return Err(FormatError::Checksum { loc: at(off::CRC), what: "header", expected, actual });
         }
         let corrupt = |o: usize, detail: String| FormatError::Corrupt { loc: at(o), what: "header", detail };

@@ -158,7 +158,7 @@ impl ImageFile {
             .read_exact_at(stored, entry.data_offset)
             .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
         let actual = crc32c::crc32c(stored);
-        if actual != entry.data_crc {
+        if !crate::layout::checksum_matches(entry.data_crc, actual) {
             return Err(FormatError::Checksum {
                 loc: self.loc().at(entry.data_offset),
                 what: "block data",
@@ -269,7 +269,7 @@ impl Iterator for IndexStream<'_> {
             if self.next == self.image.entry_count() {
                 self.done = true;
                 let expected = self.image.footer.index_crc;
-                if self.crc != expected {
+                if !crate::layout::checksum_matches(expected, self.crc) {
                     return Some(Err(FormatError::Checksum {
                         loc: self.image.loc().at(self.image.footer.index_offset),
                         what: "index",

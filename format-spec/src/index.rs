@@ -59,7 +59,7 @@ impl IndexEntry {
         let at = |o: usize| loc.clone().at(file_offset + o as u64);
         let expected = get_u32(b, off::ENTRY_CRC);
         let actual = crc32c::crc32c(&b[..off::ENTRY_CRC]);
-        if expected != actual {
+        if !crate::layout::checksum_matches(expected, actual) {
             return Err(FormatError::Checksum { loc: at(0), what: "index entry", expected, actual });
         }
         let corrupt = |o: usize, detail: String| FormatError::Corrupt { loc: at(o), what: "index entry", detail };

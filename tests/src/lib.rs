@@ -333,3 +333,18 @@ pub fn one_version_repo(dir: &Path, backup_args: &[&str]) -> (PathBuf, PathBuf) 
     strata(&args).ok();
     (src, repo)
 }
+
+/// Starts `strata ARGS...`, sends it SIGKILL after `delay_ms` and reaps it; returns whether the
+/// kill interrupted it (false when it had already finished successfully).
+pub fn strata_killed_after<S: AsRef<std::ffi::OsStr>>(args: &[S], delay_ms: u64) -> bool {
+    let mut child = Command::new(strata_bin())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run strata");
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    // SAFETY: signals the child this test started, by its pid, before reaping it.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    !child.wait().expect("reap strata").success()
+}

@@ -194,17 +194,7 @@ fn random_sigkills_during_backup_merge_and_prune_lose_nothing() {
             1 => (vec!["merge".into(), "-q".into(), p(&work), "5".into()], "merge"),
             _ => (vec!["prune".into(), "-q".into(), "--keep-last".into(), "1".into(), p(&work)], "prune"),
         };
-        let mut child = std::process::Command::new(strata_bin())
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay));
-        // SAFETY: signals the child this test started, by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        let status = child.wait().unwrap();
-        kills += u64::from(!status.success());
+        kills += u64::from(strata_killed_after(&args, delay));
         let what = format!("{label} killed after {delay} ms");
         check_after_kill(&work, &fx.models, Some((&fx.src, 6)), t, &what);
         next_backup_cleans_up(&fx.src, &work, &what);
@@ -213,15 +203,8 @@ fn random_sigkills_during_backup_merge_and_prune_lose_nothing() {
     for delay in [50u64, 200] {
         let repo = t.join(format!("bigrepo{delay}"));
         strata(["backup", "-q", &p(&fx.src), &p(&repo)]).ok();
-        let mut child = std::process::Command::new(strata_bin())
-            .args(["backup", "-q", "--compression-level", "9", &p(&big), &p(&repo)])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay));
-        // SAFETY: signals the child this test started, by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        kills += u64::from(!child.wait().unwrap().success());
+        kills +=
+            u64::from(strata_killed_after(&["backup", "-q", "--compression-level", "9", &p(&big), &p(&repo)], delay));
         let models: BTreeMap<u64, PathBuf> = [(1, fx.src.clone())].into();
         check_after_kill(&repo, &models, Some((&big, 2)), t, &format!("big backup killed after {delay} ms"));
     }

@@ -310,16 +310,7 @@ fn killed_backup_leaves_earlier_versions_intact() {
     write_disk(&src, 64 << 20, 5, |_| true);
     backup(&src, &repo, None);
     for delay_ms in [30u64, 120, 300] {
-        let mut child = std::process::Command::new(strata_bin())
-            .args(["backup", "--full", "--compression-level", "12", &p(&src), &p(&repo)])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        // SAFETY: signals the child this test started, by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        child.wait().unwrap();
+        strata_killed_after(&["backup", "--full", "--compression-level", "12", &p(&src), &p(&repo)], delay_ms);
         for r in list_json(&repo) {
             assert_eq!(r["restorable"], true, "after kill at {delay_ms} ms: {r}");
         }

@@ -188,15 +188,7 @@ fn interrupted_merges_leave_every_version_restorable() {
     }
     // random kills of a slow merge (large blocks of the level-19 full take a while to copy)
     for delay in [5u64, 20, 60] {
-        let mut child = std::process::Command::new(strata_bin())
-            .args(["merge", "-q", &p(&repo), "7"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay));
-        // SAFETY: signals the child this test started, by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        child.wait().unwrap();
+        strata_killed_after(&["merge", "-q", &p(&repo), "7"], delay);
         assert_models(&repo, &models, t);
     }
 }
