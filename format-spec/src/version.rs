@@ -51,6 +51,16 @@ impl std::fmt::Debug for VersionReader {
     }
 }
 
+/// Bytes of physical memory (or u64::MAX when unknown).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || page <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(page as u64)
+}
+
 /// Checks that `layers` form one chain, full first, each image a delta of the one before (for a
 /// differential: of the full).
 pub fn check_chain(layers: &[Arc<ImageFile>]) -> Result<()> {
@@ -91,12 +101,20 @@ impl VersionReader {
         let (block_size, source_size) = (top.block_size, top.source_size);
         let block_count = usize::try_from(top.block_count())
             .map_err(|_| FormatError::Invalid(format!("source of {source_size} bytes is too large")))?;
+        // The map is 8 bytes per block of the size the header claims: check it against the
+        // machine before allocating, so a hostile header cannot make us ask for terabytes.
+        let map_bytes = (block_count as u64).saturating_mul(8);
         let mut map = Vec::new();
-        map.try_reserve_exact(block_count).map_err(|_| FormatError::Corrupt {
-            loc: layers[layers.len() - 1].loc(),
-            what: "header",
-            detail: format!("a source of {source_size} bytes needs a block map larger than this machine can hold"),
-        })?;
+        if map_bytes > physical_memory() / 2 || map.try_reserve_exact(block_count).is_err() {
+            return Err(FormatError::Corrupt {
+                loc: layers[layers.len() - 1].loc(),
+                what: "header",
+                detail: format!(
+                    "a source of {source_size} bytes needs a block map of {map_bytes} bytes, more than half of \
+                     this machine's memory"
+                ),
+            });
+        }
         map.resize(block_count, 0u64);
         for (layer, image) in layers.iter().enumerate() {
             for (entry_index, entry) in image.stream_entries().enumerate() {

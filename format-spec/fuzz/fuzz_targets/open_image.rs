@@ -14,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&path, data).unwrap();
     let Ok(image) = ImageFile::open(&path) else { return };
     let _ = image.check_index();
+    // Block maps of huge claimed sources are refused or allocated by design (8 bytes a block);
+    // past 32 Mi blocks that is the allocator's business, not the parser's.
+    if image.header.block_count() > 1 << 25 {
+        return;
+    }
     let Ok(reader) = VersionReader::from_chain(vec![Arc::new(image)]) else { return };
     if reader.block_count() <= 4096 {
         let mut out = vec![0u8; reader.block_size() as usize];
