@@ -10,16 +10,23 @@ use std::path::{Path, PathBuf};
 pub struct Loc {
     pub path: PathBuf,
     pub version: Option<u64>,
+    /// The source block concerned, when there is one.
+    pub block: Option<u64>,
     pub offset: Option<u64>,
 }
 
 impl Loc {
     pub fn file(path: &Path) -> Loc {
-        Loc { path: path.to_path_buf(), version: None, offset: None }
+        Loc { path: path.to_path_buf(), version: None, block: None, offset: None }
     }
 
     pub fn version(mut self, version: u64) -> Loc {
         self.version = Some(version);
+        self
+    }
+
+    pub fn block(mut self, block: u64) -> Loc {
+        self.block = Some(block);
         self
     }
 
@@ -34,6 +41,9 @@ impl fmt::Display for Loc {
         write!(f, "{}", self.path.display())?;
         if let Some(v) = self.version {
             write!(f, " (version {v})")?;
+        }
+        if let Some(b) = self.block {
+            write!(f, " block {b}")?;
         }
         if let Some(o) = self.offset {
             write!(f, " at offset {o}")?;
@@ -62,7 +72,7 @@ pub enum FormatError {
     )]
     Checksum { loc: Loc, what: &'static str, expected: u32, actual: u32 },
 
-    #[error("{loc}: block {block}: content hash mismatch; the image is damaged")]
+    #[error("{loc}: content hash mismatch of block {block}; the image is damaged")]
     HashMismatch { loc: Loc, block: u64 },
 
     #[error("{loc}: incomplete image ({detail}); it is not a finished version")]

@@ -156,11 +156,11 @@ impl ImageFile {
         stored.resize(entry.stored_len as usize, 0);
         self.file
             .read_exact_at(stored, entry.data_offset)
-            .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
+            .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))?;
         let actual = crc32c::crc32c(stored);
         if !crate::layout::checksum_matches(entry.data_crc, actual) {
             return Err(FormatError::Checksum {
-                loc: self.loc().at(entry.data_offset),
+                loc: self.loc().block(entry.block).at(entry.data_offset),
                 what: "block data",
                 expected: entry.data_crc,
                 actual,
@@ -180,13 +180,16 @@ impl ImageFile {
         stored.resize(entry.stored_len as usize, 0);
         self.file
             .read_exact_at(stored, entry.data_offset)
-            .map_err(|e| FormatError::io(self.loc().at(entry.data_offset), "read block", e))?;
+            .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))?;
         block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out).map_err(|e| match e {
-            DecodeError::Crc { expected, actual } => {
-                FormatError::Checksum { loc: self.loc().at(entry.data_offset), what: "block data", expected, actual }
-            }
+            DecodeError::Crc { expected, actual } => FormatError::Checksum {
+                loc: self.loc().block(entry.block).at(entry.data_offset),
+                what: "block data",
+                expected,
+                actual,
+            },
             DecodeError::Decompress(detail) => FormatError::Corrupt {
-                loc: self.loc().at(entry.data_offset),
+                loc: self.loc().block(entry.block).at(entry.data_offset),
                 what: "block data",
                 detail: format!("block {}: {detail}", entry.block),
             },

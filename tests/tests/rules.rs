@@ -184,7 +184,7 @@ fn damaged_block_data_is_found_by_verify_with_file_version_and_offset() {
     let img = v["images"].as_array().unwrap().iter().find(|i| i["version"] == 4).unwrap();
     assert_eq!(img["sound"], false);
     let problem = img["problems"][0].as_str().unwrap();
-    assert!(problem.contains("v00000004.strata (version 4) at offset 512"), "{problem}");
+    assert!(problem.contains("v00000004.strata (version 4) block 1 at offset 512"), "{problem}");
     let verdicts: Vec<(u64, bool)> = v["versions"]
         .as_array()
         .unwrap()

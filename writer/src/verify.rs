@@ -161,7 +161,10 @@ fn check_block(
     }
     image.read_block(entry, scratch, out)?;
     if hash_block(out) != entry.hash {
-        return Err(FormatError::HashMismatch { loc: image.loc().at(entry.data_offset), block: entry.block });
+        return Err(FormatError::HashMismatch {
+            loc: image.loc().block(entry.block).at(entry.data_offset),
+            block: entry.block,
+        });
     }
     Ok(())
 }

@@ -99,9 +99,12 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     std::fs::create_dir_all(&work)?;
     let result = demo(&work, global);
     if args.keep || result.is_err() {
-        eprintln!("strata: demo files kept in {}", work.display());
+        eprintln!("strata: demo files kept in {} (repository: {}/repo)", work.display(), work.display());
     } else {
         std::fs::remove_dir_all(&work).ok();
+        if !global.quiet {
+            println!("demo: done (run `strata demo --keep DIR` to keep the disk, repository and restores)");
+        }
     }
     result
 }
@@ -211,6 +214,5 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
     if !all_ok {
         bail!("a restored version differs from the disk it was backed up from");
     }
-    say(format!("demo: done; repository {}", repo.display()));
     Ok(Outcome::Success)
 }
