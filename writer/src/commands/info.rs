@@ -1,7 +1,5 @@
 //! `strata info REPO VERSION`: one version in detail, with its chain.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use strata_format::digest::hex;
 use strata_format::header::hex_id;
@@ -10,16 +8,7 @@ use strata_format::Repository;
 use crate::units::{bytes, rfc3339};
 use crate::{Global, Outcome};
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// The repository folder.
-    pub repo: PathBuf,
-    /// The version id, or `latest`.
-    pub version: String,
-    /// Print as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
+pub use super::VersionArgs as Args;
 
 #[derive(serde::Serialize)]
 struct Info {

@@ -1,7 +1,5 @@
 //! `strata merge REPO VERSION`: rewrite a version as a synthetic full.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use strata_format::Repository;
 
@@ -9,16 +7,7 @@ use crate::merge::merge_version;
 use crate::units::bytes;
 use crate::{Global, Outcome};
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// The repository folder.
-    pub repo: PathBuf,
-    /// The version to turn into a full (an id or `latest`).
-    pub version: String,
-    /// Print the summary as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
+pub use super::VersionArgs as Args;
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let repo = Repository::open(&args.repo)?;

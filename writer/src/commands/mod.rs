@@ -14,6 +14,18 @@ pub mod task;
 pub mod umount;
 pub mod verify;
 
+/// The arguments of a command about one version of a repository.
+#[derive(clap::Args)]
+pub struct VersionArgs {
+    /// The repository folder.
+    pub repo: std::path::PathBuf,
+    /// The version: an id, or `latest`.
+    pub version: String,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Prints `value` as one JSON document on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     use std::io::Write;
