@@ -23,6 +23,9 @@ pub struct Repository {
     pub block_size: u32,
     /// Highest version id ever published here (ids are never reused).
     pub last_version: u64,
+    /// The newest full read from the source (not a merge): (version id, creation seconds);
+    /// what "a full every N backups / D days" counts from, whatever merges and prunes did since.
+    pub last_source_full: Option<(u64, i64)>,
 }
 
 /// An exclusive hold on the repository for writing; released on drop.
@@ -74,7 +77,13 @@ impl Repository {
         }
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| FormatError::io(Loc::file(path), "make the repository folder private (0700)", e))?;
-        let repo = Repository { path: path.to_path_buf(), repo_id: new_id(), block_size, last_version: 0 };
+        let repo = Repository {
+            path: path.to_path_buf(),
+            repo_id: new_id(),
+            block_size,
+            last_version: 0,
+            last_source_full: None,
+        };
         repo.write_identity()?;
         Ok(repo)
     }
@@ -99,12 +108,13 @@ impl Repository {
             repo_id: identity.repo_id,
             block_size: identity.block_size,
             last_version: identity.last_version,
+            last_source_full: identity.last_source_full,
         })
     }
 
     /// Writes the identity file durably (temporary name, fsync, rename, fsync folder).
     fn write_identity(&self) -> Result<()> {
-        let text = format!(
+        let mut text = format!(
             "# strata repository identity. Written by strata; do not edit.\n\
              format = {}\nrepo_id = \"{}\"\nblock_size = {}\nlast_version = {}\n",
             layout::FORMAT_VERSION,
@@ -112,6 +122,9 @@ impl Repository {
             self.block_size,
             self.last_version
         );
+        if let Some((id, secs)) = self.last_source_full {
+            text += &format!("last_source_full = {id}\nlast_source_full_time = {secs}\n");
+        }
         let temp = self.path.join(format!("{TEMP_PREFIX}{REPO_FILE}.{}", std::process::id()));
         let loc = Loc::file(&temp);
         let mut f = OpenOptions::new()
@@ -132,10 +145,14 @@ impl Repository {
         sync_dir(&self.path)
     }
 
-    /// Records that `id` was published, so that it is never handed out again.
-    pub fn record_published(&mut self, _lock: &RepoLock, id: u64) -> Result<()> {
-        if id > self.last_version {
-            self.last_version = id;
+    /// Records that `id` is about to be published, so that it is never handed out again;
+    /// `source_full_time` is the creation time when it is a full read from the source.
+    pub fn record_published(&mut self, _lock: &RepoLock, id: u64, source_full_time: Option<i64>) -> Result<()> {
+        if let Some(secs) = source_full_time {
+            self.last_source_full = Some((id, secs));
+        }
+        if id > self.last_version || source_full_time.is_some() {
+            self.last_version = self.last_version.max(id);
             crate::fault::point("repo.before_record");
             self.write_identity()?;
         }
@@ -242,6 +259,7 @@ struct Identity {
     repo_id: Id128,
     block_size: u32,
     last_version: u64,
+    last_source_full: Option<(u64, i64)>,
 }
 
 impl Identity {
@@ -270,7 +288,14 @@ impl Identity {
         if last_version > MAX_VERSION_ID {
             return Err(format!("last_version {last_version} is above the highest id {MAX_VERSION_ID}"));
         }
-        Ok(Identity { repo_id, block_size, last_version })
+        let last_source_full = match (fields.get("last_source_full"), fields.get("last_source_full_time")) {
+            (Some(id), Some(t)) => Some((
+                id.parse().map_err(|_| "bad last_source_full".to_string())?,
+                t.parse().map_err(|_| "bad last_source_full_time".to_string())?,
+            )),
+            _ => None,
+        };
+        Ok(Identity { repo_id, block_size, last_version, last_source_full })
     }
 }
 

@@ -314,9 +314,10 @@ fn repository_identity_round_trips_and_ids_are_never_reused() {
     let mut repo = Repository::create(&path, 65536).unwrap();
     let lock = repo.lock().unwrap();
     assert!(matches!(repo.lock(), Err(FormatError::Busy { .. })), "second lock must fail");
-    repo.record_published(&lock, 7).unwrap();
+    repo.record_published(&lock, 7, Some(1234)).unwrap();
     let again = Repository::open(&path).unwrap();
     assert_eq!((again.repo_id, again.block_size, again.last_version), (repo.repo_id, 65536, 7));
+    assert_eq!(again.last_source_full, Some((7, 1234)));
     let state = again.scan().unwrap();
     assert_eq!(again.next_version_id(&state).unwrap(), 8);
     assert!(Repository::create(&path, 65536).is_err());

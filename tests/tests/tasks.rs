@@ -352,3 +352,48 @@ fn a_chain_of_1000_incrementals_works_with_memory_bounded_as_for_a_short_chain()
         assert!(rss < 200 * 1024);
     }
 }
+
+#[test]
+fn a_zero_count_in_the_retention_config_is_refused_not_obeyed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = task(tmp.path(), &[]);
+    strata(["backup", "-q", &p(&repo)]).ok();
+    let cfg = repo.join("strata.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("# keep_last = N", "keep_last = 0");
+    std::fs::write(&cfg, text).unwrap();
+    change(&src, 1, 1);
+    let r = strata(["backup", &p(&repo)]).expect_code(1);
+    assert!(r.stderr.contains("retention.keep_last must be at least 1"), "{}", r.stderr);
+    assert_eq!(list_json(&repo).len(), 1, "nothing deleted");
+}
+
+#[test]
+fn incremental_forever_leaves_versions_that_retention_keeps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo) = task(t, &["--scheme", "incremental-forever", "--max-chain", "3", "--keep-daily", "7"]);
+    let models = t.join("models");
+    for day in 0..6u64 {
+        change(&src, day * 3, day + 700);
+        let s = backup_at(&repo, T0 + day as i64 * DAY, &[]);
+        snapshot(&src, &models, s["id"].as_u64().unwrap());
+    }
+    let ids: Vec<u64> = list_json(&repo).iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6], "keep_daily 7 keeps every day");
+    let info = strata(["info", "--json", &p(&repo), "latest"]).ok().json();
+    assert!(info["chain"].as_array().unwrap().len() <= 3, "{info}");
+    assert_models(&repo, &models, t);
+}
+
+#[test]
+fn full_every_n_counts_backups_from_the_last_full_read_from_the_source_despite_prune() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = task(tmp.path(), &["--full-every", "4", "--keep-last", "2"]);
+    let mut kinds = String::new();
+    for i in 0..10u64 {
+        change(&src, i * 5, i + 900);
+        let s = backup_at(&repo, T0 + i as i64 * 3600, &[]);
+        kinds += &s["kind"].as_str().unwrap()[..1].to_uppercase();
+    }
+    assert_eq!(kinds, "FIIIFIIIFI");
+}

@@ -133,6 +133,9 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     for leftover in repo.remove_leftovers(&lock)? {
         log::warn!("removed {} left by an interrupted backup", leftover.display());
     }
+    if existing.is_some() {
+        config = TaskConfig::load(repo.path())?; // what `strata config` may have changed meanwhile
+    }
     if config.source.is_none() {
         config.source = Some(source_path.canonicalize().unwrap_or_else(|_| source_path.clone()));
         config.save(repo.path())?;
@@ -141,7 +144,7 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     let mut state = repo.scan()?;
     state.check_indexes();
     let (now_secs, now_nanos) = crate::config::now()?;
-    let plan = plan(req.kind, &state, source.size(), &config, now_secs);
+    let plan = plan(req.kind, &state, source.size(), &config, now_secs, repo.last_source_full);
     for note in &plan.notes {
         log::warn!("{note}");
     }
@@ -181,14 +184,15 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     let changed_blocks = writer.entry_count();
     let stored_bytes = writer.stored_bytes();
     let finish = Finish { present_blocks: outcome.present_blocks, source_digest: outcome.digest };
-    let path = writer.finish_with(finish, || repo.record_published(&lock, id))?;
+    let source_full = (plan.kind == Kind::Full).then_some(now_secs);
+    let path = writer.finish_with(finish, || repo.record_published(&lock, id, source_full))?;
     log::info!("published {}", path.display());
     let seconds = started.elapsed().as_secs_f64();
     drop(parent);
 
     let (mut merged, mut deleted) = (Vec::new(), Vec::new());
     if let (Scheme::IncrementalForever, Some(k)) = (config.scheme, config.max_chain) {
-        let (m, d) = keep_chain_short(&repo, &lock, id, k as usize, progress)?;
+        let (m, d) = keep_chain_short(&repo, &lock, id, k as usize, config.retention.is_empty(), progress)?;
         merged.extend(m);
         deleted.extend(d);
     }
@@ -222,37 +226,44 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     })
 }
 
-/// incremental-forever: while the chain of `id` is longer than `max_chain` images, merge its
-/// oldest incremental into a full and delete the old full when no version needs it any more.
+/// incremental-forever: when the chain of `id` is longer than `max_chain` images, merge the
+/// version `max_chain - 1` below it into a full, so the chain is `max_chain` long again. Without
+/// retention rules the versions below the merged one are deleted when nothing needs them
+/// (they were merged into it); with retention rules prune decides, right after.
 fn keep_chain_short(
     repo: &Repository,
     lock: &strata_format::RepoLock,
     id: u64,
     max_chain: usize,
+    delete_merged_away: bool,
     progress: &dyn Progress,
 ) -> Result<(Vec<u64>, Vec<u64>)> {
     let (mut merged, mut deleted) = (Vec::new(), Vec::new());
-    loop {
-        let mut state = repo.scan()?;
-        state.check_indexes();
-        let Ok(chain) = state.chain(id) else { break };
-        if chain.len() <= max_chain {
-            break;
-        }
-        let (old_full, oldest_incremental) = (chain[0].header.version, chain[1].header.version);
-        merge_version(&state, lock, oldest_incremental, progress)?;
-        merged.push(oldest_incremental);
+    let mut state = repo.scan()?;
+    state.check_indexes();
+    let Ok(chain) = state.chain(id) else { return Ok((merged, deleted)) };
+    if chain.len() <= max_chain {
+        return Ok((merged, deleted));
+    }
+    let new_base = chain[chain.len() - max_chain].header.version;
+    merge_version(&state, lock, new_base, progress)?;
+    merged.push(new_base);
+    if delete_merged_away {
+        let below: Vec<u64> = chain.iter().map(|i| i.header.version).filter(|&v| v < new_base).collect();
         let state = repo.scan()?;
-        let still_needed = state.ids().any(|v| v != old_full && state.status(v).chain.contains(&old_full));
-        if !still_needed {
-            let path = repo.image_path(old_full);
+        for &old in below.iter().rev() {
+            let needed = state.ids().any(|v| v != old && !deleted.contains(&v) && state.status(v).chain.contains(&old));
+            if needed {
+                continue;
+            }
+            let path = repo.image_path(old);
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot delete", path.display()))?;
             strata_format::fault::step(strata_format::fault::Step::Delete);
+            deleted.push(old);
+            log::info!("version {old} merged into version {new_base} and deleted (max_chain {max_chain})");
+        }
+        if !deleted.is_empty() {
             strata_format::image::sync_dir(repo.path())?;
-            deleted.push(old_full);
-            log::info!(
-                "version {old_full} merged into version {oldest_incremental} and deleted (max_chain {max_chain})"
-            );
         }
     }
     Ok((merged, deleted))

@@ -107,9 +107,16 @@ fn opt_line(key: &str, v: Option<u32>, help: &str) -> String {
 impl TaskConfig {
     pub fn validate(&self) -> Result<()> {
         compression_level(&self.compression)?;
-        for (name, v) in
-            [("full_every", self.full_every), ("full_every_days", self.full_every_days), ("max_chain", self.max_chain)]
-        {
+        let r = &self.retention;
+        for (name, v) in [
+            ("full_every", self.full_every),
+            ("full_every_days", self.full_every_days),
+            ("max_chain", self.max_chain),
+            ("retention.keep_last", r.keep_last),
+            ("retention.keep_daily", r.keep_daily),
+            ("retention.keep_weekly", r.keep_weekly),
+            ("retention.keep_monthly", r.keep_monthly),
+        ] {
             if v == Some(0) {
                 bail!("{name} must be at least 1 (leave it out to turn it off)");
             }
@@ -200,10 +207,14 @@ impl TaskConfig {
 pub fn now() -> Result<(i64, u32)> {
     if let Ok(v) = std::env::var("STRATA_NOW") {
         if let Ok(secs) = v.parse::<i64>() {
+            if !(0..=253_402_300_799).contains(&secs) {
+                anyhow::bail!("STRATA_NOW={v:?}: outside 1970 to 9999");
+            }
             return Ok((secs, 0));
         }
         let t = humantime::parse_rfc3339_weak(&v).map_err(|e| anyhow::anyhow!("STRATA_NOW={v:?}: {e}"))?;
-        let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let d =
+            t.duration_since(std::time::UNIX_EPOCH).map_err(|_| anyhow::anyhow!("STRATA_NOW={v:?}: before 1970"))?;
         return Ok((d.as_secs() as i64, d.subsec_nanos()));
     }
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -19,7 +19,16 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64, config: &TaskConfig, now_secs: i64) -> Plan {
+/// `last_source_full` is the repository's record of its newest full read from the source (id,
+/// time), which merges and prunes do not move.
+pub fn plan(
+    requested: Option<Kind>,
+    state: &RepoState,
+    source_size: u64,
+    config: &TaskConfig,
+    now_secs: i64,
+    last_source_full: Option<(u64, i64)>,
+) -> Plan {
     let full = |rule, notes| Plan { kind: Kind::Full, rule, parent_chain: Vec::new(), notes };
     if requested == Some(Kind::Full) {
         return full(if state.images.is_empty() { Rule::First } else { Rule::Requested }, Vec::new());
@@ -57,9 +66,12 @@ pub fn plan(requested: Option<Kind>, state: &RepoState, source_size: u64, config
                 Scheme::Incremental | Scheme::IncrementalForever => Kind::Incremental,
             };
             if config.scheme != Scheme::IncrementalForever {
-                // Versions made since the chain's full, the full included.
-                let cycle = 1 + state.ids().filter(|&id| id > chain_full.version).count() as u64;
-                let age_days = (now_secs - chain_full.created_secs).max(0) / 86_400;
+                // Backups made since the last full read from the source, that full included
+                // (ids grow by one per backup; merges and prunes do not reset the count).
+                let (full_id, full_secs) = last_source_full.unwrap_or((chain_full.version, chain_full.created_secs));
+                let next_id = state.repo.next_version_id(state).unwrap_or(u64::MAX);
+                let cycle = next_id.saturating_sub(full_id);
+                let age_days = now_secs.saturating_sub(full_secs).max(0) / 86_400;
                 if config.full_every.is_some_and(|n| cycle >= u64::from(n)) {
                     return full(Rule::FullEvery, notes);
                 }

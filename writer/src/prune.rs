@@ -168,6 +168,11 @@ pub fn prune_locked(
     let mut state = repo.scan()?;
     state.check_indexes();
     let decisions = plan_prune(&state, policy);
+    let restorable = decisions.iter().filter(|d| d.action != Action::Leave).count();
+    let kept = decisions.iter().filter(|d| matches!(d.action, Action::Keep | Action::Merge)).count();
+    if restorable > 0 && kept == 0 {
+        bail!("{}: the retention rules keep no version; refusing to delete them all", repo.path().display());
+    }
     if dry_run {
         let freed = decisions.iter().filter(|d| d.action == Action::Delete).map(|d| d.bytes as i64).sum();
         return Ok(PruneReport { dry_run, decisions, freed_bytes: freed });
