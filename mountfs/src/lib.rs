@@ -62,26 +62,32 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
 pub struct MountInfo {
     /// `major:minor` of the mounted file system.
     pub devno: String,
+    pub mount_point: String,
     pub fstype: String,
     pub source: String,
 }
 
-/// What is mounted exactly at `path` (the newest mount there), from /proc/self/mountinfo.
-pub fn mount_info(path: &Path) -> Option<MountInfo> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let mount_point = unescape(fields.get(4)?);
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
-        let devno = fields.get(2)?;
-        (mount_point == want).then(|| MountInfo {
-            devno: devno.to_string(),
-            fstype: fstype.to_string(),
-            source: source.to_string(),
+/// Every mount of this process's namespace, oldest first.
+pub fn mounts() -> Vec<MountInfo> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountInfo {
+                devno: fields.get(2)?.to_string(),
+                mount_point: unescape(fields.get(4)?),
+                fstype: fields.get(sep + 1)?.to_string(),
+                source: fields.get(sep + 2)?.to_string(),
+            })
         })
-    })
+        .collect()
+}
+
+/// What is mounted exactly at `path` (the newest mount there).
+pub fn mount_info(path: &Path) -> Option<MountInfo> {
+    let want = path.to_string_lossy();
+    mounts().into_iter().rev().find(|m| m.mount_point == want)
 }
 
 fn unescape(s: &str) -> String {

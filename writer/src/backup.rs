@@ -93,7 +93,10 @@ enum Action {
     Unchanged,
     /// Zero now, not zero in the parent.
     Zero,
-    Store(Encoding, Vec<u8>),
+    /// Compressed: the zstd frame, compressed straight into this buffer.
+    StoreZstd(Vec<u8>),
+    /// Kept raw: written from the batch buffer itself, not copied.
+    StoreRaw,
 }
 
 struct BlockResult {
@@ -324,8 +327,8 @@ fn copy_blocks(
                 .par_chunks(bs)
                 .zip(parents.par_iter())
                 .map_init(
-                    || (zstd::bulk::Compressor::new(level).expect("zstd compressor"), Vec::new()),
-                    |(compressor, scratch), (block, parent)| classify(block, *parent, zero_hash, compressor, scratch),
+                    || zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+                    |compressor, (block, parent)| classify(block, *parent, zero_hash, compressor),
                 )
                 .collect();
             for (i, r) in results.into_iter().enumerate() {
@@ -335,7 +338,8 @@ fn copy_blocks(
                 match r.action {
                     Action::Unchanged => {}
                     Action::Zero => writer.append_zero(b, zero_hash)?,
-                    Action::Store(encoding, bytes) => writer.append_block(b, encoding, &bytes, r.hash)?,
+                    Action::StoreZstd(frame) => writer.append_block(b, Encoding::Zstd, &frame, r.hash)?,
+                    Action::StoreRaw => writer.append_block(b, Encoding::Raw, &buf[i * bs..(i + 1) * bs], r.hash)?,
                 }
             }
             progress.advance((buf.len() as u64).min(source.size() - start * bs as u64));
@@ -355,7 +359,6 @@ fn classify(
     parent: Option<Option<[u8; 32]>>,
     zero_hash: [u8; 32],
     compressor: &mut zstd::bulk::Compressor<'_>,
-    scratch: &mut Vec<u8>,
 ) -> BlockResult {
     if is_zero(block) {
         let action = match parent {
@@ -368,9 +371,10 @@ fn classify(
     if parent == Some(Some(hash)) {
         return BlockResult { zero: false, hash, action: Action::Unchanged };
     }
-    let action = match compress_into(compressor, block, scratch) {
-        Encoding::Zstd => Action::Store(Encoding::Zstd, scratch.clone()),
-        _ => Action::Store(Encoding::Raw, block.to_vec()),
+    let mut frame = Vec::new();
+    let action = match compress_into(compressor, block, &mut frame) {
+        Encoding::Zstd => Action::StoreZstd(frame),
+        _ => Action::StoreRaw,
     };
     BlockResult { zero: false, hash, action }
 }

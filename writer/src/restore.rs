@@ -110,18 +110,12 @@ fn starts_empty(f: &File) -> Result<bool> {
     Ok(strata_format::block::is_zero(&buf[..n]))
 }
 
-/// Where the block device `dev` is mounted, from /proc/self/mountinfo (by device number).
+/// Where the block device `dev` is mounted (by device number).
 fn mounted_at(dev: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(dev).ok()?.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        let devno = fields.nth(2)?;
-        let mount_point = fields.nth(1)?;
-        (devno == format!("{major}:{minor}")).then(|| mount_point.to_string())
-    })
+    let devno = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
+    strata_mountfs::mounts().into_iter().find(|m| m.devno == devno).map(|m| m.mount_point)
 }
 
 pub fn restore(
