@@ -37,7 +37,8 @@ pub enum DecodeError {
     Decompress(String),
 }
 
-/// Checks the crc32c of `stored` and turns it back into exactly one block in `out`.
+/// Checks the crc32c of `stored` and turns it back into exactly `out.len()` bytes: one block,
+/// or a whole group.
 pub fn decode_into(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     encoding: Encoding,
@@ -57,7 +58,7 @@ pub fn decode_into(
             }
             out.copy_from_slice(stored);
         }
-        Encoding::Zstd => match decompressor.decompress_to_buffer(stored, out) {
+        Encoding::Zstd | Encoding::ZstdGroup => match decompressor.decompress_to_buffer(stored, out) {
             Ok(n) if n == out.len() => {}
             Ok(n) => return Err(DecodeError::Decompress(format!("decompressed to {n} bytes, not {}", out.len()))),
             Err(e) => return Err(DecodeError::Decompress(e.to_string())),

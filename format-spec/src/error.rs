@@ -61,7 +61,7 @@ pub enum FormatError {
     NotAnImage { loc: Loc },
 
     #[error(
-        "{loc}: image format version {found}, but this strata reads only version {supported}; \
+        "{loc}: image format version {found}, but this strata reads only versions 1 to {supported}; \
          use a strata release that supports it"
     )]
     UnsupportedFormat { loc: Loc, found: u32, supported: u32 },

@@ -236,7 +236,7 @@ impl ImageHeader {
             return Err(FormatError::NotAnImage { loc: at(off::MAGIC) });
         }
         let format = get_u32(b, off::FORMAT_VERSION);
-        if format != layout::FORMAT_VERSION {
+        if !(layout::OLDEST_FORMAT_VERSION..=layout::FORMAT_VERSION).contains(&format) {
             return Err(FormatError::UnsupportedFormat {
                 loc: at(off::FORMAT_VERSION),
                 found: format,

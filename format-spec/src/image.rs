@@ -15,6 +15,7 @@ use crate::footer::ImageFooter;
 use crate::header::ImageHeader;
 use crate::index::{Encoding, EntryLimits, IndexEntry};
 use crate::layout::{FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
+use crate::le::get_u32;
 
 /// A finished image opened for reading. Safe to share between threads (all reads are `pread`).
 #[derive(Debug)]
@@ -24,7 +25,12 @@ pub struct ImageFile {
     pub header: ImageHeader,
     pub footer: ImageFooter,
     limits: EntryLimits,
+    /// Unique among the images this process opened: keys decoded groups in `ReadScratch`
+    /// (a merged image keeps its image id but not its layout).
+    serial: u64,
 }
+
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ImageFile {
     /// Opens `path` and validates its header, its footer and that the index lies exactly
@@ -78,8 +84,10 @@ impl ImageFile {
             data_end: footer.index_offset,
             max_stored: block::max_stored_len(header.block_size),
             zero_entries: header.kind != crate::header::Kind::Full,
+            groups: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 2,
         };
-        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits })
+        let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits, serial })
     }
 
     pub fn path(&self) -> &Path {
@@ -153,10 +161,7 @@ impl ImageFile {
     /// Reads the stored bytes of `entry` into `stored` as they are on disk, checking the crc32c
     /// (for copying a block into another image without decoding it).
     pub fn read_stored(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
-        stored.resize(entry.stored_len as usize, 0);
-        self.file
-            .read_exact_at(stored, entry.data_offset)
-            .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))?;
+        self.read_stored_unchecked(entry, stored)?;
         let actual = crc32c::crc32c(stored);
         if !crate::layout::checksum_matches(entry.data_crc, actual) {
             return Err(FormatError::Checksum {
@@ -170,30 +175,64 @@ impl ImageFile {
     }
 
     /// Reads the stored bytes of `entry` and decodes them into `out` (one block), checking the
-    /// crc32c.
+    /// crc32c. A block of a group is copied out of the decoded group, which `scratch` keeps for
+    /// the next read (sequential readers decode each group once).
     pub fn read_block(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
-        let ReadScratch { decompressor, stored, .. } = scratch;
-        if entry.encoding == Encoding::Zero {
-            out.fill(0);
-            return Ok(());
+        match entry.encoding {
+            Encoding::Zero => {
+                out.fill(0);
+                Ok(())
+            }
+            Encoding::ZstdGroup => {
+                let bs = self.header.block_size as usize;
+                let group = self.decode_group(entry, scratch)?;
+                let at = entry.group_slot as usize * bs;
+                out.copy_from_slice(&group[at..at + bs]);
+                Ok(())
+            }
+            Encoding::Raw | Encoding::Zstd => {
+                let ReadScratch { decompressor, stored, .. } = scratch;
+                self.read_stored_unchecked(entry, stored)?;
+                block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out)
+                    .map_err(|e| self.decode_error(entry, e))
+            }
         }
+    }
+
+    /// The decoded bytes of the group `entry` belongs to (`group_len` blocks), from `scratch`
+    /// when it holds them already.
+    pub fn decode_group<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
+        debug_assert_eq!(entry.encoding, Encoding::ZstdGroup);
+        let key = (self.serial, entry.data_offset);
+        if scratch.group_key != Some(key) {
+            scratch.group_key = None;
+            let ReadScratch { decompressor, stored, group, .. } = scratch;
+            self.read_stored_unchecked(entry, stored)?;
+            group.resize(entry.group_len as usize * self.header.block_size as usize, 0);
+            block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, group)
+                .map_err(|e| self.decode_error(entry, e))?;
+            scratch.group_key = Some(key);
+        }
+        Ok(&scratch.group)
+    }
+
+    fn read_stored_unchecked(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
         stored.resize(entry.stored_len as usize, 0);
         self.file
             .read_exact_at(stored, entry.data_offset)
-            .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))?;
-        block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out).map_err(|e| match e {
-            DecodeError::Crc { expected, actual } => FormatError::Checksum {
-                loc: self.loc().block(entry.block).at(entry.data_offset),
-                what: "block data",
-                expected,
-                actual,
-            },
-            DecodeError::Decompress(detail) => FormatError::Corrupt {
-                loc: self.loc().block(entry.block).at(entry.data_offset),
-                what: "block data",
-                detail: format!("block {}: {detail}", entry.block),
-            },
-        })
+            .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))
+    }
+
+    fn decode_error(&self, entry: &IndexEntry, e: DecodeError) -> FormatError {
+        let loc = self.loc().block(entry.block).at(entry.data_offset);
+        match e {
+            DecodeError::Crc { expected, actual } => {
+                FormatError::Checksum { loc, what: "block data", expected, actual }
+            }
+            DecodeError::Decompress(detail) => {
+                FormatError::Corrupt { loc, what: "block data", detail: format!("block {}: {detail}", entry.block) }
+            }
+        }
     }
 }
 
@@ -202,6 +241,9 @@ pub struct ReadScratch {
     pub(crate) decompressor: zstd::bulk::Decompressor<'static>,
     pub(crate) stored: Vec<u8>,
     pub(crate) block: Vec<u8>,
+    /// The last group decoded and which one it is: (image serial, data offset).
+    pub(crate) group: Vec<u8>,
+    pub(crate) group_key: Option<(u64, u64)>,
 }
 
 impl ReadScratch {
@@ -210,6 +252,8 @@ impl ReadScratch {
             decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor allocation"),
             stored: Vec::new(),
             block: Vec::new(),
+            group: Vec::new(),
+            group_key: None,
         }
     }
 }
@@ -366,7 +410,7 @@ impl ImageWriter {
         Ok(())
     }
 
-    fn push_entry(&mut self, entry: IndexEntry) -> Result<()> {
+    fn push_entry(&mut self, entry: IndexEntry) -> Result<IndexEntry> {
         assert!(self.last_block.is_none_or(|l| entry.block > l), "blocks must be appended in increasing order");
         assert!(entry.block < self.header.block_count(), "block beyond the source");
         self.last_block = Some(entry.block);
@@ -377,11 +421,12 @@ impl ImageWriter {
         index.write_all(&raw).map_err(|e| FormatError::io(loc, "write index spill", e))?;
         self.entry_count += 1;
         fault::counted("image.block", self.entry_count);
-        Ok(())
+        Ok(entry)
     }
 
-    /// Appends a stored block (`bytes` as returned by compression, or the raw block).
-    pub fn append_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()> {
+    /// Appends a stored block (`bytes` as returned by compression, or the raw block); returns
+    /// its entry.
+    pub fn append_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
         assert!(encoding != Encoding::Zero && !bytes.is_empty());
         let data_offset = self.offset;
         self.write_data(bytes)?;
@@ -393,11 +438,49 @@ impl ImageWriter {
             encoding,
             data_crc: crc32c::crc32c(bytes),
             hash,
+            group_len: 0,
+            group_slot: 0,
         })
     }
 
+    /// Appends a group: `frame` is one zstd frame of the blocks `blocks` (numbers and hashes,
+    /// ascending), each `block_size` long, in that order. Pushes their entries to `entries`.
+    pub fn append_group(
+        &mut self,
+        blocks: &[(u64, [u8; 32])],
+        frame: &[u8],
+        entries: &mut Vec<IndexEntry>,
+    ) -> Result<()> {
+        let n = blocks.len();
+        assert!((2..=crate::layout::GROUP_MAX_BLOCKS as usize).contains(&n) && !frame.is_empty());
+        let data_offset = self.offset;
+        self.write_data(frame)?;
+        self.stored_bytes += frame.len() as u64;
+        let data_crc = crc32c::crc32c(frame);
+        for (slot, &(block, hash)) in blocks.iter().enumerate() {
+            entries.push(self.push_entry(IndexEntry {
+                block,
+                data_offset,
+                stored_len: frame.len() as u32,
+                encoding: Encoding::ZstdGroup,
+                data_crc,
+                hash,
+                group_len: n as u8,
+                group_slot: slot as u8,
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Appends `block`, whose content (hash `hash`) this image already stores as `like`
+    /// describes (deduplication within an image): the new entry points at the same bytes.
+    pub fn append_ref(&mut self, block: u64, hash: [u8; 32], like: &IndexEntry) -> Result<IndexEntry> {
+        assert!(like.encoding != Encoding::Zero && like.hash == hash && like.data_offset < self.offset);
+        self.push_entry(IndexEntry { block, hash, ..*like })
+    }
+
     /// Records that `block` is zero in this version although it was not in the parent.
-    pub fn append_zero(&mut self, block: u64, zero_hash: [u8; 32]) -> Result<()> {
+    pub fn append_zero(&mut self, block: u64, zero_hash: [u8; 32]) -> Result<IndexEntry> {
         self.push_entry(IndexEntry {
             block,
             data_offset: 0,
@@ -405,6 +488,8 @@ impl ImageWriter {
             encoding: Encoding::Zero,
             data_crc: 0,
             hash: zero_hash,
+            group_len: 0,
+            group_slot: 0,
         })
     }
 

@@ -15,6 +15,9 @@ pub enum Encoding {
     Raw,
     /// Stored as one zstd frame.
     Zstd,
+    /// Part of a group: one zstd frame holding `group_len` consecutive stored blocks of the
+    /// image; this block is the `group_slot`-th.
+    ZstdGroup,
 }
 
 impl Encoding {
@@ -23,6 +26,7 @@ impl Encoding {
             Encoding::Zero => layout::ENCODING_ZERO,
             Encoding::Raw => layout::ENCODING_RAW,
             Encoding::Zstd => layout::ENCODING_ZSTD,
+            Encoding::ZstdGroup => layout::ENCODING_ZSTD_GROUP,
         }
     }
 }
@@ -37,15 +41,39 @@ pub struct IndexEntry {
     pub data_crc: u32,
     /// BLAKE3 of the block's content, zero-padded to the block size.
     pub hash: [u8; 32],
+    /// Blocks in this entry's group and this block's place in it (0 and 0 unless `ZstdGroup`).
+    pub group_len: u8,
+    pub group_slot: u8,
 }
 
 impl IndexEntry {
+    /// Whether this entry and `other` share one stored frame (the same group).
+    pub fn same_frame(&self, other: &IndexEntry) -> bool {
+        self.encoding == Encoding::ZstdGroup
+            && other.encoding == Encoding::ZstdGroup
+            && self.data_offset == other.data_offset
+            && self.stored_len == other.stored_len
+            && self.data_crc == other.data_crc
+            && self.group_len == other.group_len
+    }
+
+    /// Bytes this entry adds to the image's stored bytes: a group's frame counts once, at slot 0.
+    pub fn stored_share(&self) -> u64 {
+        if self.group_slot == 0 {
+            u64::from(self.stored_len)
+        } else {
+            0
+        }
+    }
+
     pub fn encode(&self) -> [u8; INDEX_ENTRY_SIZE] {
         let mut b = [0u8; INDEX_ENTRY_SIZE];
         put_u64(&mut b, off::BLOCK, self.block);
         put_u64(&mut b, off::DATA_OFFSET, self.data_offset);
         put_u32(&mut b, off::STORED_LEN, self.stored_len);
         b[off::ENCODING] = self.encoding.to_byte();
+        b[off::GROUP_LEN] = self.group_len;
+        b[off::GROUP_SLOT] = self.group_slot;
         put_u32(&mut b, off::DATA_CRC, self.data_crc);
         put_bytes(&mut b, off::HASH, &self.hash);
         let crc = crc32c::crc32c(&b[..off::ENTRY_CRC]);
@@ -67,6 +95,7 @@ impl IndexEntry {
             layout::ENCODING_ZERO => Encoding::Zero,
             layout::ENCODING_RAW => Encoding::Raw,
             layout::ENCODING_ZSTD => Encoding::Zstd,
+            layout::ENCODING_ZSTD_GROUP => Encoding::ZstdGroup,
             other => return Err(corrupt(off::ENCODING, format!("unknown encoding {other}"))),
         };
         let entry = IndexEntry {
@@ -76,12 +105,34 @@ impl IndexEntry {
             encoding,
             data_crc: get_u32(b, off::DATA_CRC),
             hash: get_array(b, off::HASH),
+            group_len: b[off::GROUP_LEN],
+            group_slot: b[off::GROUP_SLOT],
         };
         if entry.block >= limits.block_count {
             return Err(corrupt(
                 off::BLOCK,
                 format!("block {} beyond the source's {} blocks", entry.block, limits.block_count),
             ));
+        }
+        let mut max_stored = limits.max_stored;
+        if encoding == Encoding::ZstdGroup && !limits.groups {
+            return Err(corrupt(off::ENCODING, "a group in a format 1 image".into()));
+        }
+        if encoding == Encoding::ZstdGroup {
+            let len = u32::from(entry.group_len);
+            if len < 2
+                || entry.group_len > layout::GROUP_MAX_BLOCKS
+                || u64::from(len) * u64::from(limits.block_size) > u64::from(layout::GROUP_MAX_BYTES)
+                || entry.group_slot >= entry.group_len
+            {
+                return Err(corrupt(
+                    off::GROUP_LEN,
+                    format!("slot {} of a group of {} blocks of {} bytes", entry.group_slot, len, limits.block_size),
+                ));
+            }
+            max_stored = len * limits.block_size;
+        } else if entry.group_len != 0 || entry.group_slot != 0 {
+            return Err(corrupt(off::GROUP_LEN, "group fields set on a block outside a group".into()));
         }
         match encoding {
             Encoding::Zero => {
@@ -92,10 +143,10 @@ impl IndexEntry {
                     return Err(corrupt(off::ENCODING, "a zero entry in a full".into()));
                 }
             }
-            Encoding::Raw | Encoding::Zstd => {
+            Encoding::Raw | Encoding::Zstd | Encoding::ZstdGroup => {
                 let end = entry.data_offset.checked_add(u64::from(entry.stored_len));
                 let in_range = entry.data_offset >= limits.data_start && end.is_some_and(|e| e <= limits.data_end);
-                if !in_range || entry.stored_len == 0 || entry.stored_len > limits.max_stored {
+                if !in_range || entry.stored_len == 0 || entry.stored_len > max_stored {
                     return Err(corrupt(
                         off::DATA_OFFSET,
                         format!(
@@ -123,4 +174,6 @@ pub struct EntryLimits {
     pub max_stored: u32,
     /// Whether zero entries may appear (deltas only: a full lists only stored blocks).
     pub zero_entries: bool,
+    /// Whether groups may appear (format 2 onwards).
+    pub groups: bool,
 }

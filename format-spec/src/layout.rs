@@ -5,7 +5,9 @@
 //! the old version. `tests::constants_match_spec` ties these numbers to `SPEC.md`.
 
 /// The one image format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this crate still reads (format 1: no groups).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// First eight bytes of every image file.
 pub const IMAGE_MAGIC: [u8; 8] = *b"STRATAIM";
@@ -85,7 +87,9 @@ pub mod entry {
     pub const DATA_OFFSET: usize = 8;
     pub const STORED_LEN: usize = 16;
     pub const ENCODING: usize = 20;
-    pub const RESERVED: usize = 21;
+    pub const GROUP_LEN: usize = 21;
+    pub const GROUP_SLOT: usize = 22;
+    pub const RESERVED: usize = 23;
     pub const DATA_CRC: usize = 24;
     pub const HASH: usize = 28;
     pub const ENTRY_CRC: usize = 60;
@@ -112,6 +116,12 @@ pub const RULE_CHAIN_LIMIT: u8 = 9;
 pub const ENCODING_ZERO: u8 = 0;
 pub const ENCODING_RAW: u8 = 1;
 pub const ENCODING_ZSTD: u8 = 2;
+pub const ENCODING_ZSTD_GROUP: u8 = 3;
+
+/// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS consecutive stored
+/// blocks of an image, decoding to at most GROUP_MAX_BYTES: this bounds what one read decodes.
+pub const GROUP_MAX_BLOCKS: u8 = 16;
+pub const GROUP_MAX_BYTES: u32 = 1 << 20;
 
 /// Image file names in a repository: `v` + 8-digit zero-padded id + this suffix.
 pub const IMAGE_SUFFIX: &str = ".strata";

@@ -271,8 +271,12 @@ impl Identity {
         }
         let get = |k: &str| fields.get(k).ok_or_else(|| format!("no {k}"));
         let format: u32 = get("format")?.parse().map_err(|_| "bad format".to_string())?;
-        if format != layout::FORMAT_VERSION {
-            return Err(format!("format {format}; this strata reads format {}", layout::FORMAT_VERSION));
+        if !(layout::OLDEST_FORMAT_VERSION..=layout::FORMAT_VERSION).contains(&format) {
+            return Err(format!(
+                "format {format}; this strata reads formats {} to {}",
+                layout::OLDEST_FORMAT_VERSION,
+                layout::FORMAT_VERSION
+            ));
         }
         let hex = get("repo_id")?;
         if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -67,10 +67,10 @@ fn every_flipped_header_byte_is_detected() {
 #[test]
 fn future_format_version_is_refused_by_name() {
     let mut b = header(1, Kind::Full, None, None, 1 << 20).encode();
-    b[layout::header::FORMAT_VERSION] = 2;
+    b[layout::header::FORMAT_VERSION] = 3;
     let err = ImageHeader::decode(&b, &Loc::file(Path::new("x"))).unwrap_err();
-    assert!(matches!(err, FormatError::UnsupportedFormat { found: 2, .. }), "{err}");
-    assert!(err.to_string().contains("format version 2"), "{err}");
+    assert!(matches!(err, FormatError::UnsupportedFormat { found: 3, .. }), "{err}");
+    assert!(err.to_string().contains("format version 3"), "{err}");
 }
 
 #[test]
@@ -111,6 +111,8 @@ fn footer_and_entry_round_trip_and_self_check() {
         encoding: Encoding::Zstd,
         data_crc: 5,
         hash: [4; 32],
+        group_len: 0,
+        group_slot: 0,
     };
     let limits = EntryLimits {
         block_count: 10,
@@ -119,6 +121,7 @@ fn footer_and_entry_round_trip_and_self_check() {
         data_end: 4096,
         max_stored: BS,
         zero_entries: true,
+        groups: true,
     };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
     for i in 0..INDEX_ENTRY_SIZE {
@@ -131,6 +134,24 @@ fn footer_and_entry_round_trip_and_self_check() {
     assert!(matches!(IndexEntry::decode(&outside.encode(), &loc, 0, &limits), Err(FormatError::Corrupt { .. })));
     let beyond = IndexEntry { block: 10, ..e };
     assert!(IndexEntry::decode(&beyond.encode(), &loc, 0, &limits).is_err());
+
+    // Groups: slot inside the group, 2..=16 blocks, at most 1 MiB decoded, format 2 only.
+    let g = IndexEntry { encoding: Encoding::ZstdGroup, group_len: 4, group_slot: 3, ..e };
+    assert_eq!(IndexEntry::decode(&g.encode(), &loc, 0, &limits).unwrap(), g);
+    for bad in [
+        IndexEntry { group_slot: 4, ..g },
+        IndexEntry { group_len: 1, group_slot: 0, ..g },
+        IndexEntry { group_len: 17, ..g },
+        IndexEntry { group_len: 0, group_slot: 3, ..e },
+    ] {
+        assert!(IndexEntry::decode(&bad.encode(), &loc, 0, &limits).is_err(), "{bad:?} accepted");
+    }
+    let big_blocks = EntryLimits { block_size: 1 << 19, max_stored: 1 << 19, data_end: 1 << 30, ..limits };
+    assert!(
+        IndexEntry::decode(&IndexEntry { group_len: 3, group_slot: 0, ..g }.encode(), &loc, 0, &big_blocks).is_err()
+    );
+    let format1 = EntryLimits { groups: false, ..limits };
+    assert!(IndexEntry::decode(&g.encode(), &loc, 0, &format1).is_err());
 }
 
 /// Writes an image of `disk` as a delta against `parent` (or a full), like the writer does.
@@ -160,14 +181,98 @@ fn write_image(dir: &Path, h: ImageHeader, disk: &[u8], parent: Option<&[u8]>) -
         match (&parent_block, zero) {
             (Some(pb), _) if *pb == block => {}
             (None, true) => {}
-            (Some(_), true) => w.append_zero(b as u64, zero_block_hash(BS)).unwrap(),
-            (_, false) => match crate::block::compress_into(&mut compressor, &block, &mut out) {
-                Encoding::Zstd => w.append_block(b as u64, Encoding::Zstd, &out, hash).unwrap(),
-                _ => w.append_block(b as u64, Encoding::Raw, &block, hash).unwrap(),
-            },
+            (Some(_), true) => {
+                w.append_zero(b as u64, zero_block_hash(BS)).unwrap();
+            }
+            (_, false) => {
+                match crate::block::compress_into(&mut compressor, &block, &mut out) {
+                    Encoding::Zstd => w.append_block(b as u64, Encoding::Zstd, &out, hash).unwrap(),
+                    _ => w.append_block(b as u64, Encoding::Raw, &block, hash).unwrap(),
+                };
+            }
         }
     }
     w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap()
+}
+
+/// A full of 8 blocks: a group of blocks 0..4, block 4 a reference to slot 2 of that group,
+/// block 5 alone, block 6 a reference to block 5, block 7 zero. Returns the file and the disk.
+fn grouped_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let bs = BS as usize;
+    let mut disk = sample_disk(8 * bs, 9);
+    disk.copy_within(2 * bs..3 * bs, 4 * bs);
+    disk.copy_within(5 * bs..6 * bs, 6 * bs);
+    disk[7 * bs..].fill(0);
+    let h = header(1, Kind::Full, None, None, disk.len() as u64);
+    let mut w = ImageWriter::create(dir.join(".tmp-1"), dir.join(crate::repo::image_file_name(1)), h).unwrap();
+    let hash = |b: usize| hash_block(&disk[b * bs..(b + 1) * bs]);
+    let mut c = zstd::bulk::Compressor::new(3).unwrap();
+    let frame = c.compress(&disk[..4 * bs]).unwrap();
+    let mut group = Vec::new();
+    w.append_group(&[(0, hash(0)), (1, hash(1)), (2, hash(2)), (3, hash(3))], &frame, &mut group).unwrap();
+    w.append_ref(4, hash(4), &group[2]).unwrap();
+    let lone = w.append_block(5, Encoding::Zstd, &c.compress(&disk[5 * bs..6 * bs]).unwrap(), hash(5)).unwrap();
+    w.append_ref(6, hash(6), &lone).unwrap();
+    let mut digest = SourceDigest::new(disk.len() as u64, BS);
+    (0..8).for_each(|b| digest.push(&hash(b)));
+    let path = w.finish(Finish { present_blocks: 7, source_digest: digest.finish() }).unwrap();
+    (path, disk)
+}
+
+#[test]
+fn grouped_and_shared_blocks_read_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, disk) = grouped_image(dir.path());
+    let image = Arc::new(ImageFile::open(&path).unwrap());
+    image.check_index().unwrap();
+    let data_region = image.footer.index_offset - HEADER_SIZE as u64;
+    assert_eq!(image.footer.stored_bytes, data_region, "every frame counted once");
+    let r = VersionReader::from_chain(vec![image.clone()]).unwrap();
+    assert_eq!(read_all(&r), disk);
+    // out of order and across groups, with one scratch: the kept group must never leak
+    let mut s = ReadScratch::new();
+    let mut out = vec![0u8; BS as usize];
+    for b in [3u64, 5, 0, 4, 6, 1, 2, 7, 3] {
+        r.read_block(b, &mut s, &mut out).unwrap();
+        assert_eq!(out, disk[b as usize * BS as usize..(b as usize + 1) * BS as usize], "block {b}");
+    }
+    assert_eq!(r.digest_from_index().unwrap(), image.footer.source_digest);
+}
+
+#[test]
+fn damaged_group_fails_exactly_the_blocks_stored_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = grouped_image(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[HEADER_SIZE + 5] ^= 0x20; // inside the group's frame, which is stored first
+    std::fs::write(&path, &bytes).unwrap();
+    let r = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
+    let mut out = vec![0u8; BS as usize];
+    for b in 0..8u64 {
+        let result = r.read_block(b, &mut ReadScratch::new(), &mut out);
+        if b <= 4 {
+            let err = result.unwrap_err();
+            assert!(matches!(err, FormatError::Checksum { .. }), "block {b}: {err}");
+            assert!(err.to_string().contains(&format!("block {b}")), "block {b} not named: {err}");
+        } else {
+            result.unwrap();
+        }
+    }
+}
+
+#[test]
+fn broken_group_entries_are_rejected_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = grouped_image(dir.path());
+    let image = ImageFile::open(&path).unwrap();
+    let at = image.footer.index_offset as usize + layout::entry::GROUP_SLOT; // entry 0
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at] = 4; // slot 4 of a group of 4
+    let crc = crc32c::crc32c(&bytes[at - layout::entry::GROUP_SLOT..at - layout::entry::GROUP_SLOT + 60]);
+    bytes[at - layout::entry::GROUP_SLOT + 60..at - layout::entry::GROUP_SLOT + 64].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = ImageFile::open(&path).unwrap().check_index().unwrap_err();
+    assert!(matches!(err, FormatError::Corrupt { .. }), "{err}");
 }
 
 fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
@@ -372,7 +477,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 26] = [
+    let numbers: [(&str, u64); 29] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -389,6 +494,9 @@ fn constants_match_spec() {
         ("ENCODING_ZERO", layout::ENCODING_ZERO.into()),
         ("ENCODING_RAW", layout::ENCODING_RAW.into()),
         ("ENCODING_ZSTD", layout::ENCODING_ZSTD.into()),
+        ("ENCODING_ZSTD_GROUP", layout::ENCODING_ZSTD_GROUP.into()),
+        ("GROUP_MAX_BLOCKS", layout::GROUP_MAX_BLOCKS.into()),
+        ("GROUP_MAX_BYTES", layout::GROUP_MAX_BYTES.into()),
         ("RULE_UNSPECIFIED", layout::RULE_UNSPECIFIED.into()),
         ("RULE_FIRST", layout::RULE_FIRST.into()),
         ("RULE_REQUESTED", layout::RULE_REQUESTED.into()),
@@ -448,8 +556,18 @@ fn constants_match_spec() {
         f::RESERVED1,
         f::CRC,
     ];
-    let entry_offsets =
-        [e::BLOCK, e::DATA_OFFSET, e::STORED_LEN, e::ENCODING, e::RESERVED, e::DATA_CRC, e::HASH, e::ENTRY_CRC];
+    let entry_offsets = [
+        e::BLOCK,
+        e::DATA_OFFSET,
+        e::STORED_LEN,
+        e::ENCODING,
+        e::GROUP_LEN,
+        e::GROUP_SLOT,
+        e::RESERVED,
+        e::DATA_CRC,
+        e::HASH,
+        e::ENTRY_CRC,
+    ];
     for (heading, offsets, total) in [
         ("### 3.1 Header", &header_offsets[..], HEADER_SIZE),
         ("### 3.4 Footer", &footer_offsets[..], FOOTER_SIZE),
@@ -471,4 +589,23 @@ fn constants_match_spec() {
         let last = rows.last().unwrap();
         assert_eq!(last.0 + last.1, total, "{heading} size");
     }
+}
+
+#[test]
+fn format_1_images_are_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, disk) = one_image(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let footer_at = bytes.len() - FOOTER_SIZE;
+    for (start, size, crc_at) in [(0, HEADER_SIZE, layout::header::CRC), (footer_at, FOOTER_SIZE, layout::footer::CRC)]
+    {
+        let s = &mut bytes[start..start + size];
+        s[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&s[..crc_at]);
+        s[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let image = Arc::new(ImageFile::open(&path).unwrap());
+    image.check_index().unwrap();
+    assert_eq!(read_all(&VersionReader::from_chain(vec![image]).unwrap()), disk);
 }

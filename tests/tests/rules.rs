@@ -220,12 +220,12 @@ fn truncated_or_foreign_or_future_images_are_named_and_never_versions() {
 
     // a future format version
     let v3 = repo.join("v00000003.strata");
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[2], 8)
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[3], 8)
         .unwrap();
     let rows = list_json(&repo);
-    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 2"), "{rows:?}");
+    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 3"), "{rows:?}");
     let r = strata(["restore", &p(&repo), "3", &p(&tmp.path().join("o"))]).expect_code(1);
-    assert!(r.stderr.contains("format version 2"), "{}", r.stderr);
+    assert!(r.stderr.contains("format version 3"), "{}", r.stderr);
 }
 
 #[test]
@@ -412,4 +412,43 @@ fn images_and_repository_are_private() {
     for f in ["v00000001.strata", "strata.repo"] {
         assert_eq!(std::fs::metadata(repo.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
     }
+}
+
+#[test]
+fn identical_blocks_are_stored_once_per_image_and_survive_merge() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("disk.img"), tmp.path().join("repo"));
+    // 2560 blocks of 4 KiB (10 MiB: more than one 8 MiB backup batch) drawn from 8 distinct
+    // incompressible contents, so that every stored copy would cost a whole block
+    let contents: Vec<Vec<u8>> = (0..8).map(|i| noise(i, 4096)).collect();
+    let f = std::fs::File::create(&src).unwrap();
+    for b in 0..2560u64 {
+        f.write_all_at(&contents[(b * 5 % 8) as usize], b * 4096).unwrap();
+    }
+    let full = backup(&src, &repo, None);
+    let stored = full["stored_bytes"].as_u64().unwrap();
+    assert!(stored <= 8 * 4096 + 1024, "8 distinct blocks stored as {stored} bytes");
+    // an incremental that copies one content over others, then a merge of it into a full
+    for b in [3u64, 100, 2500] {
+        f.write_all_at(&contents[7], b * 4096).unwrap();
+    }
+    backup(&src, &repo, None);
+    assert_restores_to(&repo, "2", &src, tmp.path());
+    strata(["merge", "-q", &p(&repo), "2"]).ok();
+    assert_restores_to(&repo, "2", &src, tmp.path());
+    strata(["verify", "-q", &p(&repo)]).ok();
+}
+
+/// Bytes that zstd cannot shrink.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }

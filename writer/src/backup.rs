@@ -1,24 +1,27 @@
 //! The backup engine: read the source once in large sequential batches, hash every block and
-//! compress the changed ones on all cores, compare with the parent version's block hashes, and
+//! compress the changed ones (packed in groups, see `pack`) on all cores, compare with the parent version's block hashes, and
 //! write one new image that is published only when complete.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use strata_format::block::{compress_into, hash_block, is_zero};
+use strata_format::block::{hash_block, is_zero};
 use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::new_id;
 use strata_format::layout::{DEFAULT_BLOCK_SIZE, TEMP_PREFIX};
 use strata_format::repo::image_file_name;
 use strata_format::{
-    Encoding, Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader,
+    Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, Repository, VersionReader,
 };
 
 use crate::config::{Scheme, TaskConfig};
+use crate::dedup::Dedup;
 use crate::merge::merge_version;
+use crate::pack::pack;
 use crate::plan::plan;
 use crate::progress::Progress;
 use crate::prune::prune_locked;
@@ -88,15 +91,14 @@ pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<Repos
     Ok(repo)
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     /// Same as the parent (or zero in a full): nothing recorded.
     Unchanged,
     /// Zero now, not zero in the parent.
     Zero,
-    /// Compressed: the zstd frame, compressed straight into this buffer.
-    StoreZstd(Vec<u8>),
-    /// Kept raw: written from the batch buffer itself, not copied.
-    StoreRaw,
+    /// Changed: stored (packed with its neighbours, see `pack`).
+    Store,
 }
 
 struct BlockResult {
@@ -294,6 +296,7 @@ fn copy_blocks(
     let mut digest = SourceDigest::new(source.size(), block_size);
     let mut present_blocks = 0u64;
     let mut parent_hashes = parent.map(HashCursor::new);
+    let mut dedup = Dedup::default();
     progress.begin("backup", source.size());
 
     let (full_tx, full_rx) = sync_channel::<Result<(u64, Vec<u8>)>>(2);
@@ -326,20 +329,50 @@ fn copy_blocks(
             let results: Vec<BlockResult> = buf
                 .par_chunks(bs)
                 .zip(parents.par_iter())
-                .map_init(
-                    || zstd::bulk::Compressor::new(level).expect("zstd compressor"),
-                    |compressor, (block, parent)| classify(block, *parent, zero_hash, compressor),
-                )
+                .map(|(block, parent)| classify(block, *parent, zero_hash))
                 .collect();
-            for (i, r) in results.into_iter().enumerate() {
+            let hashes: Vec<[u8; 32]> = results.iter().map(|r| r.hash).collect();
+            // A content stored before (in this image, or earlier in this batch) is not stored again.
+            let mut first_in_batch: HashMap<[u8; 32], usize> = HashMap::new();
+            let store: Vec<bool> = results
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.action == Action::Store
+                        && dedup.find(&r.hash).is_none()
+                        && *first_in_batch.entry(r.hash).or_insert(i) == i
+                })
+                .collect();
+            let mut units = pack(&buf, bs, &store, level).into_iter().peekable();
+            let mut written = Vec::new();
+            let mut written_in_batch: HashMap<[u8; 32], IndexEntry> = HashMap::new();
+            for (i, r) in results.iter().enumerate() {
                 let b = start + i as u64;
                 digest.push(&r.hash);
                 present_blocks += u64::from(!r.zero);
                 match r.action {
                     Action::Unchanged => {}
-                    Action::Zero => writer.append_zero(b, zero_hash)?,
-                    Action::StoreZstd(frame) => writer.append_block(b, Encoding::Zstd, &frame, r.hash)?,
-                    Action::StoreRaw => writer.append_block(b, Encoding::Raw, &buf[i * bs..(i + 1) * bs], r.hash)?,
+                    Action::Zero => {
+                        writer.append_zero(b, zero_hash)?;
+                    }
+                    Action::Store if store[i] => {
+                        if let Some(unit) = units.next_if(|u| u.first() == i) {
+                            written.clear();
+                            unit.write(writer, start, &buf, bs, &hashes, &mut written)?;
+                            for e in &written {
+                                dedup.remember(e);
+                                written_in_batch.insert(e.hash, *e);
+                            }
+                        }
+                    }
+                    Action::Store => {
+                        let like = dedup
+                            .find(&r.hash)
+                            .or_else(|| written_in_batch.get(&r.hash))
+                            .copied()
+                            .expect("a duplicate's first copy is written before it");
+                        writer.append_ref(b, r.hash, &like)?;
+                    }
                 }
             }
             progress.advance((buf.len() as u64).min(source.size() - start * bs as u64));
@@ -354,12 +387,7 @@ fn copy_blocks(
 
 /// Decides what to record for one block given the parent's view of it (`None`: no parent, a
 /// full; `Some(None)`: zero in the parent; `Some(Some(h))`: content hash `h` in the parent).
-fn classify(
-    block: &[u8],
-    parent: Option<Option<[u8; 32]>>,
-    zero_hash: [u8; 32],
-    compressor: &mut zstd::bulk::Compressor<'_>,
-) -> BlockResult {
+fn classify(block: &[u8], parent: Option<Option<[u8; 32]>>, zero_hash: [u8; 32]) -> BlockResult {
     if is_zero(block) {
         let action = match parent {
             Some(Some(_)) => Action::Zero,
@@ -368,13 +396,6 @@ fn classify(
         return BlockResult { zero: true, hash: zero_hash, action };
     }
     let hash = hash_block(block);
-    if parent == Some(Some(hash)) {
-        return BlockResult { zero: false, hash, action: Action::Unchanged };
-    }
-    let mut frame = Vec::new();
-    let action = match compress_into(compressor, block, &mut frame) {
-        Encoding::Zstd => Action::StoreZstd(frame),
-        _ => Action::StoreRaw,
-    };
+    let action = if parent == Some(Some(hash)) { Action::Unchanged } else { Action::Store };
     BlockResult { zero: false, hash, action }
 }

@@ -4,8 +4,10 @@
 mod backup;
 mod commands;
 mod config;
+mod dedup;
 mod logging;
 mod merge;
+mod pack;
 mod plan;
 mod progress;
 mod prune;

@@ -1,6 +1,7 @@
 //! Merge: rewrite a version as a full built from its chain (a synthetic full), without reading
-//! the source. Stored blocks are copied as they are (crc32c checked), so it costs one read and
-//! one write of the version's data and memory as for reading it. The new image keeps the
+//! the source. Stored blocks and whole groups are copied as they are (crc32c checked); only a
+//! group that the version uses in part is decoded and its blocks stored one by one. So it costs
+//! one read and one write of the version's data and memory as for reading it. The new image keeps the
 //! version's id, image id, time and digest, and replaces the old one by an atomic rename, so
 //! every version depending on it stays restorable and byte-identical whatever the moment of a
 //! crash (SPEC.md §4.1).
@@ -8,7 +9,11 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use strata_format::{Encoding, Finish, ImageHeader, ImageRef, ImageWriter, Kind, RepoLock, RepoState, Rule};
+use strata_format::block::compress_into;
+use strata_format::{
+    Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, ReadScratch, RepoLock,
+    RepoState, Rule, VersionReader,
+};
 
 use crate::progress::Progress;
 
@@ -49,15 +54,24 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         ..top.header.clone()
     };
     let mut writer = ImageWriter::create(repo.temp_image_path(id), repo.image_path(id), header)?;
-    let mut stored = Vec::new();
+    let mut copier = Copier::new(top.header.compression_level, reader.block_size());
     progress.begin("merge", reader.source_size());
-    for block in 0..reader.block_count() {
-        if let Some((image, entry)) = reader.entry(block)? {
-            debug_assert!(entry.encoding != Encoding::Zero);
-            image.read_stored(&entry, &mut stored)?;
-            writer.append_block(block, entry.encoding, &stored, entry.hash)?;
-        }
-        progress.advance(u64::from(reader.block_size()));
+    let mut block = 0;
+    while block < reader.block_count() {
+        let next = match reader.entry(block)? {
+            Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
+                copier.copy_group(&reader, &mut writer, block, image, entry)?
+            }
+            Some((image, entry)) => {
+                debug_assert!(entry.encoding != Encoding::Zero);
+                image.read_stored(&entry, &mut copier.stored)?;
+                writer.append_block(block, entry.encoding, &copier.stored, entry.hash)?;
+                block + 1
+            }
+            None => block + 1,
+        };
+        progress.advance((next - block) * u64::from(reader.block_size()));
+        block = next;
     }
     progress.end();
     let blocks = writer.entry_count();
@@ -67,4 +81,63 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
     let new_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     log::info!("merged version {id} into a full ({blocks} blocks)");
     Ok(MergeSummary { id, old_chain, blocks, old_bytes, new_bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Buffers for copying stored bytes, and for re-encoding the blocks of a group used in part.
+struct Copier {
+    stored: Vec<u8>,
+    block: Vec<u8>,
+    frame: Vec<u8>,
+    scratch: ReadScratch,
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl Copier {
+    fn new(level: i32, block_size: u32) -> Copier {
+        Copier {
+            stored: Vec::new(),
+            block: vec![0; block_size as usize],
+            frame: Vec::new(),
+            scratch: ReadScratch::new(),
+            compressor: zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+        }
+    }
+
+    /// Copies the blocks of `reader` from `block` on that come from the group of `entry` (in
+    /// `image`); returns the block after them. The frame is copied whole when the version uses
+    /// every block of the group, in order; otherwise each block is decoded and stored alone.
+    fn copy_group(
+        &mut self,
+        reader: &VersionReader,
+        writer: &mut ImageWriter,
+        block: u64,
+        image: &ImageFile,
+        entry: IndexEntry,
+    ) -> Result<u64> {
+        let mut members = vec![(block, entry)];
+        let mut next = block + 1;
+        while next < reader.block_count() && members.len() < usize::from(entry.group_len) {
+            match reader.entry(next)? {
+                Some((other, e)) if std::ptr::eq(other, image) && e.same_frame(&entry) => members.push((next, e)),
+                _ => break,
+            }
+            next += 1;
+        }
+        let whole = members.len() == usize::from(entry.group_len)
+            && members.iter().enumerate().all(|(slot, (_, e))| usize::from(e.group_slot) == slot);
+        if whole {
+            image.read_stored(&entry, &mut self.stored)?;
+            let blocks: Vec<(u64, [u8; 32])> = members.iter().map(|(b, e)| (*b, e.hash)).collect();
+            writer.append_group(&blocks, &self.stored, &mut Vec::new())?;
+            return Ok(next);
+        }
+        for (b, e) in members {
+            image.read_block(&e, &mut self.scratch, &mut self.block)?;
+            match compress_into(&mut self.compressor, &self.block, &mut self.frame) {
+                Encoding::Zstd => writer.append_block(b, Encoding::Zstd, &self.frame, e.hash)?,
+                _ => writer.append_block(b, Encoding::Raw, &self.block, e.hash)?,
+            };
+        }
+        Ok(next)
+    }
 }

@@ -17,6 +17,8 @@ use crate::progress::Progress;
 use crate::source::block_device_size;
 
 const BATCH_BYTES: usize = 8 << 20;
+/// Blocks one parallel task reads in order: a group (up to 16 blocks) is decoded at most twice.
+const TASK_BLOCKS: usize = strata_format::layout::GROUP_MAX_BLOCKS as usize;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreSummary {
@@ -182,18 +184,27 @@ fn write_version(
     while start < reader.block_count() {
         let n = batch_blocks.min(reader.block_count() - start);
         let batch = &mut buf[..n as usize * bs];
+        // Each task reads a run of adjacent blocks in order, so that a group is decoded once.
         let hashes: Vec<Option<[u8; 32]>> = batch
-            .par_chunks_mut(bs)
+            .par_chunks_mut(bs * TASK_BLOCKS)
             .enumerate()
-            .map_init(ReadScratch::new, |scratch, (i, out)| -> strata_format::Result<Option<[u8; 32]>> {
-                let b = start + i as u64;
-                if reader.locate(b) == BlockLocation::Zero {
-                    return Ok(None);
-                }
-                reader.read_block(b, scratch, out)?;
-                Ok(Some(hash_block(out)))
+            .map_init(ReadScratch::new, |scratch, (t, run)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
+                run.chunks_mut(bs)
+                    .enumerate()
+                    .map(|(i, out)| {
+                        let b = start + (t * TASK_BLOCKS + i) as u64;
+                        if reader.locate(b) == BlockLocation::Zero {
+                            return Ok(None);
+                        }
+                        reader.read_block(b, scratch, out)?;
+                        Ok(Some(hash_block(out)))
+                    })
+                    .collect()
             })
-            .collect::<strata_format::Result<_>>()?;
+            .collect::<strata_format::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         let device = matches!(kind, TargetKind::Device);
         for (i, h) in hashes.iter().enumerate() {
             digest.push(h.as_ref().unwrap_or(&zero_hash));

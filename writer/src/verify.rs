@@ -140,7 +140,7 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
             )
             .flatten()
             .collect();
-        progress.advance(entries.iter().map(|e| u64::from(e.stored_len)).sum());
+        progress.advance(entries.iter().map(|e| e.stored_share()).sum());
         report.bad_blocks += bad.len() as u64;
         for e in bad {
             if report.problems.len() < LISTED_PROBLEMS {

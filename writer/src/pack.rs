@@ -1,0 +1,94 @@
+//! Packs the blocks a backup or a merge stores into what an image holds: a run of adjacent
+//! stored blocks becomes a group (one zstd frame of up to `GROUP_TARGET_BYTES`), a lone block
+//! its own frame, and what zstd cannot shrink is kept raw. Compression runs on all cores.
+
+use rayon::prelude::*;
+use strata_format::block::compress_into;
+use strata_format::layout::GROUP_MAX_BLOCKS;
+use strata_format::{Encoding, ImageWriter, IndexEntry};
+
+/// How much one group decodes to at most. Larger groups compress better (64 KiB frames lose
+/// about 10% against a stream, 256 KiB about 5%) but a read of one block decodes its whole
+/// group; see BENCHMARKS.md for the figures behind this choice.
+pub const GROUP_TARGET_BYTES: usize = 1 << 20;
+
+enum Packed {
+    Zstd(Vec<u8>),
+    Raw,
+}
+
+/// `len` adjacent blocks starting at batch block `first`, as they will be stored.
+pub struct Unit {
+    first: usize,
+    len: usize,
+    packed: Packed,
+}
+
+/// Groups the blocks of `buf` (blocks of `bs` bytes) whose `store` flag is set into runs of
+/// adjacent blocks and compresses each run as one frame.
+pub fn pack(buf: &[u8], bs: usize, store: &[bool], level: i32) -> Vec<Unit> {
+    let max = (GROUP_TARGET_BYTES / bs).clamp(1, GROUP_MAX_BLOCKS as usize);
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < store.len() {
+        if !store[i] {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < store.len() && store[i] && i - first < max {
+            i += 1;
+        }
+        runs.push((first, i - first));
+    }
+    runs.into_par_iter()
+        .map_init(
+            || zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+            |compressor, (first, len)| {
+                let mut frame = Vec::new();
+                let packed = match compress_into(compressor, &buf[first * bs..(first + len) * bs], &mut frame) {
+                    Encoding::Zstd => Packed::Zstd(frame),
+                    _ => Packed::Raw,
+                };
+                Unit { first, len, packed }
+            },
+        )
+        .collect()
+}
+
+impl Unit {
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Appends the unit's blocks to `writer`: block `first + i` of the batch is source block
+    /// `block0 + first + i` with hash `hashes[first + i]`. Pushes their entries to `entries`.
+    pub fn write(
+        &self,
+        writer: &mut ImageWriter,
+        block0: u64,
+        buf: &[u8],
+        bs: usize,
+        hashes: &[[u8; 32]],
+        entries: &mut Vec<IndexEntry>,
+    ) -> strata_format::Result<()> {
+        let block = |i: usize| (block0 + i as u64, hashes[i]);
+        match &self.packed {
+            Packed::Zstd(frame) if self.len == 1 => {
+                let (b, h) = block(self.first);
+                entries.push(writer.append_block(b, Encoding::Zstd, frame, h)?);
+            }
+            Packed::Zstd(frame) => {
+                let blocks: Vec<(u64, [u8; 32])> = (self.first..self.first + self.len).map(block).collect();
+                writer.append_group(&blocks, frame, entries)?;
+            }
+            Packed::Raw => {
+                for i in self.first..self.first + self.len {
+                    let (b, h) = block(i);
+                    entries.push(writer.append_block(b, Encoding::Raw, &buf[i * bs..(i + 1) * bs], h)?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
