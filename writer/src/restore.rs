@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
+use std::sync::mpsc::sync_channel;
 use strata_format::block::hash_block;
 use strata_format::digest::{hex, zero_block_hash, SourceDigest};
 use strata_format::{BlockLocation, ReadScratch, Repository, VersionReader};
@@ -162,7 +163,9 @@ pub fn restore(
     })
 }
 
-/// Writes every block of `reader` into `file`; returns the digest of what was written.
+/// Writes every block of `reader` into `file`; returns the digest of what was written. Blocks
+/// are read and decoded on all cores a batch at a time while a writer thread writes the batch
+/// before (two batch buffers in flight).
 fn write_version(
     reader: &VersionReader,
     file: &File,
@@ -175,63 +178,103 @@ fn write_version(
     if let TargetKind::File = kind {
         file.set_len(size).with_context(|| format!("{}: cannot size the target to {size} bytes", target.display()))?;
     }
+    let device = matches!(kind, TargetKind::Device);
     let zero_hash = zero_block_hash(reader.block_size());
     let mut digest = SourceDigest::new(size, reader.block_size());
     let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
-    let mut buf = vec![0u8; batch_blocks as usize * bs];
     progress.begin("restore", size);
-    let mut start = 0u64;
-    while start < reader.block_count() {
-        let n = batch_blocks.min(reader.block_count() - start);
-        let batch = &mut buf[..n as usize * bs];
-        // Each task reads a run of adjacent blocks in order, so that a group is decoded once.
-        let hashes: Vec<Option<[u8; 32]>> = batch
-            .par_chunks_mut(bs * TASK_BLOCKS)
-            .enumerate()
-            .map_init(ReadScratch::new, |scratch, (t, run)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
-                run.chunks_mut(bs)
-                    .enumerate()
-                    .map(|(i, out)| {
-                        let b = start + (t * TASK_BLOCKS + i) as u64;
-                        if reader.locate(b) == BlockLocation::Zero {
-                            return Ok(None);
-                        }
-                        reader.read_block(b, scratch, out)?;
-                        Ok(Some(hash_block(out)))
-                    })
-                    .collect()
-            })
-            .collect::<strata_format::Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        let device = matches!(kind, TargetKind::Device);
-        for (i, h) in hashes.iter().enumerate() {
-            digest.push(h.as_ref().unwrap_or(&zero_hash));
-            if h.is_none() && device {
-                batch[i * bs..(i + 1) * bs].fill(0);
+    let (full_tx, full_rx) = sync_channel::<Batch>(1);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let full_tx = full_tx; // dropped on every way out, which ends the writer's loop
+        let writer = scope.spawn(move || -> Result<()> {
+            for batch in full_rx {
+                write_batch(file, &batch, bs, size, device).with_context(|| {
+                    format!("{}: write error at offset {}", target.display(), batch.start * bs as u64)
+                })?;
+                let _ = free_tx.try_send(batch.buf);
             }
+            Ok(())
+        });
+        let mut start = 0u64;
+        while start < reader.block_count() {
+            let n = batch_blocks.min(reader.block_count() - start);
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            buf.resize(n as usize * bs, 0);
+            let hashes = read_batch(reader, start, &mut buf, bs)?;
+            for (i, h) in hashes.iter().enumerate() {
+                digest.push(h.as_ref().unwrap_or(&zero_hash));
+                if h.is_none() && device {
+                    buf[i * bs..(i + 1) * bs].fill(0);
+                }
+            }
+            progress.advance((n * bs as u64).min(size - start * bs as u64));
+            if full_tx.send(Batch { start, buf, hashes }).is_err() {
+                break; // the writer failed; its error is reported below
+            }
+            start += n;
         }
-        // Write runs of consecutive blocks that must be written (all of them on a device, the
-        // non-zero ones in a file, whose zero blocks stay holes).
-        let mut i = 0usize;
-        while i < hashes.len() {
-            if hashes[i].is_none() && !device {
-                i += 1;
-                continue;
-            }
-            let run_start = i;
-            while i < hashes.len() && (device || hashes[i].is_some()) {
-                i += 1;
-            }
-            let offset = (start + run_start as u64) * bs as u64;
-            let end = ((start + i as u64) * bs as u64).min(size);
-            file.write_all_at(&batch[run_start * bs..run_start * bs + (end - offset) as usize], offset)
-                .with_context(|| format!("{}: write error at offset {offset}", target.display()))?;
-        }
-        progress.advance((n * bs as u64).min(size - start * bs as u64));
-        start += n;
-    }
+        drop(full_tx);
+        writer.join().expect("restore writer thread")
+    });
     progress.end();
+    result?;
     Ok(digest.finish())
+}
+
+/// Blocks `start..` of a version, decoded, with the hash of each non-zero one.
+struct Batch {
+    start: u64,
+    buf: Vec<u8>,
+    hashes: Vec<Option<[u8; 32]>>,
+}
+
+/// Reads and decodes the blocks of `buf` on all cores. Each task reads a run of adjacent
+/// blocks in order, so that a group is decoded once.
+fn read_batch(
+    reader: &VersionReader,
+    start: u64,
+    buf: &mut [u8],
+    bs: usize,
+) -> strata_format::Result<Vec<Option<[u8; 32]>>> {
+    Ok(buf
+        .par_chunks_mut(bs * TASK_BLOCKS)
+        .enumerate()
+        .map_init(ReadScratch::new, |scratch, (t, run)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
+            run.chunks_mut(bs)
+                .enumerate()
+                .map(|(i, out)| {
+                    let b = start + (t * TASK_BLOCKS + i) as u64;
+                    if reader.locate(b) == BlockLocation::Zero {
+                        return Ok(None);
+                    }
+                    reader.read_block(b, scratch, out)?;
+                    Ok(Some(hash_block(out)))
+                })
+                .collect()
+        })
+        .collect::<strata_format::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
+/// Writes runs of consecutive blocks that must be written: all of them on a device (zero
+/// blocks zero-filled by then), the non-zero ones in a file, whose zero blocks stay holes.
+fn write_batch(file: &File, batch: &Batch, bs: usize, size: u64, device: bool) -> std::io::Result<()> {
+    let mut i = 0usize;
+    while i < batch.hashes.len() {
+        if batch.hashes[i].is_none() && !device {
+            i += 1;
+            continue;
+        }
+        let run_start = i;
+        while i < batch.hashes.len() && (device || batch.hashes[i].is_some()) {
+            i += 1;
+        }
+        let offset = (batch.start + run_start as u64) * bs as u64;
+        let end = ((batch.start + i as u64) * bs as u64).min(size);
+        file.write_all_at(&batch.buf[run_start * bs..run_start * bs + (end - offset) as usize], offset)?;
+    }
+    Ok(())
 }

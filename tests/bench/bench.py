@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""strata against qcow2+zstd (qemu-img, qemu-storage-daemon), borg and restic on one dataset in
+one run: backups of six versions, mounts, restores, physical baselines, and strata's own
+figures at chain depths 1..1000 and block sizes 16K/64K/1M. Writes a Markdown report.
+
+Run through tests/bench/run.sh, which installs the peers and builds strata; as root (it drops
+the page cache and loop-mounts the dataset)."""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dataset  # noqa: E402
+from tools import Borg, Qcow2, Restic, Strata, measure, rss_mib, tree_bytes  # noqa: E402
+
+MiB = 1 << 20
+
+
+def log(msg):
+    print("bench: " + msg, file=sys.stderr, flush=True)
+
+
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mbps(nbytes, seconds):
+    return nbytes / 1e6 / seconds
+
+
+def same(a, b):
+    return subprocess.run(["cmp", "-s", a, b]).returncode == 0
+
+
+def link_live(live, version):
+    if os.path.lexists(live):
+        os.unlink(live)
+    os.link(version, live)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.work = os.path.abspath(args.work)
+        self.scale = dataset.QUICK if args.quick else dataset.FULL
+        self.runs = args.runs
+        self.data = dataset.Dataset(self.work, self.scale)
+        self.live = os.path.join(self.work, "live", "disk.img")
+        os.makedirs(os.path.dirname(self.live), exist_ok=True)
+        self.size = self.scale.image_mib * MiB
+        self.r = {"scale": self.scale.__dict__, "runs": self.runs, "quick": args.quick}
+        self.tools = [Strata(self.work, self.live, args.strata), Qcow2(self.work, self.live),
+                      Borg(self.work, self.live), Restic(self.work, self.live)]
+        self.tools = [t for t in self.tools if t.name in args.tools]
+
+    # -- dataset -------------------------------------------------------------------------
+    def prepare(self):
+        marker = os.path.join(self.data.dir, "done")
+        if self.data.ready() and open(marker).read().strip() == "ok":
+            log("dataset: reusing " + self.data.dir)
+        else:
+            log("dataset: building in " + self.data.dir)
+            self.data.build(log)
+        stats_file = os.path.join(self.data.dir, "steps.json")
+        if os.path.exists(stats_file):
+            steps = json.load(open(stats_file))
+        else:
+            steps = []
+            for i, (v, text) in enumerate(dataset.describe(self.scale)):
+                if i == 0:
+                    steps.append({"version": v, "what": text})
+                    continue
+                log("dataset: measuring what %s changed" % v)
+                c4, z4, c64, z64 = dataset.ideal_incremental(self.data.versions[i - 1], self.data.versions[i])
+                steps.append({"version": v, "what": text, "changed_4k": c4, "zstd_4k": z4,
+                              "changed_64k": c64, "zstd_64k": z64})
+            json.dump(steps, open(stats_file, "w"))
+        self.r["steps"] = steps
+        self.r["allocated_mib"] = [os.stat(v).st_blocks * 512 / MiB for v in self.data.versions]
+
+    def warm_sources(self):
+        for v in self.data.versions:
+            subprocess.run(["cat", v], stdout=subprocess.DEVNULL, check=True)
+
+    # -- physical baselines on v1 ----------------------------------------------------------
+    def baselines(self):
+        v1 = self.data.versions[0]
+        out = os.path.join(self.work, "v1.zst")
+        b = {"cat_cold": [], "cat_warm": [], "zstd": [], "b3sum": []}
+        for _ in range(self.runs):
+            drop_caches()
+            b["cat_cold"].append(measure(["cat", v1]).wall)
+            b["cat_warm"].append(measure(["cat", v1]).wall)
+            b["zstd"].append(measure(["zstd", "-q", "-f", "-3", "-T2", v1, "-o", out]).__dict__)
+            b["b3sum"].append(measure(["b3sum", "--num-threads", "2", v1]).wall)
+        b["zstd_bytes"] = os.path.getsize(out)
+        os.unlink(out)
+        self.r["baselines"] = b
+        log("baselines: cat warm %.2f s, zstd -3 -T2 %.2f s" % (med(b["cat_warm"]), med(x["wall"] for x in b["zstd"])))
+
+    # -- backups ---------------------------------------------------------------------------
+    def chain(self, tool, runs):
+        """Back up v1..v6 with `tool`, `runs` times from an empty repository; every step's
+        cost per run and the bytes each step added (last run)."""
+        steps = [[] for _ in self.data.versions]
+        stored = []
+        for run in range(runs):
+            tool.unmount()
+            tool.reset()
+            stored = []
+            for i, v in enumerate(self.data.versions):
+                link_live(self.live, v)
+                before = tool.stored()
+                cost = tool.backup()
+                steps[i].append(cost.__dict__)
+                stored.append(tool.stored() - before)
+            log("%s: chain run %d: full %.2f s, incrementals %.2f s, %.0f MiB" % (
+                tool.name, run + 1, steps[0][-1]["wall"], sum(s[-1]["wall"] for s in steps[1:]), sum(stored) / MiB))
+        return {"steps": steps, "stored": stored, "repo_bytes": tool.stored()}
+
+    def backups(self):
+        self.warm_sources()
+        self.r["backup"] = {t.name: self.chain(t, self.runs) for t in self.tools}
+
+    # -- mounts ----------------------------------------------------------------------------
+    def mounts(self):
+        newest = self.data.versions[-1]
+        res = {}
+        for tool in self.tools:
+            m = {"ready": [], "cold": [], "warm": [], "rss": [], "cmp": None}
+            for run in range(self.runs):
+                tool.unmount()
+                drop_caches()
+                path, pid, ready = tool.mount()
+                try:
+                    m["ready"].append(ready)
+                    m["cold"].append(mbps(self.size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall))
+                    m["warm"].append(mbps(self.size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall))
+                    m["rss"].append(rss_mib(pid))
+                    if run == 0:
+                        m["cmp"] = same(path, newest)
+                finally:
+                    tool.unmount()
+            log("%s: mount cold %.0f MB/s, warm %.0f MB/s, ready %.3f s, RSS %.0f MiB, cmp %s" % (
+                tool.name, med(m["cold"]), med(m["warm"]), med(m["ready"]), med(m["rss"]), m["cmp"]))
+            res[tool.name] = m
+        self.r["mount"] = res
+
+    # -- restores --------------------------------------------------------------------------
+    def restores(self):
+        newest = self.data.versions[-1]
+        res = {}
+        for tool in self.tools:
+            m = {"wall": [], "cmp": None}
+            for run in range(self.runs):
+                out = os.path.join(self.work, "restore-" + tool.name)
+                subprocess.run(["rm", "-rf", out], check=True)
+                drop_caches()
+                cost, path = tool.restore(out)
+                cost = cost + measure(["sync", path])
+                m["wall"].append(cost.wall)
+                if run == 0:
+                    m["cmp"] = same(path, newest)
+                subprocess.run(["rm", "-rf", out], check=True)
+            log("%s: restore %.2f s (%.0f MB/s), cmp %s" % (tool.name, med(m["wall"]),
+                                                             mbps(self.size, med(m["wall"])), m["cmp"]))
+            res[tool.name] = m
+        self.r["restore"] = res
+
+    # -- strata alone ----------------------------------------------------------------------
+    def block_sizes(self):
+        res = {}
+        for bs in ("4K", "16K", "64K", "1M"):
+            tool = Strata(self.work, self.live, self.args.strata, block_size=bs)
+            res[bs] = self.chain(tool, 1)
+            subprocess.run(["rm", "-rf", tool.repo], check=True)
+        self.r["block_sizes"] = res
+
+    def depth(self):
+        """One chain of incrementals on a small source, each after 64 scattered 4 KiB writes,
+        measured as it reaches each depth."""
+        depths = [1, 10, 100] if self.args.quick else [1, 10, 100, 1000]
+        small_mib = 64 if self.args.quick else 256
+        src = os.path.join(self.work, "depth-src.img")
+        files_dir = os.path.join(self.work, "depth-files")
+        subprocess.run(["rm", "-rf", files_dir, src], check=True)
+        chosen, _ = dataset.take(dataset.usr_files(), 0, small_mib * 45 // 100)
+        dataset.copy_files(chosen, files_dir, "usr")
+        with open(src, "wb") as f:
+            f.truncate(small_mib * MiB)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", dataset.UUID, "-d", files_dir, src], check=True)
+        shutil.rmtree(files_dir)
+        tool = Strata(self.work, src, self.args.strata)
+        tool.name = "strata-depth"
+        tool.repo = os.path.join(self.work, "repo-depth")
+        tool.mnt = os.path.join(self.work, "mnt-depth")
+        tool.reset()
+        rng = random.Random(7)
+        size = small_mib * MiB
+        res = {"source_mib": small_mib, "depths": {}}
+        backup_rss = []
+        for d in range(1, depths[-1] + 1):
+            if d > 1:
+                fd = os.open(src, os.O_WRONLY)
+                for _ in range(64):
+                    os.pwrite(fd, rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
+                os.close(fd)
+            backup_rss.append(tool.backup().rss_mib)
+            if d not in depths:
+                continue
+            m = {"ready": [], "cold": [], "warm": [], "rss": [], "restore_cold": [], "restore_cached": []}
+            for run in range(self.runs):
+                drop_caches()
+                path, pid, ready = tool.mount()
+                try:
+                    m["ready"].append(ready)
+                    m["cold"].append(mbps(size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall))
+                    m["warm"].append(mbps(size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall))
+                    m["rss"].append(rss_mib(pid))
+                    if run == 0:
+                        m["cmp"] = same(path, src)
+                finally:
+                    tool.unmount()
+                drop_caches()
+                restore = [self.args.strata, "restore", "-q", tool.repo, "latest", "/dev/null"]
+                m["restore_cold"].append(mbps(size, measure(restore).wall))
+                m["restore_cached"].append(mbps(size, measure(restore).wall))
+            m["backup_rss"] = max(backup_rss)
+            m["repo_bytes"] = tree_bytes(tool.repo)
+            log("depth %d: mount cold %.0f MB/s, restore cold %.0f MB/s, ready %.3f s, RSS %.0f MiB" % (
+                d, med(m["cold"]), med(m["restore_cold"]), med(m["ready"]), med(m["rss"])))
+            res["depths"][str(d)] = m
+        subprocess.run(["rm", "-rf", tool.repo, src], check=True)
+        self.r["depth"] = res
+
+    def run(self):
+        t0 = time.monotonic()
+        self.prepare()
+        phases = [("baselines", self.baselines), ("backups", self.backups), ("mounts", self.mounts),
+                  ("restores", self.restores), ("block_sizes", self.block_sizes), ("depth", self.depth)]
+        for name, fn in phases:
+            if name in self.args.skip:
+                continue
+            log("phase: " + name)
+            fn()
+        for tool in self.tools:
+            tool.unmount()
+        self.r["seconds"] = time.monotonic() - t0
+        return self.r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small dataset (a few minutes)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per measured row (median reported)")
+    ap.add_argument("--work", required=True, help="work folder (dataset, repositories, mounts)")
+    ap.add_argument("--strata", required=True, help="the strata binary")
+    ap.add_argument("--report", required=True, help="Markdown report to write")
+    ap.add_argument("--tools", default="strata,qcow2,borg,restic")
+    ap.add_argument("--skip", default="", help="phases to skip, comma separated")
+    args = ap.parse_args()
+    args.tools = args.tools.split(",")
+    args.skip = args.skip.split(",")
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (it drops the page cache and loop-mounts the dataset)")
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    finally:
+        for tool in bench.tools:
+            try:
+                tool.unmount()
+            except Exception as e:  # keep unmounting the others
+                log("unmount %s: %s" % (tool.name, e))
+    results["env"] = environment(args)
+    with open(os.path.join(bench.work, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    import report
+
+    with open(args.report, "w") as f:
+        f.write(report.render(results))
+    log("report written to " + args.report)
+
+
+def environment(args):
+    def first_line(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "not found"
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "kernel": os.uname().release,
+        "cores": os.cpu_count(),
+        "strata": first_line(["git", "-C", root, "log", "-1", "--format=%h %s"])[:80],
+        "qemu-img": first_line(["qemu-img", "--version"]),
+        "borg": first_line(["borg", "--version"]),
+        "restic": first_line(["restic", "version"]),
+        "zstd": first_line(["zstd", "--version"]),
+        "b3sum": first_line(["b3sum", "--version"]),
+        "command": "bash tests/bench/run.sh" + (" --quick" if args.quick else ""),
+    }
+
+
+if __name__ == "__main__":
+    main()
