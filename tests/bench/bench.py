@@ -68,8 +68,7 @@ class Bench:
 
     # -- dataset -------------------------------------------------------------------------
     def prepare(self):
-        marker = os.path.join(self.data.dir, "done")
-        if self.data.ready() and open(marker).read().strip() == "ok":
+        if self.data.ready():
             log("dataset: reusing " + self.data.dir)
         else:
             log("dataset: building in " + self.data.dir)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 MiB = 1 << 20
 PAGE = 4096
 UUID = "5b1ad7a0-0000-4000-8000-000000bac0b5"
+# Bumped whenever the recipe changes, so that an older dataset in WORKDIR is rebuilt.
+RECIPE = "recipe 2"
 
 
 @dataclass
@@ -34,11 +36,11 @@ QUICK = Scale(image_mib=512, files_mib=160, db_mib=32, upgrade_add_mib=10, db_wr
 
 STEPS = [
     ("v1", "full: ext4 with files from /usr and a database file"),
-    ("v2", "upgrade: ~3% of files rewritten, ~{add} MiB added, ~1% deleted"),
+    ("v2", "upgrade: ~3% of files replaced by new content, ~{add} MiB added, ~1% deleted"),
     ("v3", "database: {writes} scattered 4 KiB in-place page writes"),
-    ("v4", "small upgrade: ~1% of files rewritten, ~{small} MiB added"),
-    ("v5", "small upgrade: ~1% of files rewritten, ~{small} MiB added"),
-    ("v6", "small upgrade: ~1% of files rewritten, ~{small} MiB added"),
+    ("v4", "small upgrade: ~1% of files replaced, ~{small} MiB added"),
+    ("v5", "small upgrade: ~1% of files replaced, ~{small} MiB added"),
+    ("v6", "small upgrade: ~1% of files replaced, ~{small} MiB added"),
 ]
 
 
@@ -115,15 +117,14 @@ def take(files, start, mib):
     return out, i
 
 
-def rewrite(path, step):
-    """Replace a file as a package upgrade does: new content of the same size, written to a
-    temporary name and renamed over the old one (so ext4 allocates new blocks)."""
-    with open(path, "rb") as f:
+def rewrite(path, new_content):
+    """Replace a file as a package upgrade does: new bytes (those of another /usr file, so that
+    no tool has seen them before), written to a temporary name and renamed over the old one
+    (so ext4 allocates new blocks)."""
+    with open(new_content, "rb") as f:
         data = f.read()
-    k = 1 + step % 7
-    new = data[k:] + data[:k]
     with open(path + ".dpkg-new", "wb") as f:
-        f.write(new)
+        f.write(data)
     os.rename(path + ".dpkg-new", path)
 
 
@@ -134,7 +135,11 @@ class Dataset:
         self.versions = [os.path.join(self.dir, v + ".raw") for v, _ in STEPS]
 
     def ready(self):
-        return os.path.exists(os.path.join(self.dir, "done"))
+        try:
+            with open(os.path.join(self.dir, "done")) as f:
+                return f.read().strip() == "%s %s" % (RECIPE, self.scale)
+        except OSError:
+            return False
 
     def build(self, log):
         s = self.scale
@@ -171,7 +176,8 @@ class Dataset:
             for i, name in enumerate(names):
                 path = os.path.join(root, name)
                 if name and i % rewrite_every == rewrite_phase and os.path.exists(path):
-                    rewrite(path, n)
+                    rewrite(path, files[nxt][0])
+                    nxt += 1
                 elif delete_every and name and i % delete_every == delete_every // 2 and os.path.exists(path):
                     os.unlink(path)
                     names[i] = ""
@@ -198,8 +204,11 @@ class Dataset:
         for n in (4, 5, 6):
             log("v%d: small upgrade" % n)
             step(n - 1, lambda root, n=n: upgrade(root, n, 100, 17 * n % 100, s.small_add_mib, 0))
+        stale = os.path.join(self.dir, "steps.json")  # measured again by the caller
+        if os.path.exists(stale):
+            os.unlink(stale)
         with open(os.path.join(self.dir, "done"), "w") as f:
-            f.write("ok\n")
+            f.write("%s %s\n" % (RECIPE, self.scale))
 
 
 def changed_blocks(a, b, block):
