@@ -55,13 +55,13 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.work = os.path.abspath(args.work)
-        self.scale = dataset.QUICK if args.quick else dataset.FULL
+        self.scale = dataset.SMOKE if args.smoke else dataset.QUICK if args.quick else dataset.FULL
         self.runs = args.runs
         self.data = dataset.Dataset(self.work, self.scale)
         self.live = os.path.join(self.work, "live", "disk.img")
         os.makedirs(os.path.dirname(self.live), exist_ok=True)
         self.size = self.scale.image_mib * MiB
-        self.r = {"scale": self.scale.__dict__, "runs": self.runs, "quick": args.quick}
+        self.r = {"scale": self.scale.__dict__, "runs": self.runs, "quick": args.quick or args.smoke}
         self.tools = [Strata(self.work, self.live, args.strata), Qcow2(self.work, self.live),
                       Borg(self.work, self.live), Restic(self.work, self.live)]
         self.tools = [t for t in self.tools if t.name in args.tools]
@@ -191,8 +191,8 @@ class Bench:
     def depth(self):
         """One chain of incrementals on a small source, each after 64 scattered 4 KiB writes,
         measured as it reaches each depth."""
-        depths = [1, 10, 100] if self.args.quick else [1, 10, 100, 1000]
-        small_mib = 64 if self.args.quick else 256
+        depths = [1, 10] if self.args.smoke else [1, 10, 100] if self.args.quick else [1, 10, 100, 1000]
+        small_mib = 16 if self.args.smoke else 64 if self.args.quick else 256
         src = os.path.join(self.work, "depth-src.img")
         files_dir = os.path.join(self.work, "depth-files")
         subprocess.run(["rm", "-rf", files_dir, src], check=True)
@@ -264,6 +264,7 @@ class Bench:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small dataset (a few minutes)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny dataset: checks the harness itself (CI)")
     ap.add_argument("--runs", type=int, default=3, help="runs per measured row (median reported)")
     ap.add_argument("--work", required=True, help="work folder (dataset, repositories, mounts)")
     ap.add_argument("--strata", required=True, help="the strata binary")

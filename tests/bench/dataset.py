@@ -32,6 +32,7 @@ class Scale:
 
 
 FULL = Scale(image_mib=4096, files_mib=1536, db_mib=256, upgrade_add_mib=100, db_writes=2000, small_add_mib=8)
+SMOKE = Scale(image_mib=64, files_mib=20, db_mib=4, upgrade_add_mib=2, db_writes=50, small_add_mib=1)
 QUICK = Scale(image_mib=512, files_mib=160, db_mib=32, upgrade_add_mib=10, db_writes=250, small_add_mib=1)
 
 STEPS = [
