@@ -120,8 +120,8 @@ impl IndexEntry {
         }
         if encoding == Encoding::ZstdGroup {
             let len = u32::from(entry.group_len);
+            // (group_len ≤ GROUP_MAX_BLOCKS = 255 holds for every u8)
             if len < 2
-                || entry.group_len > layout::GROUP_MAX_BLOCKS
                 || u64::from(len) * u64::from(limits.block_size) > u64::from(layout::GROUP_MAX_BYTES)
                 || entry.group_slot >= entry.group_len
             {

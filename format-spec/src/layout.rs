@@ -118,9 +118,9 @@ pub const ENCODING_RAW: u8 = 1;
 pub const ENCODING_ZSTD: u8 = 2;
 pub const ENCODING_ZSTD_GROUP: u8 = 3;
 
-/// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS consecutive stored
-/// blocks of an image, decoding to at most GROUP_MAX_BYTES: this bounds what one read decodes.
-pub const GROUP_MAX_BLOCKS: u8 = 16;
+/// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS stored blocks of an
+/// image, decoding to at most GROUP_MAX_BYTES: this bounds what one read decodes.
+pub const GROUP_MAX_BLOCKS: u8 = 255;
 pub const GROUP_MAX_BYTES: u32 = 1 << 20;
 
 /// Image file names in a repository: `v` + 8-digit zero-padded id + this suffix.

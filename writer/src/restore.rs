@@ -18,8 +18,8 @@ use crate::progress::Progress;
 use crate::source::block_device_size;
 
 const BATCH_BYTES: usize = 8 << 20;
-/// Blocks one parallel task reads in order: a group (up to 16 blocks) is decoded at most twice.
-const TASK_BLOCKS: usize = strata_format::layout::GROUP_MAX_BLOCKS as usize;
+/// Bytes one parallel task reads in order: a group (at most this long) is decoded at most twice.
+const TASK_BYTES: usize = strata_format::layout::GROUP_MAX_BYTES as usize;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreSummary {
@@ -237,14 +237,15 @@ fn read_batch(
     buf: &mut [u8],
     bs: usize,
 ) -> strata_format::Result<Vec<Option<[u8; 32]>>> {
+    let task_blocks = (TASK_BYTES / bs).max(1);
     Ok(buf
-        .par_chunks_mut(bs * TASK_BLOCKS)
+        .par_chunks_mut(bs * task_blocks)
         .enumerate()
         .map_init(ReadScratch::new, |scratch, (t, run)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
             run.chunks_mut(bs)
                 .enumerate()
                 .map(|(i, out)| {
-                    let b = start + (t * TASK_BLOCKS + i) as u64;
+                    let b = start + (t * task_blocks + i) as u64;
                     if reader.locate(b) == BlockLocation::Zero {
                         return Ok(None);
                     }
