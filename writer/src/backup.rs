@@ -1,6 +1,7 @@
-//! The backup engine: read the source once in large sequential batches, hash every block and
-//! compress the changed ones (packed in groups, see `pack`) on all cores, compare with the parent version's block hashes, and
-//! write one new image that is published only when complete.
+//! The backup engine: read the source once in large sequential batches, hash every block on all
+//! cores, compare with the parent version's block hashes, store each changed content once per
+//! image (`dedup`) with runs of adjacent changed blocks compressed together (`pack`), and write
+//! one new image that is published only when complete.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
