@@ -216,6 +216,31 @@ impl ImageFile {
         Ok(&scratch.group)
     }
 
+    /// Names this opened image among those the process opened; with a data offset it names
+    /// one stored frame, for readers that keep decoded frames (an image id does not: a merged
+    /// image keeps its id but not its layout).
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
+    /// Bytes the frame of `entry` decodes to: its whole group, or one block.
+    pub fn frame_len(&self, entry: &IndexEntry) -> usize {
+        usize::from(entry.group_len.max(1)) * self.header.block_size as usize
+    }
+
+    /// Decodes the frame `entry` points at into `out` (`frame_len` bytes: the whole group for
+    /// a block of a group, else the one block), checking the crc32c.
+    pub fn decode_frame(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
+        if entry.encoding == Encoding::Zero {
+            out.fill(0);
+            return Ok(());
+        }
+        let ReadScratch { decompressor, stored, .. } = scratch;
+        self.read_stored_unchecked(entry, stored)?;
+        block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out)
+            .map_err(|e| self.decode_error(entry, e))
+    }
+
     fn read_stored_unchecked(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
         stored.resize(entry.stored_len as usize, 0);
         self.file
