@@ -1,57 +1,89 @@
-//! The block cache: decompressed blocks, keyed by the image that stores them and the block
-//! number, so a block shared by many versions is decoded and kept once. Bounded by a byte budget
-//! (LRU eviction). A block is decoded by one thread at a time: readers that want a block under
-//! way wait for it. Readahead decodes the next blocks of a sequential reader on the other cores.
+//! The frame cache: decoded stored frames (one block, or a whole group: at most 1 MiB),
+//! keyed by the opened image and the frame's offset in it, so that a frame shared by several
+//! versions or several blocks (deduplication), or read by two requests that each cover part of
+//! a group, is decoded and kept once. Bounded by a byte budget (LRU eviction). A frame is
+//! decoded by one thread at a time: readers that want a frame under way wait for it. Prefetch
+//! decodes the frames of the next blocks of a reader on the other cores.
 
 use std::collections::HashSet;
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
-use rayon::prelude::*;
-use strata_format::{BlockLocation, ReadScratch, VersionReader};
+use strata_format::{BlockLocation, ImageFile, IndexEntry, ReadScratch, VersionReader};
 
-/// (image id of the image holding the block, block number): an image id names one version's
-/// state for good, so a key never changes meaning (SPEC.md §3.1).
-type Key = (strata_format::header::Id128, u64);
+/// (serial of the opened image holding the frame, the frame's data offset in it).
+type Key = (u64, u64);
 
 pub struct BlockCache {
-    blocks: Mutex<LruCache<Key, Arc<Vec<u8>>>>,
+    frames: Mutex<Frames>,
     in_flight: Mutex<HashSet<Key>>,
     landed: Condvar,
-    zero: Arc<Vec<u8>>,
+    budget: usize,
 }
 
-/// Whether this thread must decode a block, or it is cached.
+struct Frames {
+    lru: LruCache<Key, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// Whether this thread must decode a frame, or it is cached.
 enum Claim {
     Cached(Arc<Vec<u8>>),
     Decode,
 }
 
+/// Decodes the frame of `entry` into `out` with this thread's scratch buffers.
+fn decode_frame(image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> strata_format::Result<()> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<ReadScratch> = std::cell::RefCell::new(ReadScratch::new());
+    }
+    SCRATCH.with(|s| image.decode_frame(entry, &mut s.borrow_mut(), out))
+}
+
+fn key(image: &ImageFile, entry: &IndexEntry) -> Key {
+    (image.serial(), entry.data_offset)
+}
+
 impl BlockCache {
-    /// A cache of at most `budget` bytes of `block_size` blocks (at least 16 blocks).
+    /// A cache of at most `budget` bytes of frames of `block_size` blocks (at least four of the
+    /// largest frames, so that the frames of one request fit).
     pub fn new(budget: u64, block_size: u32) -> BlockCache {
-        let capacity = (budget / u64::from(block_size)).max(16) as usize;
+        use strata_format::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES};
+        let bs = u64::from(block_size);
+        let floor = 4 * (u64::from(GROUP_MAX_BLOCKS) * bs).min(u64::from(GROUP_MAX_BYTES)).max(bs);
         BlockCache {
-            blocks: Mutex::new(LruCache::new(NonZeroUsize::new(capacity).expect("capacity > 0"))),
+            frames: Mutex::new(Frames { lru: LruCache::unbounded(), bytes: 0 }),
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
-            zero: Arc::new(vec![0u8; block_size as usize]),
+            budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
         }
     }
 
-    fn key(version: &VersionReader, block: u64) -> Option<Key> {
-        match version.locate(block) {
-            BlockLocation::Zero => None,
-            BlockLocation::Stored { layer, .. } => Some((version.layers()[layer].header.image_id, block)),
-        }
+    /// Frames held now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.frames.lock().unwrap().lru.len()
     }
 
     fn cached(&self, key: &Key) -> Option<Arc<Vec<u8>>> {
-        self.blocks.lock().unwrap().get(key).cloned()
+        self.frames.lock().unwrap().lru.get(key).cloned()
     }
 
-    /// Returns the cached block, or claims it for decoding; waits while another thread decodes
+    fn insert(&self, key: Key, data: Arc<Vec<u8>>) {
+        let mut f = self.frames.lock().unwrap();
+        f.bytes += data.len();
+        if let Some(old) = f.lru.put(key, data) {
+            f.bytes -= old.len();
+        }
+        while f.bytes > self.budget && f.lru.len() > 1 {
+            match f.lru.pop_lru() {
+                Some((_, old)) => f.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Returns the cached frame, or claims it for decoding; waits while another thread decodes
     /// it (`wait`), or gives up at once when it is under way (`!wait`, returns `None`).
     fn claim(&self, key: Key, wait: bool) -> Option<Claim> {
         let mut in_flight = self.in_flight.lock().unwrap();
@@ -69,64 +101,78 @@ impl BlockCache {
         }
     }
 
-    fn decode(&self, version: &VersionReader, block: u64, key: Key) -> strata_format::Result<Arc<Vec<u8>>> {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<ReadScratch> = std::cell::RefCell::new(ReadScratch::new());
-        }
-        let mut data = vec![0u8; version.block_size() as usize];
-        let result = SCRATCH.with(|s| version.read_block(block, &mut s.borrow_mut(), &mut data));
+    /// Decodes a claimed frame into the cache and releases the claim.
+    fn decode(&self, image: &ImageFile, entry: &IndexEntry, key: Key) -> strata_format::Result<Arc<Vec<u8>>> {
+        let mut data = vec![0u8; image.frame_len(entry)];
+        let result = decode_frame(image, entry, &mut data);
         let data = Arc::new(data);
         if result.is_ok() {
-            self.blocks.lock().unwrap().put(key, data.clone());
+            self.insert(key, data.clone());
         }
         self.in_flight.lock().unwrap().remove(&key);
         self.landed.notify_all();
         result.map(|_| data)
     }
 
-    /// Block `block` of `version`, from the cache or decoded now.
-    pub fn get(&self, version: &VersionReader, block: u64) -> strata_format::Result<Arc<Vec<u8>>> {
-        let Some(key) = Self::key(version, block) else { return Ok(self.zero.clone()) };
+    /// The decoded frame of `entry`, from the cache or decoded now.
+    pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> strata_format::Result<Arc<Vec<u8>>> {
+        let key = key(image, entry);
         if let Some(hit) = self.cached(&key) {
             return Ok(hit);
         }
         match self.claim(key, true) {
             Some(Claim::Cached(hit)) => Ok(hit),
-            _ => self.decode(version, block, key),
+            _ => self.decode(image, entry, key),
         }
     }
 
-    /// Blocks `blocks` of `version`, decoding the missing ones on all cores.
-    pub fn get_many(
-        &self,
-        version: &VersionReader,
-        blocks: std::ops::Range<u64>,
-    ) -> strata_format::Result<Vec<Arc<Vec<u8>>>> {
-        if blocks.end - blocks.start <= 1 {
-            return blocks.map(|b| self.get(version, b)).collect();
+    /// The decoded frame of `entry` into `out` (`frame_len` bytes): copied from the cache when
+    /// it is there or being decoded there, else decoded straight into `out` and not kept.
+    pub fn frame_into(&self, image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> strata_format::Result<()> {
+        let key = key(image, entry);
+        let under_way = self.in_flight.lock().unwrap().contains(&key);
+        let hit = if under_way { self.claim(key, true) } else { self.cached(&key).map(Claim::Cached) };
+        match hit {
+            Some(Claim::Cached(data)) => {
+                out.copy_from_slice(&data);
+                Ok(())
+            }
+            Some(Claim::Decode) => {
+                let data = self.decode(image, entry, key)?;
+                out.copy_from_slice(&data);
+                Ok(())
+            }
+            None => decode_frame(image, entry, out),
         }
-        blocks.into_par_iter().map(|b| self.get(version, b)).collect()
     }
 
-    /// Decodes `blocks` of `version` in the background, skipping those cached or under way.
-    /// Errors are left for the foreground read to find and report.
+    /// Decodes the frames of `blocks` of `version` in the background, skipping those cached or
+    /// under way. Errors are left for the foreground read to find and report.
     pub fn prefetch(self: &Arc<Self>, version: &Arc<VersionReader>, blocks: std::ops::Range<u64>) {
-        for block in blocks {
-            if block >= version.block_count() {
-                break;
-            }
-            let Some(key) = Self::key(version, block) else { continue };
-            if self.blocks.lock().unwrap().contains(&key) {
-                continue;
-            }
-            let (cache, version) = (self.clone(), version.clone());
-            // Claimed only once running: a block is in flight only while a running thread
-            // decodes it, so waiting for one can never wait on a queued job.
-            rayon::spawn(move || {
-                if let Some(Claim::Decode) = cache.claim(key, false) {
-                    let _ = cache.decode(&version, block, key);
+        let (cache, version) = (self.clone(), version.clone());
+        rayon::spawn(move || {
+            let mut last = None;
+            for block in blocks.start..blocks.end.min(version.block_count()) {
+                if version.locate(block) == BlockLocation::Zero {
+                    continue;
                 }
-            });
-        }
+                let Ok(Some((image, entry))) = version.entry(block) else { continue };
+                let key = key(image, &entry);
+                if last == Some(key) || cache.cached(&key).is_some() {
+                    last = Some(key);
+                    continue;
+                }
+                last = Some(key);
+                let (cache, version) = (cache.clone(), version.clone());
+                // Claimed only once running: a frame is in flight only while a running thread
+                // decodes it, so waiting for one can never wait on a queued job.
+                rayon::spawn(move || {
+                    let Ok(Some((image, entry))) = version.entry(block) else { return };
+                    if let Some(Claim::Decode) = cache.claim(key, false) {
+                        let _ = cache.decode(image, &entry, key);
+                    }
+                });
+            }
+        });
     }
 }

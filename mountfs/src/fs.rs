@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +15,8 @@ use fuser::{
 use strata_format::VersionReader;
 
 use crate::cache::BlockCache;
-use crate::tree::{read_window, Catalogue, Node, VersionInfo};
+use crate::read::read_window;
+use crate::tree::{Catalogue, Node, VersionInfo};
 
 /// Versions never change: the kernel may keep their attributes, entries and pages for long.
 const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -23,6 +24,10 @@ const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
 const ROOT_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel is asked to send (with FUSE_MAX_PAGES).
 const MAX_READ: u32 = 1 << 20;
+/// Readahead requests the kernel may have in flight. At the congestion threshold (3/4 of it)
+/// the kernel drops async readahead instead of queueing it, and the reader then waits for
+/// synchronous reads one at a time: fuser's default (16) is about two readahead windows.
+const MAX_BACKGROUND: u16 = 64;
 
 struct Handle {
     reader: Arc<VersionReader>,
@@ -40,6 +45,9 @@ pub struct StrataFs {
     uid: u32,
     gid: u32,
     readahead_blocks: u64,
+    /// Reads being served now: when the kernel sends several at once they share the cores, and
+    /// one read alone decodes its blocks on all cores and prefetches the next ones.
+    active_reads: AtomicUsize,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
 }
@@ -55,6 +63,7 @@ impl StrataFs {
             uid,
             gid,
             readahead_blocks: (4u64 << 20).div_ceil(u64::from(block_size)).max(2),
+            active_reads: AtomicUsize::new(0),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -155,9 +164,30 @@ impl StrataFs {
     }
 }
 
+/// Counts a read in `active_reads` while it is served.
+struct Active<'a> {
+    count: &'a AtomicUsize,
+    /// Reads that were being served when this one started.
+    others: usize,
+}
+
+impl<'a> Active<'a> {
+    fn enter(count: &'a AtomicUsize) -> Active<'a> {
+        Active { count, others: count.fetch_add(1, Ordering::Relaxed) }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Filesystem for StrataFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
         Ok(())
     }
 
@@ -249,7 +279,12 @@ impl Filesystem for StrataFs {
         let Some(h) = self.handles.lock().unwrap().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let want = (u64::from(size)).min(h.len.saturating_sub(offset)) as usize;
         let bs = u64::from(h.reader.block_size());
-        if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 {
+        let active = Active::enter(&self.active_reads);
+        let alone = active.others == 0;
+        // The kernel's readahead keeps several requests of a sequential reader in flight; a
+        // reader it does not read ahead for (O_DIRECT, a loop device) sends one at a time, and
+        // then the next blocks are decoded while its answer travels.
+        if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 && alone {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
         }
@@ -261,7 +296,7 @@ impl Filesystem for StrataFs {
         REPLY.with(|cell| {
             let mut buf = cell.borrow_mut();
             buf.resize(want, 0);
-            match read_window(&h.reader, &self.cache, h.start, h.len, offset, &mut buf[..want]) {
+            match read_window(&h.reader, &self.cache, h.start, h.len, offset, &mut buf[..want], alone) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => {
                     log::warn!("{}/{} (version {}) at offset {offset}: {e}", h.version, h.name, h.version);

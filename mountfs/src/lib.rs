@@ -5,6 +5,9 @@
 mod cache;
 mod fs;
 pub mod partitions;
+mod read;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 use std::path::{Path, PathBuf};
@@ -94,11 +97,13 @@ fn unescape(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
-/// Readahead of the mount's backing device, in KiB.
-const READAHEAD_KB: u32 = 1024;
+/// Readahead of the mount's backing device, in KiB: eight 1 MiB requests ahead of a sequential
+/// reader, so that every FUSE thread has a request to serve while the others copy theirs (with
+/// 1 MiB, at most two were in flight and the driver sat idle a quarter of the time).
+const READAHEAD_KB: u32 = 8192;
 
 /// The kernel caps FUSE readahead at the bdi default (128 KiB) whatever the driver asks for;
-/// root may raise it through sysfs, so sequential reads arrive as 1 MiB requests.
+/// root may raise it through sysfs, so sequential reads arrive as 1 MiB requests, several at once.
 /// The device number is taken from mountinfo: a stat of the mount itself would wait for this
 /// driver, which does not serve requests yet.
 fn raise_readahead(mountpoint: &Path) {

@@ -16,6 +16,7 @@ use strata_format::{ImageFile, Repository, VersionReader};
 
 use crate::cache::BlockCache;
 use crate::partitions::{find_partitions, DiskRead, Partition};
+use crate::read::read_window;
 use crate::MountError;
 
 /// Inode of a node of the tree. Version folders and files use `id << 8 | k`: k = 0 the folder,
@@ -244,35 +245,7 @@ pub struct CachedDisk<'a> {
 
 impl DiskRead for CachedDisk<'_> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        read_window(self.reader, self.cache, 0, self.reader.source_size(), offset, buf).map_err(std::io::Error::other)
+        read_window(self.reader, self.cache, 0, self.reader.source_size(), offset, buf, false)
+            .map_err(std::io::Error::other)
     }
-}
-
-/// Reads `buf.len()` bytes at `offset` of the window `[start, start + len)` of a version's disk
-/// (fewer only at the window's end).
-pub fn read_window(
-    reader: &VersionReader,
-    cache: &BlockCache,
-    start: u64,
-    len: u64,
-    offset: u64,
-    buf: &mut [u8],
-) -> strata_format::Result<usize> {
-    if offset >= len {
-        return Ok(0);
-    }
-    let n = (buf.len() as u64).min(len - offset) as usize;
-    let bs = u64::from(reader.block_size());
-    let first = (start + offset) / bs;
-    let last = (start + offset + n as u64 - 1) / bs;
-    let blocks = cache.get_many(reader, first..last + 1)?;
-    let mut done = 0usize;
-    for data in blocks {
-        let pos = start + offset + done as u64;
-        let within = (pos % bs) as usize;
-        let take = (bs as usize - within).min(n - done);
-        buf[done..done + take].copy_from_slice(&data[within..within + take]);
-        done += take;
-    }
-    Ok(n)
 }

@@ -1,0 +1,127 @@
+//! How the bytes of one read are made from a version's blocks. The read is cut into units: a
+//! run of zero blocks (filled, never copied), or the blocks it needs of one stored frame (a
+//! block, or a group of at most 1 MiB). A frame the read covers whole, in order, is decoded
+//! straight into the reply: the kernel keeps those pages (`FOPEN_KEEP_CACHE`), so a copy in
+//! the cache would cost a memcpy and cache room for nothing. It comes from the frame cache
+//! only when already there or being decoded there (by prefetch). A frame the read needs in
+//! part goes through the cache, so that the next request, which wants the rest of the group,
+//! or small reads of the same block, do not decode it again. With `parallel`, units are
+//! decoded on all cores (see `fs`: when no other read is being served; when the kernel sends
+//! many requests at once, the requests share the cores instead).
+
+use rayon::prelude::*;
+use strata_format::{BlockLocation, ImageFile, IndexEntry, VersionReader};
+
+use crate::cache::BlockCache;
+
+/// A part of a read served by one source.
+enum Unit<'v> {
+    Zero { len: usize },
+    Frame { image: &'v ImageFile, entry: IndexEntry, parts: Vec<Part> },
+}
+
+/// Bytes `within..within + len` of the block at `slot` of a frame.
+struct Part {
+    slot: usize,
+    within: usize,
+    len: usize,
+}
+
+impl Unit<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Unit::Zero { len } => *len,
+            Unit::Frame { parts, .. } => parts.iter().map(|p| p.len).sum(),
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset` of the window `[start, start + len)` of a version's disk
+/// (fewer only at the window's end); with `parallel`, the frames are decoded on all cores.
+pub fn read_window(
+    reader: &VersionReader,
+    cache: &BlockCache,
+    start: u64,
+    len: u64,
+    offset: u64,
+    buf: &mut [u8],
+    parallel: bool,
+) -> strata_format::Result<usize> {
+    if offset >= len {
+        return Ok(0);
+    }
+    let n = (buf.len() as u64).min(len - offset) as usize;
+    let units = plan(reader, start + offset, n)?;
+    let mut jobs = Vec::with_capacity(units.len());
+    let mut rest = &mut buf[..n];
+    for unit in units {
+        let (out, tail) = rest.split_at_mut(unit.len());
+        jobs.push((unit, out));
+        rest = tail;
+    }
+    if jobs.len() == 1 || !parallel {
+        jobs.into_iter().try_for_each(|(unit, out)| fill(cache, reader.block_size() as usize, unit, out))?;
+    } else {
+        jobs.into_par_iter().try_for_each(|(unit, out)| fill(cache, reader.block_size() as usize, unit, out))?;
+    }
+    Ok(n)
+}
+
+/// Cuts `n` bytes at disk position `pos` into units, in order.
+fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result<Vec<Unit<'_>>> {
+    let bs = u64::from(reader.block_size());
+    let mut units: Vec<Unit<'_>> = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let (block, within) = (pos / bs, (pos % bs) as usize);
+        let len = (bs as usize - within).min(left);
+        match (reader.locate(block), units.last_mut()) {
+            (BlockLocation::Zero, Some(Unit::Zero { len: run })) => *run += len,
+            (BlockLocation::Zero, _) => units.push(Unit::Zero { len }),
+            (BlockLocation::Stored { .. }, last) => {
+                let (image, entry) = reader.entry(block)?.expect("a stored block has an entry");
+                let part = Part { slot: usize::from(entry.group_slot), within, len };
+                match last {
+                    Some(Unit::Frame { image: i, entry: e, parts })
+                        if i.serial() == image.serial() && same(e, &entry) =>
+                    {
+                        parts.push(part)
+                    }
+                    _ => units.push(Unit::Frame { image, entry, parts: vec![part] }),
+                }
+            }
+        }
+        pos += len as u64;
+        left -= len;
+    }
+    Ok(units)
+}
+
+/// Whether two entries of one image point at the same frame.
+fn same(a: &IndexEntry, b: &IndexEntry) -> bool {
+    (a.data_offset, a.stored_len, a.data_crc, a.encoding, a.group_len)
+        == (b.data_offset, b.stored_len, b.data_crc, b.encoding, b.group_len)
+}
+
+fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata_format::Result<()> {
+    let (image, entry, parts) = match unit {
+        Unit::Zero { .. } => {
+            out.fill(0);
+            return Ok(());
+        }
+        Unit::Frame { image, entry, parts } => (image, entry, parts),
+    };
+    let whole = out.len() == image.frame_len(&entry)
+        && parts.iter().enumerate().all(|(i, p)| p.slot == i && p.within == 0 && p.len == bs);
+    if whole {
+        return cache.frame_into(image, &entry, out);
+    }
+    let frame = cache.frame(image, &entry)?;
+    let mut at = 0;
+    for p in parts {
+        let from = p.slot * bs + p.within;
+        out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
+        at += p.len;
+    }
+    Ok(())
+}

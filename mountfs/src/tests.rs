@@ -1,0 +1,277 @@
+//! Unit tests of the read path without FUSE: every read of a window returns the version's bytes
+//! (aligned or not; single blocks, groups and deduplicated blocks; whole frames decoded straight
+//! into the reply or partial ones through the cache; alone or in parallel, with prefetch racing
+//! it, from several threads at once), and a damaged frame fails only the reads that touch it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use strata_format::block::{compress_into, hash_block, is_zero};
+use strata_format::digest::SourceDigest;
+use strata_format::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
+use strata_format::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, ReadScratch, VersionReader};
+
+use crate::cache::BlockCache;
+use crate::read::read_window;
+
+const BS: u32 = 4096;
+
+/// A disk of `blocks` blocks and a 1000-byte tail: runs of compressible blocks between zero
+/// blocks (stored as groups), incompressible blocks (alone), and copies of block 3 (references).
+fn sample_disk(blocks: usize) -> Vec<u8> {
+    let bs = BS as usize;
+    let mut disk = vec![0u8; blocks * bs + 1000];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for (b, chunk) in disk.chunks_mut(bs).enumerate() {
+        match b % 11 {
+            0 | 7 => {}
+            1 | 5 => chunk.iter_mut().enumerate().for_each(|(i, c)| *c = (2u8) ^ ((i / 64) as u8)),
+            3 => chunk.iter_mut().for_each(|c| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *c = x as u8;
+            }),
+            _ => chunk.iter_mut().enumerate().for_each(|(i, c)| *c = (b as u8) ^ ((i / 64) as u8)),
+        }
+    }
+    for b in (9..blocks).step_by(11) {
+        disk.copy_within(3 * bs..4 * bs, b * bs);
+    }
+    disk
+}
+
+/// Writes `disk` as a full image in `dir` and opens it as a version: runs of up to 5 adjacent
+/// compressible blocks as groups, other blocks alone, a block equal to an earlier single block
+/// as a reference to its bytes.
+fn write_version(dir: &Path, disk: &[u8]) -> VersionReader {
+    let image_id = new_id();
+    let header = ImageHeader {
+        repo_id: [3; 16],
+        image_id,
+        version: 1,
+        kind: Kind::Full,
+        rule: Rule::Scheme,
+        parent: None,
+        full: ImageRef { version: 1, image_id },
+        block_size: BS,
+        compression_level: 3,
+        source_size: disk.len() as u64,
+        created_secs: 1_700_000_000,
+        created_nanos: 0,
+        label: String::new(),
+        source: "test".into(),
+    };
+    let final_path = dir.join(strata_format::repo::image_file_name(1));
+    let mut w = ImageWriter::create(dir.join(".tmp-1"), final_path, header).unwrap();
+    let mut digest = SourceDigest::new(disk.len() as u64, BS);
+    let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
+    let (mut out, mut present, mut entries) = (Vec::new(), 0, Vec::new());
+    let mut singles: Vec<IndexEntry> = Vec::new();
+    let mut run: Vec<(u64, [u8; 32], Vec<u8>)> = Vec::new();
+    let mut flush = |w: &mut ImageWriter, run: &mut Vec<(u64, [u8; 32], Vec<u8>)>, singles: &mut Vec<IndexEntry>| {
+        let bytes: Vec<u8> = run.iter().flat_map(|(_, _, b)| b.iter().copied()).collect();
+        if run.len() >= 2 && compress_into(&mut compressor, &bytes, &mut out) == Encoding::Zstd {
+            let ids: Vec<_> = run.iter().map(|(b, h, _)| (*b, *h)).collect();
+            w.append_group(&ids, &out, &mut entries).unwrap();
+        } else {
+            for (b, h, block) in run.iter() {
+                let e = match compress_into(&mut compressor, block, &mut out) {
+                    Encoding::Zstd => w.append_block(*b, Encoding::Zstd, &out, *h).unwrap(),
+                    _ => w.append_block(*b, Encoding::Raw, block, *h).unwrap(),
+                };
+                singles.push(e);
+            }
+        }
+        run.clear();
+    };
+    for (b, chunk) in disk.chunks(BS as usize).enumerate() {
+        let mut block = chunk.to_vec();
+        block.resize(BS as usize, 0);
+        let hash = hash_block(&block);
+        digest.push(&hash);
+        if is_zero(&block) {
+            flush(&mut w, &mut run, &mut singles);
+            continue;
+        }
+        present += 1;
+        if let Some(like) = singles.iter().find(|e| e.hash == hash).copied() {
+            flush(&mut w, &mut run, &mut singles);
+            w.append_ref(b as u64, hash, &like).unwrap();
+            continue;
+        }
+        let incompressible = b % 11 == 3;
+        if incompressible || run.len() == 5 {
+            flush(&mut w, &mut run, &mut singles);
+        }
+        run.push((b as u64, hash, block));
+        if incompressible {
+            flush(&mut w, &mut run, &mut singles);
+        }
+    }
+    flush(&mut w, &mut run, &mut singles);
+    let path = w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap();
+    VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap()
+}
+
+/// Deterministic pseudo-random numbers for offsets and lengths.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+/// Checks `count` random reads of the window `[start, start + len)` against `disk`.
+fn check_random_reads(reader: &VersionReader, cache: &BlockCache, disk: &[u8], start: u64, seed: u64, count: usize) {
+    let len = disk.len() as u64 - start;
+    let mut rng = Lcg(seed);
+    for i in 0..count {
+        let offset = match i % 3 {
+            0 => rng.below(len / u64::from(BS)) * u64::from(BS),
+            _ => rng.below(len + 100),
+        };
+        let size = match i % 4 {
+            0 => u64::from(BS) * (1 + rng.below(20)),
+            1 => 1 + rng.below(200),
+            _ => 1 + rng.below(u64::from(BS) * 5),
+        } as usize;
+        let mut buf = vec![0xAAu8; size];
+        let n = read_window(reader, cache, start, len, offset, &mut buf, i % 2 == 0).unwrap();
+        let want = (size as u64).min(len.saturating_sub(offset)) as usize;
+        assert_eq!(n, want, "length of the read at {offset}+{size}");
+        let from = (start + offset.min(len)) as usize;
+        assert!(buf[..n] == disk[from..from + n], "bytes of the read at {offset}+{size} (window at {start})");
+    }
+}
+
+/// The distinct frames a version stores.
+fn frames(reader: &VersionReader) -> usize {
+    let mut offsets: Vec<u64> =
+        (0..reader.block_count()).filter_map(|b| reader.entry(b).unwrap()).map(|(_, e)| e.data_offset).collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    offsets.len()
+}
+
+#[test]
+fn the_sample_version_has_groups_singles_and_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let reader = write_version(dir.path(), &sample_disk(40));
+    let entries: Vec<IndexEntry> =
+        (0..reader.block_count()).filter_map(|b| reader.entry(b).unwrap()).map(|(_, e)| e).collect();
+    assert!(entries.iter().any(|e| e.encoding == Encoding::ZstdGroup && e.group_len >= 3));
+    assert!(entries.iter().any(|e| e.encoding == Encoding::Raw));
+    let mut singles: Vec<u64> =
+        entries.iter().filter(|e| e.encoding != Encoding::ZstdGroup).map(|e| e.data_offset).collect();
+    let count = singles.len();
+    singles.sort_unstable();
+    singles.dedup();
+    assert!(singles.len() < count, "some blocks are references to another block's bytes");
+}
+
+#[test]
+fn every_read_of_a_window_returns_the_versions_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(200);
+    let reader = write_version(dir.path(), &disk);
+    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    check_random_reads(&reader, &cache, &disk, 0, 1, 600);
+    // a partition-like window that starts inside a block
+    check_random_reads(&reader, &cache, &disk, 3 * u64::from(BS) + 512, 2, 600);
+    let mut whole = vec![0u8; disk.len()];
+    assert_eq!(read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut whole, true).unwrap(), disk.len());
+    assert!(whole == disk);
+}
+
+#[test]
+fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(32);
+    let reader = write_version(dir.path(), &disk);
+    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    // blocks 0..11 hold whole frames only: groups 1-2 and 4-6, singles 3, 8, 10, 9 (= 3)
+    let mut buf = vec![0u8; 11 * BS as usize];
+    read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut buf, true).unwrap();
+    assert!(buf[..] == disk[..buf.len()]);
+    assert_eq!(cache.len(), 0, "whole frames are decoded into the reply, not kept");
+    let mut part = vec![0u8; 100];
+    read_window(&reader, &cache, 0, disk.len() as u64, u64::from(BS) + 10, &mut part, false).unwrap();
+    assert_eq!(cache.len(), 1, "a partly read group is kept for the reads of its other parts");
+    assert!(part[..] == disk[BS as usize + 10..BS as usize + 110]);
+}
+
+#[test]
+fn prefetched_blocks_read_the_same_as_decoded_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(64);
+    let reader = Arc::new(write_version(dir.path(), &disk));
+    let cache = Arc::new(BlockCache::new(256 * u64::from(BS), BS));
+    cache.prefetch(&reader, 0..reader.block_count() + 10);
+    // the prefetch runs in the background: wait until every present block is cached
+    let present = frames(&reader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cache.len() < present {
+        assert!(std::time::Instant::now() < deadline, "prefetch did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    check_random_reads(&reader, &cache, &disk, 0, 3, 300);
+}
+
+#[test]
+fn concurrent_readers_and_prefetch_see_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = Arc::new(sample_disk(300));
+    let reader = Arc::new(write_version(dir.path(), &disk));
+    // a cache smaller than the disk, so that blocks are evicted while others read them
+    let cache = Arc::new(BlockCache::new(24 * u64::from(BS), BS));
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (reader, cache, disk) = (reader.clone(), cache.clone(), disk.clone());
+            std::thread::spawn(move || {
+                for round in 0..20 {
+                    cache.prefetch(&reader, (t * 40 + round)..(t * 40 + round + 16));
+                    check_random_reads(&reader, &cache, &disk, 0, t * 100 + round, 20);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn a_damaged_frame_fails_only_the_reads_that_touch_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(16);
+    let reader = write_version(dir.path(), &disk);
+    // block 6 is the last of the group 4-6; blocks 7 (zero) on still read
+    let (image, entry) = reader.entry(6).unwrap().expect("block 6 is stored");
+    assert_eq!(entry.encoding, Encoding::ZstdGroup);
+    let path = image.path().to_path_buf();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[entry.data_offset as usize + 5] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+    let reader = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
+    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    let len = disk.len() as u64;
+    let bs = u64::from(BS);
+    for parallel in [false, true] {
+        let mut buf = vec![0u8; 4 * BS as usize];
+        assert!(read_window(&reader, &cache, 0, len, 4 * bs, &mut buf, parallel).is_err(), "whole block 6");
+        assert!(read_window(&reader, &cache, 0, len, 6 * bs + 7, &mut buf[..10], parallel).is_err(), "part of 6");
+        assert!(read_window(&reader, &cache, 0, len, 4 * bs, &mut buf[..10], parallel).is_err(), "same group");
+        assert_eq!(
+            read_window(&reader, &cache, 0, len, 3 * bs, &mut buf[..BS as usize], parallel).unwrap(),
+            BS as usize
+        );
+        assert_eq!(read_window(&reader, &cache, 0, len, 7 * bs, &mut buf, parallel).unwrap(), buf.len());
+        assert!(buf[..] == disk[7 * BS as usize..11 * BS as usize]);
+    }
+    let mut scratch = ReadScratch::new();
+    let mut one = vec![0u8; BS as usize];
+    assert!(reader.read_block(6, &mut scratch, &mut one).is_err(), "the format agrees the block is damaged");
+}
