@@ -15,7 +15,7 @@ use fuser::{
 use strata_format::VersionReader;
 
 use crate::cache::BlockCache;
-use crate::read::read_window;
+use crate::read::{all_zero, read_window};
 use crate::tree::{Catalogue, Node, VersionInfo};
 
 /// Versions never change: the kernel may keep their attributes, entries and pages for long.
@@ -287,6 +287,10 @@ impl Filesystem for StrataFs {
         if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 && alone {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
+        }
+        if want > 0 && want <= MAX_READ as usize && all_zero(&h.reader, h.start + offset, want) {
+            static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            return reply.data(&ZEROS.get_or_init(|| vec![0; MAX_READ as usize])[..want]);
         }
         // One reply buffer per FUSE thread: a fresh 1 MiB allocation would be fresh pages to
         // fault in and zero on every request.

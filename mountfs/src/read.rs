@@ -67,6 +67,13 @@ pub fn read_window(
     Ok(n)
 }
 
+/// Whether the `n` (> 0) bytes at disk position `pos` lie in zero blocks only: such a read is
+/// answered from a shared zero buffer, with nothing to fill.
+pub fn all_zero(reader: &VersionReader, pos: u64, n: usize) -> bool {
+    let bs = u64::from(reader.block_size());
+    (pos / bs..=(pos + n as u64 - 1) / bs).all(|b| reader.locate(b) == BlockLocation::Zero)
+}
+
 /// Cuts `n` bytes at disk position `pos` into units, in order.
 fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result<Vec<Unit<'_>>> {
     let bs = u64::from(reader.block_size());

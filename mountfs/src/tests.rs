@@ -12,7 +12,7 @@ use strata_format::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
 use strata_format::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, ReadScratch, VersionReader};
 
 use crate::cache::BlockCache;
-use crate::read::read_window;
+use crate::read::{all_zero, read_window};
 
 const BS: u32 = 4096;
 
@@ -274,4 +274,18 @@ fn a_damaged_frame_fails_only_the_reads_that_touch_it() {
     let mut scratch = ReadScratch::new();
     let mut one = vec![0u8; BS as usize];
     assert!(reader.read_block(6, &mut scratch, &mut one).is_err(), "the format agrees the block is damaged");
+}
+
+#[test]
+fn only_reads_within_zero_blocks_count_as_all_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(30);
+    let reader = write_version(dir.path(), &disk);
+    let bs = u64::from(BS);
+    // blocks 0, 7, 11 and 18 are zero; their neighbours are stored
+    assert!(all_zero(&reader, 0, BS as usize));
+    assert!(all_zero(&reader, 7 * bs + 100, 200));
+    assert!(!all_zero(&reader, 0, BS as usize + 1), "one byte into block 1");
+    assert!(!all_zero(&reader, 7 * bs - 1, 2), "last byte of block 6");
+    assert!(!all_zero(&reader, 10 * bs, 2 * BS as usize));
 }
