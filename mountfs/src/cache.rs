@@ -14,8 +14,15 @@ use strata_format::{BlockLocation, ImageFile, IndexEntry, ReadScratch, VersionRe
 /// (serial of the opened image holding the frame, the frame's data offset in it).
 type Key = (u64, u64);
 
+/// Evicted frame buffers kept for reuse (each at most 1 MiB).
+const SPARE_BUFFERS: usize = 8;
+
 pub struct BlockCache {
     frames: Mutex<Frames>,
+    /// Buffers of evicted frames, reused for the next decodes: frames are freed and allocated
+    /// by different threads, and the allocator's per-thread arenas would otherwise keep tens of
+    /// MiB beyond the budget.
+    spare: Mutex<Vec<Vec<u8>>>,
     in_flight: Mutex<HashSet<Key>>,
     landed: Condvar,
     budget: usize,
@@ -53,6 +60,7 @@ impl BlockCache {
         let floor = 4 * (u64::from(GROUP_MAX_BLOCKS) * bs).min(u64::from(GROUP_MAX_BYTES)).max(bs);
         BlockCache {
             frames: Mutex::new(Frames { lru: LruCache::unbounded(), bytes: 0 }),
+            spare: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
             budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
@@ -77,9 +85,36 @@ impl BlockCache {
         }
         while f.bytes > self.budget && f.lru.len() > 1 {
             match f.lru.pop_lru() {
-                Some((_, old)) => f.bytes -= old.len(),
+                Some((_, old)) => {
+                    f.bytes -= old.len();
+                    self.recycle(old);
+                }
                 None => break,
             }
+        }
+    }
+
+    /// Keeps the buffer of an evicted frame for reuse, unless a reader still holds it.
+    fn recycle(&self, frame: Arc<Vec<u8>>) {
+        if let Ok(buf) = Arc::try_unwrap(frame) {
+            let mut spare = self.spare.lock().unwrap();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buf);
+            }
+        }
+    }
+
+    /// A buffer of `len` bytes (contents undefined until decoded into): a spare one of that
+    /// size when there is one, so that the budget, counted in lengths, is what is held.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut spare = self.spare.lock().unwrap();
+        match spare.iter().position(|b| b.capacity() == len) {
+            Some(i) => {
+                let mut buf = spare.swap_remove(i);
+                buf.resize(len, 0);
+                buf
+            }
+            None => vec![0; len],
         }
     }
 
@@ -103,7 +138,7 @@ impl BlockCache {
 
     /// Decodes a claimed frame into the cache and releases the claim.
     fn decode(&self, image: &ImageFile, entry: &IndexEntry, key: Key) -> strata_format::Result<Arc<Vec<u8>>> {
-        let mut data = vec![0u8; image.frame_len(entry)];
+        let mut data = self.buffer(image.frame_len(entry));
         let result = decode_frame(image, entry, &mut data);
         let data = Arc::new(data);
         if result.is_ok() {
@@ -174,5 +209,29 @@ impl BlockCache {
                 });
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicted_buffers_are_reused_only_at_their_own_size() {
+        let cache = BlockCache::new(0, 1 << 16); // budget floor: four 1 MiB frames
+        let mib = 1 << 20;
+        for i in 0..6u64 {
+            cache.insert((1, i), Arc::new(vec![0u8; mib]));
+        }
+        assert_eq!(cache.len(), 4, "two frames evicted");
+        assert_eq!(cache.spare.lock().unwrap().len(), 2, "their buffers kept");
+        let small = cache.buffer(64 << 10);
+        assert_eq!(small.capacity(), 64 << 10, "a 1 MiB spare is not handed out for 64 KiB");
+        let reused = cache.buffer(mib);
+        assert_eq!((reused.len(), cache.spare.lock().unwrap().len()), (mib, 1));
+        // a frame still held by a reader is not recycled
+        let held = Arc::new(vec![0u8; mib]);
+        cache.recycle(held.clone());
+        assert_eq!(cache.spare.lock().unwrap().len(), 1);
     }
 }

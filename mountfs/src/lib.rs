@@ -120,6 +120,7 @@ fn raise_readahead(mountpoint: &Path) {
 /// `ready` runs once the mount is live and readable.
 pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl FnOnce()) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
+    bound_allocator_memory();
     let catalogue = tree::Catalogue::load(repo, opts.version)?;
     if catalogue.versions().is_empty() {
         log::warn!("{}: no restorable version to show", repo.display());
@@ -163,4 +164,18 @@ pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
     raise_readahead(&mountpoint);
     ready();
     session.run().map_err(|source| MountError::Mount { path: mountpoint, source })
+}
+
+/// Keeps the driver's memory at its cache budget plus a few MiB. Decoded frames (up to 1 MiB)
+/// are allocated and freed by different threads; glibc would otherwise serve them from growing
+/// per-thread arenas (its mmap threshold adapts upwards) and keep the freed space: 128 MiB of
+/// cache measured ~207 MiB resident. Large buffers are mapped and unmapped instead, and two
+/// arenas serve the small allocations. (The cache reuses evicted frames' buffers itself.)
+fn bound_allocator_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before the serving threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
