@@ -57,15 +57,6 @@ impl IndexEntry {
             && self.group_len == other.group_len
     }
 
-    /// Bytes this entry adds to the image's stored bytes: a group's frame counts once, at slot 0.
-    pub fn stored_share(&self) -> u64 {
-        if self.group_slot == 0 {
-            u64::from(self.stored_len)
-        } else {
-            0
-        }
-    }
-
     pub fn encode(&self) -> [u8; INDEX_ENTRY_SIZE] {
         let mut b = [0u8; INDEX_ENTRY_SIZE];
         put_u64(&mut b, off::BLOCK, self.block);

@@ -114,6 +114,9 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
     const CHUNK: usize = 256;
     let mut entries: Vec<IndexEntry> = Vec::with_capacity(CHUNK);
     let mut stream = image.stream_entries();
+    // Stored bytes are written in order, and entries that share them point back: an entry
+    // beyond this offset is the first to name its bytes (progress counts each once).
+    let mut stored_frontier = 0u64;
     loop {
         entries.clear();
         for entry in stream.by_ref().take(CHUNK) {
@@ -140,7 +143,12 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
             )
             .flatten()
             .collect();
-        progress.advance(entries.iter().map(|e| e.stored_share()).sum());
+        for e in &entries {
+            if e.stored_len > 0 && e.data_offset >= stored_frontier {
+                progress.advance(u64::from(e.stored_len));
+                stored_frontier = e.data_offset + u64::from(e.stored_len);
+            }
+        }
         report.bad_blocks += bad.len() as u64;
         for e in bad {
             if report.problems.len() < LISTED_PROBLEMS {
