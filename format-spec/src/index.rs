@@ -47,10 +47,11 @@ pub struct IndexEntry {
 }
 
 impl IndexEntry {
-    /// Whether this entry and `other` share one stored frame (the same group).
+    /// Whether this entry and `other`, of one image, name the same stored frame: one group, or
+    /// one stored block that several entries share (deduplication).
     pub fn same_frame(&self, other: &IndexEntry) -> bool {
-        self.encoding == Encoding::ZstdGroup
-            && other.encoding == Encoding::ZstdGroup
+        self.encoding != Encoding::Zero
+            && self.encoding == other.encoding
             && self.data_offset == other.data_offset
             && self.stored_len == other.stored_len
             && self.data_crc == other.data_crc

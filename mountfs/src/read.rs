@@ -90,7 +90,7 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
                 let part = Part { slot: usize::from(entry.group_slot), within, len };
                 match last {
                     Some(Unit::Frame { image: i, entry: e, parts })
-                        if i.serial() == image.serial() && same(e, &entry) =>
+                        if i.serial() == image.serial() && e.same_frame(&entry) =>
                     {
                         parts.push(part)
                     }
@@ -102,12 +102,6 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
         left -= len;
     }
     Ok(units)
-}
-
-/// Whether two entries of one image point at the same frame.
-fn same(a: &IndexEntry, b: &IndexEntry) -> bool {
-    (a.data_offset, a.stored_len, a.data_crc, a.encoding, a.group_len)
-        == (b.data_offset, b.stored_len, b.data_crc, b.encoding, b.group_len)
 }
 
 fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata_format::Result<()> {

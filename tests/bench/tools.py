@@ -123,6 +123,10 @@ class Tool:
     def init(self):
         pass
 
+    def environ(self, **settings):
+        """This process's environment with the tool's settings added."""
+        return {**os.environ, **settings}
+
     def stored(self):
         return tree_bytes(self.repo)
 
@@ -219,10 +223,8 @@ class Borg(Tool):
     title = "borg 1.2 (zstd,3)"
 
     def env(self):
-        e = dict(os.environ)
-        e.update(BORG_REPO=self.repo, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
-                 BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=os.path.join(self.work, "borg-home"))
-        return e
+        return self.environ(BORG_REPO=self.repo, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                            BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=os.path.join(self.work, "borg-home"))
 
     def init(self):
         subprocess.run(["rm", "-rf", os.path.join(self.work, "borg-home")], check=True)
@@ -258,10 +260,8 @@ class Restic(Tool):
     title = "restic 0.14 (compression auto)"
 
     def env(self):
-        e = dict(os.environ)
-        e.update(RESTIC_REPOSITORY=self.repo, RESTIC_PASSWORD="bench",
-                 RESTIC_CACHE_DIR=os.path.join(self.work, "restic-cache"))
-        return e
+        return self.environ(RESTIC_REPOSITORY=self.repo, RESTIC_PASSWORD="bench",
+                            RESTIC_CACHE_DIR=os.path.join(self.work, "restic-cache"))
 
     def init(self):
         subprocess.run(["rm", "-rf", os.path.join(self.work, "restic-cache")], check=True)
