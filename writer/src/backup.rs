@@ -1,11 +1,11 @@
-//! The backup engine: read the source once in large sequential batches, hash every block on all
-//! cores, compare with the parent version's block hashes, store each changed content once per
+//! The backup engine: read the source once, batch by batch (hashing cached data in place
+//! through a memory map), hash every block on all cores, compare with the parent version's block
+//! hashes, store each changed content once per
 //! image (`dedup`) with runs of adjacent changed blocks compressed together (`pack`), and write
 //! one new image that is published only when complete.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,21 +15,17 @@ use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::new_id;
 use strata_format::layout::{DEFAULT_BLOCK_SIZE, TEMP_PREFIX};
 use strata_format::repo::image_file_name;
-use strata_format::{
-    Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, Repository, VersionReader,
-};
+use strata_format::{Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader};
 
 use crate::config::{Scheme, TaskConfig};
-use crate::dedup::Dedup;
+use crate::dedup::{Decision, Dedup, Stored};
 use crate::merge::merge_version;
-use crate::pack::pack;
+use crate::pack::{pack, Unit};
 use crate::plan::plan;
 use crate::progress::Progress;
 use crate::prune::prune_locked;
-use crate::source::Source;
-
-/// Bytes of source read and processed per batch.
-const BATCH_BYTES: usize = 8 << 20;
+use crate::source::{Fill, Source};
+use crate::source_map::SourceMap;
 
 #[derive(Debug, Clone)]
 pub struct BackupRequest {
@@ -280,8 +276,10 @@ struct Outcome {
     digest: [u8; 32],
 }
 
-/// The pipeline: a reader thread fills batches, all cores hash and compress a batch, this thread
-/// compares, appends to the image and feeds the digest in block order.
+/// The pipeline, in three stages that overlap: a scanner thread reads each batch on all cores
+/// (hashing data in place through a memory map where it is cached, see `scan_batch`), a packer
+/// thread decides what to store and compresses it on all cores, and this thread appends to the
+/// image in block order and feeds the digest.
 fn copy_blocks(
     source: &Source,
     parent: Option<&VersionReader>,
@@ -291,87 +289,45 @@ fn copy_blocks(
     progress: &dyn Progress,
 ) -> Result<Outcome> {
     let bs = block_size as usize;
-    let total_blocks = source.size().div_ceil(block_size as u64);
-    let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
     let zero_hash = zero_block_hash(block_size);
     let mut digest = SourceDigest::new(source.size(), block_size);
     let mut present_blocks = 0u64;
-    let mut parent_hashes = parent.map(HashCursor::new);
-    let mut dedup = Dedup::default();
+    let mut stored = Stored::default();
     progress.begin("backup", source.size());
 
-    let (full_tx, full_rx) = sync_channel::<Result<(u64, Vec<u8>)>>(2);
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(4);
+    let (scanned_tx, scanned_rx) = sync_channel::<Result<Scanned>>(1);
+    let (packed_tx, packed_rx) = sync_channel::<Result<Packed>>(1);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(SCAN_BUFFERS);
     let result = std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || {
-            let mut start = 0u64;
-            while start < total_blocks {
-                let n = batch_blocks.min(total_blocks - start);
-                let mut buf = free_rx.try_recv().unwrap_or_default();
-                buf.resize(n as usize * bs, 0);
-                let read = source.read_into(start * bs as u64, &mut buf).map(|_| (start, buf));
-                let failed = read.is_err();
-                if full_tx.send(read).is_err() || failed {
-                    return;
-                }
-                start += n;
-            }
-        });
-        for batch in full_rx {
-            let (start, buf) = batch?;
-            let n = (buf.len() / bs) as u64;
-            let mut parents = Vec::with_capacity(n as usize);
-            for b in start..start + n {
-                parents.push(match parent_hashes.as_mut() {
-                    Some(cursor) => Some(cursor.hash(b)?),
-                    None => None,
-                });
-            }
-            let results: Vec<BlockResult> = buf
-                .par_chunks(bs)
-                .zip(parents.par_iter())
-                .map(|(block, parent)| classify(block, *parent, zero_hash))
-                .collect();
+        scope.spawn(move || scan(source, parent, block_size, zero_hash, free_rx, scanned_tx));
+        scope.spawn(move || pack_batches(bs, level, scanned_rx, packed_tx));
+        for packed in packed_rx {
+            let Packed { scanned: Scanned { start, buf, results }, decisions, units } = packed?;
             let hashes: Vec<[u8; 32]> = results.iter().map(|r| r.hash).collect();
-            // A content stored before (in this image, or earlier in this batch) is not stored again.
-            let mut first_in_batch: HashMap<[u8; 32], usize> = HashMap::new();
-            let store: Vec<bool> = results
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    r.action == Action::Store
-                        && dedup.find(&r.hash).is_none()
-                        && *first_in_batch.entry(r.hash).or_insert(i) == i
-                })
-                .collect();
-            let mut units = pack(&buf, bs, &store, level).into_iter().peekable();
+            let mut units = units.into_iter().peekable();
             let mut written = Vec::new();
-            let mut written_in_batch: HashMap<[u8; 32], IndexEntry> = HashMap::new();
-            for (i, r) in results.iter().enumerate() {
+            for (i, (r, decision)) in results.iter().zip(&decisions).enumerate() {
                 let b = start + i as u64;
                 digest.push(&r.hash);
                 present_blocks += u64::from(!r.zero);
-                match r.action {
-                    Action::Unchanged => {}
-                    Action::Zero => {
+                match (r.action, decision) {
+                    (Action::Unchanged, _) => {}
+                    (Action::Zero, _) => {
                         writer.append_zero(b, zero_hash)?;
                     }
-                    Action::Store if store[i] => {
+                    (Action::Store, Some(Decision::Store { .. })) => {
                         if let Some(unit) = units.next_if(|u| u.first() == i) {
                             written.clear();
                             unit.write(writer, start, &buf, bs, &hashes, &mut written)?;
-                            for e in &written {
-                                dedup.remember(e);
-                                written_in_batch.insert(e.hash, *e);
+                            for (e, d) in written.iter().zip(&decisions[i..]) {
+                                if *d == Some(Decision::Store { remember: true }) {
+                                    stored.remember(e);
+                                }
                             }
                         }
                     }
-                    Action::Store => {
-                        let like = dedup
-                            .find(&r.hash)
-                            .or_else(|| written_in_batch.get(&r.hash))
-                            .copied()
-                            .expect("a duplicate's first copy is written before it");
+                    (Action::Store, _) => {
+                        let like = *stored.find(&r.hash).expect("a copy's content is written before it");
                         writer.append_ref(b, r.hash, &like)?;
                     }
                 }
@@ -386,17 +342,170 @@ fn copy_blocks(
     Ok(Outcome { present_blocks, digest: digest.finish() })
 }
 
+/// One batch decided and compressed, ready to be appended.
+struct Packed {
+    scanned: Scanned,
+    /// Per block: `None` unless the block changed to a non-zero content.
+    decisions: Vec<Option<Decision>>,
+    /// The stored blocks (`Decision::Store`) in runs, compressed.
+    units: Vec<Unit>,
+}
+
+/// The packer stage: decides in block order which changed blocks are stored and which are
+/// copies of a content stored earlier in this image, and compresses the stored ones.
+fn pack_batches(bs: usize, level: i32, scanned_rx: Receiver<Result<Scanned>>, packed_tx: SyncSender<Result<Packed>>) {
+    let mut dedup = Dedup::default();
+    for scanned in scanned_rx {
+        let packed = scanned.map(|scanned| {
+            let decisions: Vec<Option<Decision>> =
+                scanned.results.iter().map(|r| (r.action == Action::Store).then(|| dedup.decide(&r.hash))).collect();
+            let store: Vec<bool> = decisions.iter().map(|d| matches!(d, Some(Decision::Store { .. }))).collect();
+            let units = pack(&scanned.buf, bs, &store, level);
+            Packed { scanned, decisions, units }
+        });
+        let failed = packed.is_err();
+        if packed_tx.send(packed).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Bytes of source read and classified per batch.
+const BATCH_BYTES: usize = 8 << 20;
+/// Bytes one scan task classifies: small enough that what it reads stays in the CPU cache
+/// until it is hashed.
+const SCAN_TASK_BYTES: usize = 256 << 10;
+/// Batch buffers in flight: one being scanned, one waiting, one being packed, one waiting, one
+/// being appended.
+const SCAN_BUFFERS: usize = 5;
+
+/// One batch of source blocks, read and classified.
+struct Scanned {
+    /// Index of the batch's first block.
+    start: u64,
+    /// The batch's bytes (zero past the source's end).
+    buf: Vec<u8>,
+    results: Vec<BlockResult>,
+}
+
+/// The scanner stage: reads the source batch by batch, each batch on all cores, and classifies
+/// every block against the parent's hash of it. Stops at the first error (sent on) or when the
+/// storing stage hangs up.
+fn scan(
+    source: &Source,
+    parent: Option<&VersionReader>,
+    block_size: u32,
+    zero_hash: [u8; 32],
+    free_rx: Receiver<Vec<u8>>,
+    scanned_tx: SyncSender<Result<Scanned>>,
+) {
+    let bs = block_size as usize;
+    let total_blocks = source.size().div_ceil(block_size as u64);
+    let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
+    let mut parent_hashes = parent.map(HashCursor::new);
+    let mut start = 0u64;
+    while start < total_blocks {
+        let n = batch_blocks.min(total_blocks - start);
+        let scanned = (|| -> Result<Scanned> {
+            source.will_need((start + n) * bs as u64, BATCH_BYTES)?;
+            let parents = match parent_hashes.as_mut() {
+                Some(cursor) => (start..start + n).map(|b| cursor.hash(b).map(Some)).collect::<Result<Vec<_>, _>>()?,
+                None => vec![None; n as usize],
+            };
+            let mut buf = free_rx.try_recv().unwrap_or_default();
+            buf.resize(n as usize * bs, 0);
+            let results = scan_batch(source, start, bs, &parents, &mut buf, zero_hash)?;
+            Ok(Scanned { start, buf, results })
+        })();
+        let failed = scanned.is_err();
+        if scanned_tx.send(scanned).is_err() || failed {
+            return;
+        }
+        start += n;
+    }
+}
+
+/// Classifies the blocks of one batch (`buf.len() / bs` blocks from block `start`) on all cores.
+/// Every changed block's bytes end up in `buf`; an unchanged block's may not. Whole-data blocks
+/// of a batch already in the page cache are read through a memory map (hashed in place, copied
+/// only when changed); holes are zero without being read; the rest (cold batches, blocks partly
+/// holes, the source's end) is read with `pread`.
+fn scan_batch(
+    source: &Source,
+    start: u64,
+    bs: usize,
+    parents: &[Option<Option<[u8; 32]>>],
+    buf: &mut [u8],
+    zero_hash: [u8; 32],
+) -> Result<Vec<BlockResult>> {
+    let n = buf.len() / bs;
+    let fills = source.fills(start, n, bs)?;
+    let offset = start * bs as u64;
+    let data_blocks = fills.iter().rposition(|f| *f == Fill::Data).map_or(0, |i| i + 1);
+    let map = if data_blocks > 0 { source.map(offset, data_blocks * bs) } else { None };
+    let cached = |map: &SourceMap| {
+        let resident = map.residency();
+        let mut data = fills.iter().enumerate().filter(|(_, f)| **f == Fill::Data);
+        data.all(|(i, _)| resident.all(i * bs, (i + 1) * bs))
+    };
+    let map = map.filter(cached);
+    if map.is_some() {
+        source.count_mapped((fills.iter().filter(|f| **f == Fill::Data).count() * bs) as u64);
+    }
+    let task_blocks = (SCAN_TASK_BYTES / bs).max(1);
+    let results = buf
+        .par_chunks_mut(task_blocks * bs)
+        .zip(parents.par_chunks(task_blocks))
+        .zip(fills.par_chunks(task_blocks))
+        .enumerate()
+        .map(|(t, ((bytes, parents), fills))| {
+            let first = t * task_blocks;
+            let task_offset = offset + (first * bs) as u64;
+            if map.is_none() && fills.iter().any(|f| *f != Fill::Hole) {
+                source.read_into(task_offset, bytes)?;
+            }
+            let mut results = Vec::with_capacity(fills.len());
+            for (i, ((block, parent), fill)) in bytes.chunks_mut(bs).zip(parents).zip(fills).enumerate() {
+                let result = match (fill, &map) {
+                    (Fill::Hole, _) => classify_zero(*parent, zero_hash),
+                    (Fill::Data, Some(map)) => {
+                        let mapped = &map.bytes()[(first + i) * bs..(first + i + 1) * bs];
+                        let result = classify(mapped, *parent, zero_hash);
+                        if result.action == Action::Store {
+                            block.copy_from_slice(mapped);
+                        }
+                        result
+                    }
+                    (Fill::Mixed, Some(_)) => {
+                        source.read_into(task_offset + (i * bs) as u64, block)?;
+                        classify(block, *parent, zero_hash)
+                    }
+                    (_, None) => classify(block, *parent, zero_hash),
+                };
+                results.push(result);
+            }
+            Ok(results)
+        })
+        .collect::<Result<Vec<Vec<BlockResult>>>>()?;
+    Ok(results.into_iter().flatten().collect())
+}
+
 /// Decides what to record for one block given the parent's view of it (`None`: no parent, a
 /// full; `Some(None)`: zero in the parent; `Some(Some(h))`: content hash `h` in the parent).
 fn classify(block: &[u8], parent: Option<Option<[u8; 32]>>, zero_hash: [u8; 32]) -> BlockResult {
     if is_zero(block) {
-        let action = match parent {
-            Some(Some(_)) => Action::Zero,
-            _ => Action::Unchanged,
-        };
-        return BlockResult { zero: true, hash: zero_hash, action };
+        return classify_zero(parent, zero_hash);
     }
     let hash = hash_block(block);
     let action = if parent == Some(Some(hash)) { Action::Unchanged } else { Action::Store };
     BlockResult { zero: false, hash, action }
+}
+
+/// `classify` for a block known to be zero.
+fn classify_zero(parent: Option<Option<[u8; 32]>>, zero_hash: [u8; 32]) -> BlockResult {
+    let action = match parent {
+        Some(Some(_)) => Action::Zero,
+        _ => Action::Unchanged,
+    };
+    BlockResult { zero: true, hash: zero_hash, action }
 }

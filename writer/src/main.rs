@@ -14,6 +14,7 @@ mod prune;
 mod restore;
 mod schedule;
 mod source;
+mod source_map;
 mod units;
 mod verify;
 

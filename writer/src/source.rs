@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::source_map::SourceMap;
+
 nix::ioctl_read!(blk_get_size64, 0x12, 114, u64);
 
 /// Size in bytes of an open block device.
@@ -18,6 +20,14 @@ pub fn block_device_size(file: &File, path: &Path) -> Result<u64> {
     unsafe { blk_get_size64(file.as_raw_fd(), &mut size) }
         .with_context(|| format!("{}: cannot read the device size (BLKGETSIZE64)", path.display()))?;
     Ok(size)
+}
+
+/// How one block lies in the source (see `Source::fills`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    Data,
+    Hole,
+    Mixed,
 }
 
 pub struct Source {
@@ -47,6 +57,68 @@ impl Source {
         // SAFETY: advisory call on a descriptor we own.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into() })
+    }
+
+    /// A read-only map of `[offset, offset + len)`, which must lie inside the source and start
+    /// on a page boundary; `None` when the kernel refuses (read with `read_into` then).
+    pub fn map(&self, offset: u64, len: usize) -> Option<SourceMap> {
+        SourceMap::new(&self.file, &self.path, offset, len)
+    }
+
+    /// Counts `bytes` read through a map from `map` in `bytes_read`.
+    pub fn count_mapped(&self, bytes: u64) {
+        self.bytes_read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Asks the kernel to start reading the data (not the holes, which it would fill with
+    /// zeroed pages) of `[offset, offset + len)` into the page cache now.
+    pub fn will_need(&self, offset: u64, len: usize) -> Result<()> {
+        let end = (offset + len as u64).min(self.size);
+        let mut pos = offset;
+        while pos < end {
+            let (data, data_end) = self.next_data(pos, end)?;
+            if data >= data_end {
+                break;
+            }
+            // SAFETY: advisory call on a descriptor we own.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    data as i64,
+                    (data_end - data) as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            pos = data_end;
+        }
+        Ok(())
+    }
+
+    /// How each of the `n` blocks of `bs` bytes from block `first` lies in the source: wholly
+    /// data, wholly a hole (zero without reading), or partly either (or past the end).
+    pub fn fills(&self, first: u64, n: usize, bs: usize) -> Result<Vec<Fill>> {
+        let (start, end) = (first * bs as u64, (first + n as u64) * bs as u64);
+        let mut fills = vec![Fill::Hole; n];
+        let mut pos = start;
+        while pos < end.min(self.size) {
+            let (data, data_end) = self.next_data(pos, end.min(self.size))?;
+            if data >= data_end {
+                break;
+            }
+            let (a, b) = ((data - start) / bs as u64, (data_end - start).div_ceil(bs as u64));
+            for (i, fill) in fills.iter_mut().enumerate().take(b as usize).skip(a as usize) {
+                let (bstart, bend) = (start + (i * bs) as u64, start + ((i + 1) * bs) as u64);
+                *fill = match *fill {
+                    Fill::Hole if data <= bstart && data_end >= bend && bend <= self.size => Fill::Data,
+                    _ => Fill::Mixed,
+                };
+            }
+            pos = data_end;
+        }
+        if end > self.size {
+            fills[((self.size - start) / bs as u64) as usize..].fill(Fill::Mixed);
+        }
+        Ok(fills)
     }
 
     pub fn size(&self) -> u64 {
