@@ -22,9 +22,10 @@ from tools import Borg, Qcow2, Restic, Strata, measure, rss_mib, tree_bytes  # n
 
 MiB = 1 << 20
 # A page read a second time is still on the kernel's inactive list and costs more than on the
-# third read (measured: 6.5 then 12.5 GB/s for a raw file): warm figures are the median of
-# this many passes after the cold one, for the raw file and every mount alike.
-WARM_PASSES = 3
+# third read (measured: 6.5 then 12.5 GB/s for a raw file, 2.8-7.5 then 9-11 GB/s through a
+# mount): warm figures are the median of this many passes after the cold one, for the raw file
+# and every mount alike, so that this one slow pass cannot decide the median.
+WARM_PASSES = 5
 
 
 def log(msg):

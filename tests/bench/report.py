@@ -205,10 +205,15 @@ def targets(r):
             add("incrementals stored ≤ qcow2+zstd's", "%.2f×" % x, x <= 1.0)
             worst = max(sw("strata", i) / sw("qcow2", i) for i in range(1, len(b["strata"]["steps"])))
             add("each incremental ≤ 0.5× qcow2+zstd's time (worst step)", "%.2f×" % worst, worst <= 0.5)
+        ideal = sum(s.get("zstd_4k", 0) for s in r.get("steps", [])[1:])
         for peer in ("borg", "restic"):
             if peer in b:
                 x = sum(b["strata"]["stored"][1:]) / sum(b[peer]["stored"][1:])
-                add("incrementals stored far below %s's" % NAMES[peer], "%.2f×" % x, x <= 0.5)
+                add("incrementals stored far below %s's (≤ 0.5× in all)" % NAMES[peer], "%.2f×" % x, x <= 0.5)
+                if ideal:
+                    excess = (sum(b["strata"]["stored"][1:]) - ideal) / (sum(b[peer]["stored"][1:]) - ideal)
+                    add("incrementals: bytes beyond the ideal (4K) ≤ 0.5× %s's" % NAMES[peer], "%.2f×" % excess,
+                        excess <= 0.5)
     m = r.get("mount", {})
     if "strata" in m and "qcow2" in m:
         x = med(m["strata"]["cold"]) / med(m["qcow2"]["cold"])
