@@ -198,8 +198,15 @@ class Bench:
         self.r["block_sizes"] = res
 
     def depth(self):
-        """One chain of incrementals on a small source, each after 64 scattered 4 KiB writes,
-        measured as it reaches each depth."""
+        """Chains of incrementals on a small source, each version after 64 writes of 4 KiB,
+        measured as the chain reaches each depth: once with the writes scattered over the whole
+        disk (by depth 100 most blocks come from one of 99 images, one lone frame each: chain
+        depth and fragmentation together), once with each version's writes inside one 1 MiB
+        region (the same chain depth, the layout of a file system's writes)."""
+        self.r["depth"] = self.depth_chain("scattered")
+        self.r["depth_clustered"] = self.depth_chain("clustered")
+
+    def depth_chain(self, pattern):
         depths = [1, 10] if self.args.smoke else [1, 10, 100] if self.args.quick else [1, 10, 100, 1000]
         small_mib = 16 if self.args.smoke else 64 if self.args.quick else 256
         src = os.path.join(self.work, "depth-src.img")
@@ -218,13 +225,18 @@ class Bench:
         tool.reset()
         rng = random.Random(7)
         size = small_mib * MiB
-        res = {"source_mib": small_mib, "depths": {}}
+        res = {"source_mib": small_mib, "pattern": pattern, "depths": {}}
         backup_rss = []
         for d in range(1, depths[-1] + 1):
             if d > 1:
                 fd = os.open(src, os.O_WRONLY)
+                region = rng.randrange(size // MiB) * MiB if pattern == "clustered" else 0
                 for _ in range(64):
-                    os.pwrite(fd, rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
+                    if pattern == "scattered":
+                        at = rng.randrange(size // 4096) * 4096
+                    else:
+                        at = region + rng.randrange(MiB // 4096) * 4096
+                    os.pwrite(fd, rng.randbytes(4096), at)
                 os.close(fd)
             backup_rss.append(tool.backup().rss_mib)
             if d not in depths:
@@ -257,11 +269,11 @@ class Bench:
                 m["restore_cached"].append(mbps(size, measure(restore).wall))
             m["backup_rss"] = max(backup_rss)
             m["repo_bytes"] = tree_bytes(tool.repo)
-            log("depth %d: mount cold %.0f MB/s, restore cold %.0f MB/s, ready %.3f s, RSS %.0f MiB" % (
-                d, med(m["cold"]), med(m["restore_cold"]), med(m["ready"]), med(m["rss"])))
+            log("depth %d (%s): mount cold %.0f MB/s, restore cold %.0f MB/s, ready %.3f s, RSS %.0f MiB" % (
+                d, pattern, med(m["cold"]), med(m["restore_cold"]), med(m["ready"]), med(m["rss"])))
             res["depths"][str(d)] = m
         subprocess.run(["rm", "-rf", tool.repo, src], check=True)
-        self.r["depth"] = res
+        return res
 
     def run(self):
         t0 = time.monotonic()

@@ -143,14 +143,19 @@ def render(r):
                          "%.0f" % full["rss_mib"], "%.2f" % incs, mib(sum(c["stored"][1:]))])
         w(table(["block size", "full s", "full MB/s", "full MiB", "full RSS MiB", "v2..v6 s", "v2..v6 MiB"], rows))
 
-    if "depth" in r:
-        d = r["depth"]
-        w("\n## strata: chain depth\n")
-        w("A %d MiB ext4 image; one chain, an incremental after each round of 64 scattered 4 KiB writes, "
+    for key in ("depth", "depth_clustered"):
+        if key not in r:
+            continue
+        d = r[key]
+        clustered = d.get("pattern") == "clustered"
+        w("\n## strata: chain depth, %s writes\n" % ("clustered" if clustered else "scattered"))
+        w("A %d MiB ext4 image; one chain, an incremental after each round of 64 writes of 4 KiB %s, "
           "measured when it reaches each depth (the repository holds exactly that many versions). "
           "Mount: ready time, `dd` of latest/disk.img cold, with the repository files in the page cache "
           "and the driver just started (*cached*: the driver's own cost), and warm; driver RSS; restore of latest to "
-          "/dev/null with the page cache dropped (*cold*) and right after (*cached*).\n" % d["source_mib"])
+          "/dev/null with the page cache dropped (*cold*) and right after (*cached*).\n" % (
+              d["source_mib"], "inside one random 1 MiB region per version" if clustered
+              else "scattered over the whole disk"))
         rows = []
         for depth, m in d["depths"].items():
             rows.append([depth, "%.3f" % med(m["ready"]), "%.0f" % med(m["cold"]), "%.0f" % med(m.get("cached", [])),
@@ -233,12 +238,14 @@ def targets(r):
     if "strata" in rs and "qcow2" in rs:
         x = med(rs["qcow2"]["wall"]) / med(rs["strata"]["wall"])
         add("`strata restore` ≥ 1.5× `qemu-img convert` to raw", "%.2f×" % x, x >= 1.5)
+    for key, writes in (("depth", "scattered"), ("depth_clustered", "clustered")):
+        dd = r.get(key, {}).get("depths", {})
+        if "1" in dd and "100" in dd:
+            for how in ("cold", "cached"):
+                if dd["1"].get(how):
+                    x = med(dd["100"][how]) / med(dd["1"][how])
+                    add("mount read at depth 100 ≥ 0.9× depth 1 (%s writes, %s)" % (writes, how), "%.2f×" % x, x >= 0.9)
     d = r.get("depth", {}).get("depths", {})
-    if "1" in d and "100" in d:
-        for how in ("cold", "cached"):
-            if d["1"].get(how):
-                x = med(d["100"][how]) / med(d["1"][how])
-                add("mount read at depth 100 ≥ 0.9× depth 1 (%s)" % how, "%.2f×" % x, x >= 0.9)
     deepest = max(d, key=int) if d else None
     if deepest:
         x = med(d[deepest]["ready"])
