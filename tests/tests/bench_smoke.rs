@@ -41,11 +41,12 @@ fn benchmark_harness_runs_every_phase_and_every_copy_compares_equal() {
         "## Restores",
         "## Targets",
         "## strata: block sizes",
-        "## strata: chain depth",
+        "## strata: chain depth, scattered writes",
+        "## strata: chain depth, clustered writes",
     ] {
         assert!(text.contains(section), "report lacks {section}:\n{text}");
     }
     assert!(!text.contains("**NO**"), "a mount or restore differs from its source:\n{text}");
-    // strata and qcow2 mounted and restored, the depth chain mounted at 1 and 10, all compared
-    assert_eq!(text.matches("| yes |").count(), 6, "{text}");
+    // strata and qcow2 mounted and restored, both depth chains mounted at 1 and 10, all compared
+    assert_eq!(text.matches("| yes |").count(), 8, "{text}");
 }

@@ -1,8 +1,7 @@
-//! The backup engine: read the source once, batch by batch (hashing cached data in place
-//! through a memory map), hash every block on all cores, compare with the parent version's block
-//! hashes, store each changed content once per
-//! image (`dedup`) with runs of adjacent changed blocks compressed together (`pack`), and write
-//! one new image that is published only when complete.
+//! The backup engine: read the source once, batch by batch, hash every block on all cores
+//! (cached data in place through a memory map), compare with the parent version's block hashes,
+//! store each changed content once per image (`dedup`) with runs of adjacent changed blocks
+//! compressed together (`pack`), and write one new image that is published only when complete.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
