@@ -1,6 +1,6 @@
 //! The backup source: a block device (size from the BLKGETSIZE64 ioctl) or a regular file (a raw
-//! disk image). Reads are positional and large; in a regular file, holes (SEEK_DATA/SEEK_HOLE)
-//! are filled with zeros without being read.
+//! disk image). Read positionally or through a read-only map of a range (`source_map`); in a
+//! regular file, holes (SEEK_DATA/SEEK_HOLE) are known per block and never read.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -25,8 +25,11 @@ pub fn block_device_size(file: &File, path: &Path) -> Result<u64> {
 /// How one block lies in the source (see `Source::fills`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
+    /// Wholly data, inside the source.
     Data,
+    /// Wholly a hole: zero without reading.
     Hole,
+    /// Partly data and partly a hole, or reaching past the source's end.
     Mixed,
 }
 
@@ -65,7 +68,7 @@ impl Source {
         SourceMap::new(&self.file, &self.path, offset, len)
     }
 
-    /// Counts `bytes` read through a map from `map` in `bytes_read`.
+    /// Adds `bytes` read through a `map` to `bytes_read`.
     pub fn count_mapped(&self, bytes: u64) {
         self.bytes_read.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
     }
