@@ -76,13 +76,7 @@ impl Source {
     /// Asks the kernel to start reading the data (not the holes, which it would fill with
     /// zeroed pages) of `[offset, offset + len)` into the page cache now.
     pub fn will_need(&self, offset: u64, len: usize) -> Result<()> {
-        let end = (offset + len as u64).min(self.size);
-        let mut pos = offset;
-        while pos < end {
-            let (data, data_end) = self.next_data(pos, end)?;
-            if data >= data_end {
-                break;
-            }
+        self.for_each_data(offset, offset + len as u64, |data, data_end| {
             // SAFETY: advisory call on a descriptor we own.
             unsafe {
                 libc::posix_fadvise(
@@ -92,9 +86,8 @@ impl Source {
                     libc::POSIX_FADV_WILLNEED,
                 )
             };
-            pos = data_end;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// How each of the `n` blocks of `bs` bytes from block `first` lies in the source: wholly
@@ -102,12 +95,7 @@ impl Source {
     pub fn fills(&self, first: u64, n: usize, bs: usize) -> Result<Vec<Fill>> {
         let (start, end) = (first * bs as u64, (first + n as u64) * bs as u64);
         let mut fills = vec![Fill::Hole; n];
-        let mut pos = start;
-        while pos < end.min(self.size) {
-            let (data, data_end) = self.next_data(pos, end.min(self.size))?;
-            if data >= data_end {
-                break;
-            }
+        self.for_each_data(start, end, |data, data_end| {
             let (a, b) = ((data - start) / bs as u64, (data_end - start).div_ceil(bs as u64));
             for (i, fill) in fills.iter_mut().enumerate().take(b as usize).skip(a as usize) {
                 let (bstart, bend) = (start + (i * bs) as u64, start + ((i + 1) * bs) as u64);
@@ -116,8 +104,8 @@ impl Source {
                     _ => Fill::Mixed,
                 };
             }
-            pos = data_end;
-        }
+            Ok(())
+        })?;
         if end > self.size {
             fills[((self.size - start) / bs as u64) as usize..].fill(Fill::Mixed);
         }
@@ -138,14 +126,27 @@ impl Source {
         let valid = end.saturating_sub(offset) as usize;
         buf[valid..].fill(0);
         let mut pos = offset;
+        self.for_each_data(offset, end, |data, data_end| {
+            buf[(pos - offset) as usize..(data - offset) as usize].fill(0);
+            self.read_exact(data, &mut buf[(data - offset) as usize..(data_end - offset) as usize])?;
+            pos = data_end;
+            Ok(())
+        })?;
+        buf[(pos - offset) as usize..valid].fill(0);
+        Ok(())
+    }
+
+    /// Calls `f(data, data_end)` for each range of `[start, end)` (clipped to the source) that
+    /// holds data, in order; the gaps between them are holes.
+    fn for_each_data(&self, start: u64, end: u64, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let end = end.min(self.size);
+        let mut pos = start;
         while pos < end {
             let (data, data_end) = self.next_data(pos, end)?;
-            buf[(pos - offset) as usize..(data - offset) as usize].fill(0);
-            if data >= end {
+            if data >= data_end {
                 break;
             }
-            let dst = &mut buf[(data - offset) as usize..(data_end - offset) as usize];
-            self.read_exact(data, dst)?;
+            f(data, data_end)?;
             pos = data_end;
         }
         Ok(())
