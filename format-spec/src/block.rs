@@ -38,7 +38,7 @@ pub enum DecodeError {
 }
 
 /// Checks the crc32c of `stored` and turns it back into exactly `out.len()` bytes: one block,
-/// or a whole group.
+/// a whole group, or a patch's parts.
 pub fn decode_into(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     encoding: Encoding,
@@ -58,11 +58,13 @@ pub fn decode_into(
             }
             out.copy_from_slice(stored);
         }
-        Encoding::Zstd | Encoding::ZstdGroup => match decompressor.decompress_to_buffer(stored, out) {
-            Ok(n) if n == out.len() => {}
-            Ok(n) => return Err(DecodeError::Decompress(format!("decompressed to {n} bytes, not {}", out.len()))),
-            Err(e) => return Err(DecodeError::Decompress(e.to_string())),
-        },
+        Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch => {
+            match decompressor.decompress_to_buffer(stored, out) {
+                Ok(n) if n == out.len() => {}
+                Ok(n) => return Err(DecodeError::Decompress(format!("decompressed to {n} bytes, not {}", out.len()))),
+                Err(e) => return Err(DecodeError::Decompress(e.to_string())),
+            }
+        }
     }
     Ok(())
 }

@@ -85,6 +85,7 @@ impl ImageFile {
             max_stored: block::max_stored_len(header.block_size),
             zero_entries: header.kind != crate::header::Kind::Full,
             groups: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 2,
+            patches: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 3,
         };
         let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits, serial })
@@ -176,9 +177,15 @@ impl ImageFile {
 
     /// Reads the stored bytes of `entry` and decodes them into `out` (one block), checking the
     /// crc32c. A block of a group is copied out of the decoded group, which `scratch` keeps for
-    /// the next read (sequential readers decode each group once).
+    /// the next read (sequential readers decode each group once). A patch is not a whole block:
+    /// read it through its version (`VersionReader::read_block`), which finds its base.
     pub fn read_block(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
         match entry.encoding {
+            Encoding::Patch => Err(FormatError::Invalid(format!(
+                "{}: block {} is a patch; it is read through its version",
+                self.path.display(),
+                entry.block
+            ))),
             Encoding::Zero => {
                 out.fill(0);
                 Ok(())
@@ -223,13 +230,38 @@ impl ImageFile {
         self.serial
     }
 
-    /// Bytes the frame of `entry` decodes to: its whole group, or one block.
+    /// Bytes the frame of `entry` decodes to: its whole group, one block, or a patch's parts.
     pub fn frame_len(&self, entry: &IndexEntry) -> usize {
+        if entry.encoding == Encoding::Patch {
+            return entry.patch_mask.count_ones() as usize * IndexEntry::patch_part_len(self.header.block_size);
+        }
         usize::from(entry.group_len.max(1)) * self.header.block_size as usize
     }
 
+    /// Overwrites the parts of `block` (holding the patch's base) that the patch `entry` stores,
+    /// from its decoded frame `parts` (`frame_len` bytes).
+    pub fn apply_patch(&self, entry: &IndexEntry, parts: &[u8], block: &mut [u8]) {
+        let part = IndexEntry::patch_part_len(self.header.block_size);
+        let stored = (0..crate::layout::PATCH_PARTS as usize).filter(|i| entry.patch_mask & (1 << i) != 0);
+        for (from, to) in parts.chunks_exact(part).zip(stored) {
+            block[to * part..(to + 1) * part].copy_from_slice(from);
+        }
+    }
+
+    /// Decodes the patch `entry` and applies it to `block`, which holds the patch's base.
+    pub fn read_patch(&self, entry: &IndexEntry, scratch: &mut ReadScratch, block: &mut [u8]) -> Result<()> {
+        let mut parts = std::mem::take(&mut scratch.patch);
+        parts.resize(self.frame_len(entry), 0);
+        let decoded = self.decode_frame(entry, scratch, &mut parts);
+        if decoded.is_ok() {
+            self.apply_patch(entry, &parts, block);
+        }
+        scratch.patch = parts;
+        decoded
+    }
+
     /// Decodes the frame `entry` points at into `out` (`frame_len` bytes: the whole group for
-    /// a block of a group, else the one block), checking the crc32c.
+    /// a block of a group, a patch's parts, else the one block), checking the crc32c.
     pub fn decode_frame(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
         if entry.encoding == Encoding::Zero {
             out.fill(0);
@@ -269,6 +301,8 @@ pub struct ReadScratch {
     /// The last group decoded and which one it is: (image serial, data offset).
     pub(crate) group: Vec<u8>,
     pub(crate) group_key: Option<(u64, u64)>,
+    /// The decoded parts of the last patch read.
+    pub(crate) patch: Vec<u8>,
 }
 
 impl ReadScratch {
@@ -279,6 +313,7 @@ impl ReadScratch {
             block: Vec::new(),
             group: Vec::new(),
             group_key: None,
+            patch: Vec::new(),
         }
     }
 }
@@ -465,6 +500,27 @@ impl ImageWriter {
             hash,
             group_len: 0,
             group_slot: 0,
+            patch_mask: 0,
+        })
+    }
+
+    /// Appends a patch of `block` (content hash `hash`, the whole block's): `frame` is one
+    /// zstd frame of the parts `mask` names, in order.
+    pub fn append_patch(&mut self, block: u64, mask: u16, frame: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
+        assert!(mask != 0 && !frame.is_empty() && self.header.kind != crate::header::Kind::Full);
+        let data_offset = self.offset;
+        self.write_data(frame)?;
+        self.stored_bytes += frame.len() as u64;
+        self.push_entry(IndexEntry {
+            block,
+            data_offset,
+            stored_len: frame.len() as u32,
+            encoding: Encoding::Patch,
+            data_crc: crc32c::crc32c(frame),
+            hash,
+            group_len: 0,
+            group_slot: 0,
+            patch_mask: mask,
         })
     }
 
@@ -492,6 +548,7 @@ impl ImageWriter {
                 hash,
                 group_len: n as u8,
                 group_slot: slot as u8,
+                patch_mask: 0,
             })?);
         }
         Ok(())
@@ -500,7 +557,9 @@ impl ImageWriter {
     /// Appends `block`, whose content (hash `hash`) this image already stores as `like`
     /// describes (deduplication within an image): the new entry points at the same bytes.
     pub fn append_ref(&mut self, block: u64, hash: [u8; 32], like: &IndexEntry) -> Result<IndexEntry> {
-        assert!(like.encoding != Encoding::Zero && like.hash == hash && like.data_offset < self.offset);
+        // A patch means something only at its own block (its base is that block's).
+        assert!(!matches!(like.encoding, Encoding::Zero | Encoding::Patch));
+        assert!(like.hash == hash && like.data_offset < self.offset);
         self.push_entry(IndexEntry { block, hash, ..*like })
     }
 
@@ -515,6 +574,7 @@ impl ImageWriter {
             hash: zero_hash,
             group_len: 0,
             group_slot: 0,
+            patch_mask: 0,
         })
     }
 

@@ -1,6 +1,8 @@
 //! One block index entry: which source block, where its stored bytes are, how they are encoded,
 //! their crc32c, and the BLAKE3 hash of the block's content. Each entry carries its own crc32c so
 //! that a single entry read on the hot path is verified without rereading the whole index.
+//! A patch entry (format 3) names only some parts of its block; the rest comes from the block's
+//! base in an older layer, which `version` resolves.
 
 use crate::error::{FormatError, Loc, Result};
 use crate::layout::{self, entry as off, INDEX_ENTRY_SIZE};
@@ -18,6 +20,9 @@ pub enum Encoding {
     /// Part of a group: one zstd frame holding `group_len` consecutive stored blocks of the
     /// image; this block is the `group_slot`-th.
     ZstdGroup,
+    /// One zstd frame holding the parts of the block named by `patch_mask`, in order; the other
+    /// parts are those of the block's base (deltas only, format 3).
+    Patch,
 }
 
 impl Encoding {
@@ -27,6 +32,7 @@ impl Encoding {
             Encoding::Raw => layout::ENCODING_RAW,
             Encoding::Zstd => layout::ENCODING_ZSTD,
             Encoding::ZstdGroup => layout::ENCODING_ZSTD_GROUP,
+            Encoding::Patch => layout::ENCODING_PATCH,
         }
     }
 }
@@ -44,6 +50,8 @@ pub struct IndexEntry {
     /// Blocks in this entry's group and this block's place in it (0 and 0 unless `ZstdGroup`).
     pub group_len: u8,
     pub group_slot: u8,
+    /// `Patch`: bit i set when part i (of `PATCH_PARTS`) is stored; 0 for other encodings.
+    pub patch_mask: u16,
 }
 
 impl IndexEntry {
@@ -56,6 +64,12 @@ impl IndexEntry {
             && self.stored_len == other.stored_len
             && self.data_crc == other.data_crc
             && self.group_len == other.group_len
+            && self.patch_mask == other.patch_mask
+    }
+
+    /// Bytes one part of a patch covers.
+    pub fn patch_part_len(block_size: u32) -> usize {
+        (block_size / layout::PATCH_PARTS) as usize
     }
 
     pub fn encode(&self) -> [u8; INDEX_ENTRY_SIZE] {
@@ -64,8 +78,12 @@ impl IndexEntry {
         put_u64(&mut b, off::DATA_OFFSET, self.data_offset);
         put_u32(&mut b, off::STORED_LEN, self.stored_len);
         b[off::ENCODING] = self.encoding.to_byte();
-        b[off::GROUP_LEN] = self.group_len;
-        b[off::GROUP_SLOT] = self.group_slot;
+        if self.encoding == Encoding::Patch {
+            put_u16(&mut b, off::PATCH_MASK, self.patch_mask);
+        } else {
+            b[off::GROUP_LEN] = self.group_len;
+            b[off::GROUP_SLOT] = self.group_slot;
+        }
         put_u32(&mut b, off::DATA_CRC, self.data_crc);
         put_bytes(&mut b, off::HASH, &self.hash);
         let crc = crc32c::crc32c(&b[..off::ENTRY_CRC]);
@@ -88,8 +106,10 @@ impl IndexEntry {
             layout::ENCODING_RAW => Encoding::Raw,
             layout::ENCODING_ZSTD => Encoding::Zstd,
             layout::ENCODING_ZSTD_GROUP => Encoding::ZstdGroup,
+            layout::ENCODING_PATCH => Encoding::Patch,
             other => return Err(corrupt(off::ENCODING, format!("unknown encoding {other}"))),
         };
+        let patch = encoding == Encoding::Patch;
         let entry = IndexEntry {
             block: get_u64(b, off::BLOCK),
             data_offset: get_u64(b, off::DATA_OFFSET),
@@ -97,8 +117,9 @@ impl IndexEntry {
             encoding,
             data_crc: get_u32(b, off::DATA_CRC),
             hash: get_array(b, off::HASH),
-            group_len: b[off::GROUP_LEN],
-            group_slot: b[off::GROUP_SLOT],
+            group_len: if patch { 0 } else { b[off::GROUP_LEN] },
+            group_slot: if patch { 0 } else { b[off::GROUP_SLOT] },
+            patch_mask: if patch { get_u16(b, off::PATCH_MASK) } else { 0 },
         };
         if entry.block >= limits.block_count {
             return Err(corrupt(
@@ -123,6 +144,19 @@ impl IndexEntry {
                 ));
             }
             max_stored = len * limits.block_size;
+        } else if patch {
+            if !limits.patches {
+                return Err(corrupt(off::ENCODING, "a patch in an image of format 2 or older".into()));
+            }
+            if !limits.zero_entries {
+                return Err(corrupt(off::ENCODING, "a patch in a full".into()));
+            }
+            if entry.patch_mask == 0 || !limits.block_size.is_multiple_of(layout::PATCH_PARTS) {
+                return Err(corrupt(
+                    off::PATCH_MASK,
+                    format!("patch mask {:#06x} of a {}-byte block", entry.patch_mask, limits.block_size),
+                ));
+            }
         } else if entry.group_len != 0 || entry.group_slot != 0 {
             return Err(corrupt(off::GROUP_LEN, "group fields set on a block outside a group".into()));
         }
@@ -135,7 +169,7 @@ impl IndexEntry {
                     return Err(corrupt(off::ENCODING, "a zero entry in a full".into()));
                 }
             }
-            Encoding::Raw | Encoding::Zstd | Encoding::ZstdGroup => {
+            Encoding::Raw | Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch => {
                 let end = entry.data_offset.checked_add(u64::from(entry.stored_len));
                 let in_range = entry.data_offset >= limits.data_start && end.is_some_and(|e| e <= limits.data_end);
                 if !in_range || entry.stored_len == 0 || entry.stored_len > max_stored {
@@ -168,4 +202,6 @@ pub struct EntryLimits {
     pub zero_entries: bool,
     /// Whether groups may appear (format 2 onwards).
     pub groups: bool,
+    /// Whether patches may appear (format 3 onwards).
+    pub patches: bool,
 }

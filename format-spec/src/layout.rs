@@ -5,7 +5,7 @@
 //! the old version. `tests::constants_match_spec` ties these numbers to `SPEC.md`.
 
 /// The one image format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this crate still reads (format 1: no groups).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -89,6 +89,8 @@ pub mod entry {
     pub const ENCODING: usize = 20;
     pub const GROUP_LEN: usize = 21;
     pub const GROUP_SLOT: usize = 22;
+    /// Encoding 4 (format 3): the patch's 16-bit part mask, over the group fields' two bytes.
+    pub const PATCH_MASK: usize = 21;
     pub const RESERVED: usize = 23;
     pub const DATA_CRC: usize = 24;
     pub const HASH: usize = 28;
@@ -117,6 +119,11 @@ pub const ENCODING_ZERO: u8 = 0;
 pub const ENCODING_RAW: u8 = 1;
 pub const ENCODING_ZSTD: u8 = 2;
 pub const ENCODING_ZSTD_GROUP: u8 = 3;
+pub const ENCODING_PATCH: u8 = 4;
+
+/// A patch (encoding 4) replaces some of a block's `PATCH_PARTS` equal parts (4 KiB of a 64 KiB
+/// block: a file system page) and takes the rest from the block's base (SPEC.md §3.2).
+pub const PATCH_PARTS: u32 = 16;
 
 /// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS stored blocks of an
 /// image, decoding to at most GROUP_MAX_BYTES: this bounds what one read decodes.
@@ -140,6 +147,7 @@ const _: () = assert!(footer::CRC + 4 == FOOTER_SIZE);
 const _: () = assert!(footer::SOURCE_DIGEST + 32 == footer::RESERVED1);
 const _: () = assert!(entry::HASH + 32 == entry::ENTRY_CRC);
 const _: () = assert!(entry::ENTRY_CRC + 4 == INDEX_ENTRY_SIZE);
+const _: () = assert!(entry::PATCH_MASK + 2 == entry::RESERVED && PATCH_PARTS == u16::BITS);
 
 /// Whether a stored crc32c matches the computed one. Fuzzing builds (`--cfg fuzzing`, set by
 /// cargo fuzz) accept every checksum so that the fuzzer reaches the parsing behind them.

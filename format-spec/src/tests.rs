@@ -67,10 +67,10 @@ fn every_flipped_header_byte_is_detected() {
 #[test]
 fn future_format_version_is_refused_by_name() {
     let mut b = header(1, Kind::Full, None, None, 1 << 20).encode();
-    b[layout::header::FORMAT_VERSION] = 3;
+    b[layout::header::FORMAT_VERSION] = 4;
     let err = ImageHeader::decode(&b, &Loc::file(Path::new("x"))).unwrap_err();
-    assert!(matches!(err, FormatError::UnsupportedFormat { found: 3, .. }), "{err}");
-    assert!(err.to_string().contains("format version 3"), "{err}");
+    assert!(matches!(err, FormatError::UnsupportedFormat { found: 4, .. }), "{err}");
+    assert!(err.to_string().contains("format version 4"), "{err}");
 }
 
 #[test]
@@ -113,6 +113,7 @@ fn footer_and_entry_round_trip_and_self_check() {
         hash: [4; 32],
         group_len: 0,
         group_slot: 0,
+        patch_mask: 0,
     };
     let limits = EntryLimits {
         block_count: 10,
@@ -122,6 +123,7 @@ fn footer_and_entry_round_trip_and_self_check() {
         max_stored: BS,
         zero_entries: true,
         groups: true,
+        patches: true,
     };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
     for i in 0..INDEX_ENTRY_SIZE {
@@ -151,6 +153,81 @@ fn footer_and_entry_round_trip_and_self_check() {
     );
     let format1 = EntryLimits { groups: false, ..limits };
     assert!(IndexEntry::decode(&g.encode(), &loc, 0, &format1).is_err());
+
+    // Patches: a non-empty part mask over the group bytes, in deltas of format 3 only.
+    let p = IndexEntry { encoding: Encoding::Patch, patch_mask: 0x8001, ..e };
+    let raw = p.encode();
+    assert_eq!(&raw[layout::entry::PATCH_MASK..layout::entry::PATCH_MASK + 2], &[0x01, 0x80]);
+    assert_eq!(IndexEntry::decode(&raw, &loc, 0, &limits).unwrap(), p);
+    assert!(IndexEntry::decode(&IndexEntry { patch_mask: 0, ..p }.encode(), &loc, 0, &limits).is_err());
+    let format2 = EntryLimits { patches: false, ..limits };
+    assert!(IndexEntry::decode(&raw, &loc, 0, &format2).is_err(), "a patch in a format 2 image");
+    let full = EntryLimits { zero_entries: false, ..limits };
+    assert!(IndexEntry::decode(&raw, &loc, 0, &full).is_err(), "a patch in a full");
+}
+
+/// A patch of `block` of `disk` naming the parts in `mask` (parts of BS / 16 bytes).
+fn append_patch(w: &mut ImageWriter, disk: &[u8], block: usize, mask: u16) -> IndexEntry {
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let content = &disk[block * bs..(block + 1) * bs];
+    let parts: Vec<u8> =
+        (0..16).filter(|i| mask & (1 << i) != 0).flat_map(|i| content[i * part..(i + 1) * part].to_vec()).collect();
+    let frame = zstd::bulk::compress(&parts, 3).unwrap();
+    w.append_patch(block as u64, mask, &frame, hash_block(content)).unwrap()
+}
+
+fn finish_like(w: ImageWriter, disk: &[u8]) -> PathBuf {
+    let mut digest = SourceDigest::new(disk.len() as u64, BS);
+    let blocks: Vec<&[u8]> = disk.chunks(BS as usize).collect();
+    blocks.iter().for_each(|b| digest.push(&hash_block(b)));
+    let present = blocks.iter().filter(|b| !crate::block::is_zero(b)).count() as u64;
+    w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap()
+}
+
+#[test]
+fn a_patch_lays_its_parts_over_the_newest_entry_below_that_is_not_a_patch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let size = 4 * bs;
+    let v1 = sample_disk(size, 3);
+    let h1 = header(1, Kind::Full, None, None, size as u64);
+    let r1 = ImageRef { version: 1, image_id: h1.image_id };
+    let p1 = write_image(dir.path(), h1, &v1, None);
+    // v2: parts 0 and 3 of block 0 rewritten; block 3 zeroed
+    let mut v2 = v1.clone();
+    v2[0..part].fill(0xa1);
+    v2[3 * part..4 * part].fill(0xa2);
+    v2[3 * bs..].fill(0);
+    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
+    let r2 = ImageRef { version: 2, image_id: h2.image_id };
+    let mut w = ImageWriter::create(dir.path().join(".tmp-2"), dir.path().join("v00000002.strata"), h2).unwrap();
+    append_patch(&mut w, &v2, 0, 0b1001);
+    w.append_zero(3, zero_block_hash(BS)).unwrap();
+    let p2 = finish_like(w, &v2);
+    // v3: part 5 of block 0 too (the mask includes v2's), and part 1 of the zeroed block 3
+    let mut v3 = v2.clone();
+    v3[5 * part..6 * part].fill(0xa3);
+    v3[3 * bs + part..3 * bs + 2 * part].fill(0xa4);
+    let h3 = header(3, Kind::Incremental, Some(r2), Some(r1), size as u64);
+    let mut w = ImageWriter::create(dir.path().join(".tmp-3"), dir.path().join("v00000003.strata"), h3).unwrap();
+    append_patch(&mut w, &v3, 0, 0b10_1001);
+    append_patch(&mut w, &v3, 3, 0b10);
+    let p3 = finish_like(w, &v3);
+    let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
+    let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
+    for (chain, want) in [(vec![i1.clone(), i2.clone()], &v2), (vec![i1.clone(), i2.clone(), i3.clone()], &v3)] {
+        let r = VersionReader::from_chain(chain).unwrap();
+        assert_eq!(&read_all(&r), want);
+        assert_eq!(r.digest_from_index().unwrap(), r.top().footer.source_digest);
+    }
+    let r = VersionReader::from_chain(vec![i1.clone(), i2, i3.clone()]).unwrap();
+    let (base_image, base) = r.patch_base(0).unwrap().expect("block 0's base is the full's");
+    assert_eq!((base_image.header.version, base.encoding == Encoding::Patch), (1, false));
+    assert!(r.patch_base(3).unwrap().is_none(), "block 3's base is the zero entry of v2");
+    assert!(r.patch_base(1).is_err(), "block 1 is no patch");
+    // A patch read alone, without its version, is refused rather than returned half made.
+    let (image, entry) = r.entry(0).unwrap().unwrap();
+    assert!(image.read_block(&entry, &mut ReadScratch::new(), &mut vec![0u8; bs]).is_err());
 }
 
 /// Writes an image of `disk` as a delta against `parent` (or a full), like the writer does.
@@ -476,7 +553,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 29] = [
+    let numbers: [(&str, u64); 31] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -496,6 +573,8 @@ fn constants_match_spec() {
         ("ENCODING_ZSTD_GROUP", layout::ENCODING_ZSTD_GROUP.into()),
         ("GROUP_MAX_BLOCKS", layout::GROUP_MAX_BLOCKS.into()),
         ("GROUP_MAX_BYTES", layout::GROUP_MAX_BYTES.into()),
+        ("ENCODING_PATCH", layout::ENCODING_PATCH.into()),
+        ("PATCH_PARTS", layout::PATCH_PARTS.into()),
         ("RULE_UNSPECIFIED", layout::RULE_UNSPECIFIED.into()),
         ("RULE_FIRST", layout::RULE_FIRST.into()),
         ("RULE_REQUESTED", layout::RULE_REQUESTED.into()),

@@ -1,8 +1,11 @@
 //! A version: its chain of images (full first) and the block map that answers, in one array
 //! look-up whatever the chain's depth, which image holds block b. Built once at open by streaming
 //! each layer's index oldest first, so that newer layers overwrite older ones; then reads cost one
-//! entry read and one block read from exactly one image. Memory: 8 bytes per source block.
+//! entry read and one block read from exactly one image, or, for a block whose newest entry is a
+//! patch, two: the patch's and its base's (patches never stack, so never more). Memory: 8 bytes
+//! per source block, plus a word per patched block naming its base.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::digest::{zero_block_hash, SourceDigest};
@@ -41,6 +44,9 @@ fn unpack(v: u64) -> BlockLocation {
 pub struct VersionReader {
     layers: Vec<Arc<ImageFile>>,
     map: Vec<u64>,
+    /// For each block whose newest entry is a patch: its base, the newest entry of the block
+    /// below the patch that is not a patch (packed like `map`; 0 for a zero base).
+    bases: HashMap<u64, u64>,
     block_size: u32,
     source_size: u64,
 }
@@ -116,14 +122,25 @@ impl VersionReader {
             });
         }
         map.resize(block_count, 0u64);
+        let mut bases = HashMap::new();
         for (layer, image) in layers.iter().enumerate() {
             for (entry_index, entry) in image.stream_entries().enumerate() {
                 let entry = entry?;
-                map[entry.block as usize] =
-                    if entry.encoding == Encoding::Zero { 0 } else { pack(layer, entry_index as u64) };
+                let (b, word) = (entry.block, pack(layer, entry_index as u64));
+                match entry.encoding {
+                    // A patch on a patch keeps the older one's base (patches never stack).
+                    Encoding::Patch => {
+                        bases.entry(b).or_insert(map[b as usize]);
+                    }
+                    _ if !bases.is_empty() => {
+                        bases.remove(&b);
+                    }
+                    _ => {}
+                }
+                map[b as usize] = if entry.encoding == Encoding::Zero { 0 } else { word };
             }
         }
-        let reader = VersionReader { layers, map, block_size, source_size };
+        let reader = VersionReader { layers, map, bases, block_size, source_size };
         let present = reader.map.iter().filter(|&&v| v != 0).count() as u64;
         let top = reader.top();
         if present != top.footer.present_blocks {
@@ -179,6 +196,21 @@ impl VersionReader {
         }
     }
 
+    /// The base of `block`, whose newest entry is a patch: the entry the patch's parts are laid
+    /// over, or `None` when the base is a zero block.
+    pub fn patch_base(&self, block: u64) -> Result<Option<(&ImageFile, IndexEntry)>> {
+        let word = *self.bases.get(&block).ok_or_else(|| {
+            FormatError::Invalid(format!("{}: block {block} is not a patch", self.top().path().display()))
+        })?;
+        match unpack(word) {
+            BlockLocation::Zero => Ok(None),
+            BlockLocation::Stored { layer, entry } => {
+                let image = &self.layers[layer];
+                Ok(Some((image, image.read_entry(entry, block)?)))
+            }
+        }
+    }
+
     /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`.
     pub fn read_block(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
         assert_eq!(out.len(), self.block_size as usize);
@@ -186,6 +218,13 @@ impl VersionReader {
             None => {
                 out.fill(0);
                 Ok(())
+            }
+            Some((image, entry)) if entry.encoding == Encoding::Patch => {
+                match self.patch_base(block)? {
+                    Some((base_image, base)) => base_image.read_block(&base, scratch, out)?,
+                    None => out.fill(0),
+                }
+                image.read_patch(&entry, scratch, out)
             }
             Some((image, entry)) => image.read_block(&entry, scratch, out),
         }

@@ -1,4 +1,4 @@
-//! The frame cache: decoded stored frames (one block, or a whole group: at most 1 MiB),
+//! The frame cache: decoded stored frames (one block, a whole group: at most 1 MiB, or a patch's parts),
 //! keyed by the opened image and the frame's offset in it, so that a frame shared by several
 //! versions or several blocks (deduplication), or read by two requests that each cover part of
 //! a group, is decoded and kept once. Bounded by a byte budget (LRU eviction). A frame is
@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
-use strata_format::{BlockLocation, ImageFile, IndexEntry, ReadScratch, VersionReader};
+use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 
 /// (serial of the opened image holding the frame, the frame's data offset in it).
 type Key = (u64, u64);
@@ -181,8 +181,9 @@ impl BlockCache {
         }
     }
 
-    /// Decodes the frames of `blocks` of `version` in the background, skipping those cached or
-    /// under way. Errors are left for the foreground read to find and report.
+    /// Decodes the frames of `blocks` of `version` in the background (for a patched block, its
+    /// base's and the patch's), skipping those cached or under way. Errors are left for the
+    /// foreground read to find and report.
     pub fn prefetch(self: &Arc<Self>, version: &Arc<VersionReader>, blocks: std::ops::Range<u64>) {
         let (cache, version) = (self.clone(), version.clone());
         rayon::spawn(move || {
@@ -192,24 +193,42 @@ impl BlockCache {
                     continue;
                 }
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
-                let key = key(image, &entry);
-                if last == Some(key) || cache.cached(&key).is_some() {
-                    last = Some(key);
-                    continue;
-                }
-                last = Some(key);
-                let (cache, version) = (cache.clone(), version.clone());
-                // Claimed only once running: a frame is in flight only while a running thread
-                // decodes it, so waiting for one can never wait on a queued job.
-                rayon::spawn(move || {
-                    let Ok(Some((image, entry))) = version.entry(block) else { return };
-                    if let Some(Claim::Decode) = cache.claim(key, false) {
-                        let _ = cache.decode(image, &entry, key);
+                let patch = entry.encoding == Encoding::Patch;
+                let base = if patch { version.patch_base(block).ok().flatten() } else { None };
+                for (frame, found) in [(Frame::Newest, Some((image, entry))), (Frame::Base, base)] {
+                    let Some((image, entry)) = found else { continue };
+                    let key = key(image, &entry);
+                    if last == Some(key) || cache.cached(&key).is_some() {
+                        last = Some(key);
+                        continue;
                     }
-                });
+                    last = Some(key);
+                    let (cache, version) = (cache.clone(), version.clone());
+                    // Claimed only once running: a frame is in flight only while a running thread
+                    // decodes it, so waiting for one can never wait on a queued job.
+                    rayon::spawn(move || {
+                        let found = match frame {
+                            Frame::Newest => version.entry(block),
+                            Frame::Base => version.patch_base(block),
+                        };
+                        let Ok(Some((image, entry))) = found else { return };
+                        if let Some(Claim::Decode) = cache.claim(key, false) {
+                            let _ = cache.decode(image, &entry, key);
+                        }
+                    });
+                }
             }
         });
     }
+}
+
+/// Which frame of a block a prefetch job decodes.
+#[derive(Clone, Copy)]
+enum Frame {
+    /// The block's newest entry's.
+    Newest,
+    /// The base of a patched block.
+    Base,
 }
 
 #[cfg(test)]

@@ -7,10 +7,12 @@
 //! part goes through the cache, so that the next request, which wants the rest of the group,
 //! or small reads of the same block, do not decode it again. With `parallel`, units are
 //! decoded on all cores (see `fs`: when no other read is being served; when the kernel sends
-//! many requests at once, the requests share the cores instead).
+//! many requests at once, the requests share the cores instead). A block whose newest entry is a
+//! patch is a unit of its own: its base's frame and the patch's, both through the cache (the
+//! base is usually a group that the neighbouring blocks read too), the parts laid over the base.
 
 use rayon::prelude::*;
-use strata_format::{BlockLocation, ImageFile, IndexEntry, VersionReader};
+use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
 
 use crate::cache::BlockCache;
 
@@ -18,6 +20,7 @@ use crate::cache::BlockCache;
 enum Unit<'v> {
     Zero { len: usize },
     Frame { image: &'v ImageFile, entry: IndexEntry, parts: Vec<Part> },
+    Patch { image: &'v ImageFile, entry: IndexEntry, base: Option<(&'v ImageFile, IndexEntry)>, part: Part },
 }
 
 /// Bytes `within..within + len` of the block at `slot` of a frame.
@@ -32,6 +35,7 @@ impl Unit<'_> {
         match self {
             Unit::Zero { len } => *len,
             Unit::Frame { parts, .. } => parts.iter().map(|p| p.len).sum(),
+            Unit::Patch { part, .. } => part.len,
         }
     }
 }
@@ -88,6 +92,13 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
             (BlockLocation::Stored { .. }, last) => {
                 let (image, entry) = reader.entry(block)?.expect("a stored block has an entry");
                 let part = Part { slot: usize::from(entry.group_slot), within, len };
+                if entry.encoding == Encoding::Patch {
+                    let base = reader.patch_base(block)?;
+                    units.push(Unit::Patch { image, entry, base, part });
+                    pos += len as u64;
+                    left -= len;
+                    continue;
+                }
                 match last {
                     Some(Unit::Frame { image: i, entry: e, parts })
                         if i.serial() == image.serial() && e.same_frame(&entry) =>
@@ -110,6 +121,7 @@ fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata
             out.fill(0);
             return Ok(());
         }
+        Unit::Patch { image, entry, base, part } => return fill_patch(cache, bs, image, &entry, base, &part, out),
         Unit::Frame { image, entry, parts } => (image, entry, parts),
     };
     let whole = out.len() == image.frame_len(&entry)
@@ -124,5 +136,26 @@ fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata
         out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
         at += p.len;
     }
+    Ok(())
+}
+
+/// Fills `out` with `part` of a patched block: the base's block, the patch's parts laid over.
+fn fill_patch(
+    cache: &BlockCache,
+    bs: usize,
+    image: &ImageFile,
+    entry: &IndexEntry,
+    base: Option<(&ImageFile, IndexEntry)>,
+    part: &Part,
+    out: &mut [u8],
+) -> strata_format::Result<()> {
+    let mut block = vec![0u8; bs];
+    if let Some((base_image, base)) = base {
+        let frame = cache.frame(base_image, &base)?;
+        let at = usize::from(base.group_slot) * bs;
+        block.copy_from_slice(&frame[at..at + bs]);
+    }
+    image.apply_patch(entry, &cache.frame(image, entry)?, &mut block);
+    out.copy_from_slice(&block[part.within..part.within + part.len]);
     Ok(())
 }

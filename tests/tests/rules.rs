@@ -220,12 +220,12 @@ fn truncated_or_foreign_or_future_images_are_named_and_never_versions() {
 
     // a future format version
     let v3 = repo.join("v00000003.strata");
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[3], 8)
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&v3).unwrap(), &[9], 8)
         .unwrap();
     let rows = list_json(&repo);
-    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 3"), "{rows:?}");
+    assert!(row(&rows, 3)["problem"].as_str().unwrap().contains("image format version 9"), "{rows:?}");
     let r = strata(["restore", &p(&repo), "3", &p(&tmp.path().join("o"))]).expect_code(1);
-    assert!(r.stderr.contains("format version 3"), "{}", r.stderr);
+    assert!(r.stderr.contains("format version 9"), "{}", r.stderr);
 }
 
 #[test]

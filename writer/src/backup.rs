@@ -1,7 +1,8 @@
 //! The backup engine: read the source once, batch by batch, hash every block on all cores
 //! (cached data in place through a memory map), compare with the parent version's block hashes,
-//! store each changed content once per image (`dedup`) with runs of adjacent changed blocks
-//! compressed together (`pack`), and write one new image that is published only when complete.
+//! store each changed content once per image (`dedup`), a block changed in a few pages as a
+//! patch (`patch`), runs of adjacent changed blocks compressed together (`pack`), and write one
+//! new image that is published only when complete.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -20,6 +21,7 @@ use crate::config::{Scheme, TaskConfig};
 use crate::dedup::{Decision, Dedup, Stored};
 use crate::merge::merge_version;
 use crate::pack::{pack, Unit};
+use crate::patch::{PatchFrame, Patcher};
 use crate::plan::plan;
 use crate::progress::Progress;
 use crate::prune::prune_locked;
@@ -299,9 +301,9 @@ fn copy_blocks(
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(SCAN_BUFFERS);
     let result = std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || scan(source, parent, block_size, zero_hash, free_rx, scanned_tx));
-        scope.spawn(move || pack_batches(bs, level, scanned_rx, packed_tx));
+        scope.spawn(move || pack_batches(parent, bs, level, scanned_rx, packed_tx));
         for packed in packed_rx {
-            let Packed { scanned: Scanned { start, buf, results }, decisions, units } = packed?;
+            let Packed { scanned: Scanned { start, buf, results }, decisions, units, patches } = packed?;
             let hashes: Vec<[u8; 32]> = results.iter().map(|r| r.hash).collect();
             let mut units = units.into_iter().peekable();
             let mut written = Vec::new();
@@ -324,6 +326,10 @@ fn copy_blocks(
                                 }
                             }
                         }
+                    }
+                    (Action::Store, Some(Decision::Patch)) => {
+                        let patch = patches[i].as_ref().expect("a patch decision has its patch");
+                        writer.append_patch(b, patch.mask, &patch.frame, r.hash)?;
                     }
                     (Action::Store, _) => {
                         let like = *stored.find(&r.hash).expect("a copy's content is written before it");
@@ -348,25 +354,70 @@ struct Packed {
     decisions: Vec<Option<Decision>>,
     /// The stored blocks (`Decision::Store`) in runs, compressed.
     units: Vec<Unit>,
+    /// Per block: its patch against the parent, when it has one.
+    patches: Vec<Option<PatchFrame>>,
 }
 
-/// The packer stage: decides in block order which changed blocks are stored and which are
-/// copies of a content stored earlier in this image, and compresses the stored ones.
-fn pack_batches(bs: usize, level: i32, scanned_rx: Receiver<Result<Scanned>>, packed_tx: SyncSender<Result<Packed>>) {
+/// Changed blocks one patch task handles in order (adjacent blocks often share the parent's
+/// group, which the task's `Patcher` then decodes once).
+const PATCH_TASK_BLOCKS: usize = 16;
+
+/// The packer stage: makes the patches of changed blocks against the parent, decides in block
+/// order which changed blocks are stored, which are patches and which are copies of a content
+/// stored earlier in this image, and compresses the stored ones.
+fn pack_batches(
+    parent: Option<&VersionReader>,
+    bs: usize,
+    level: i32,
+    scanned_rx: Receiver<Result<Scanned>>,
+    packed_tx: SyncSender<Result<Packed>>,
+) {
     let mut dedup = Dedup::default();
     for scanned in scanned_rx {
-        let packed = scanned.map(|scanned| {
-            let decisions: Vec<Option<Decision>> =
-                scanned.results.iter().map(|r| (r.action == Action::Store).then(|| dedup.decide(&r.hash))).collect();
+        let packed = scanned.and_then(|scanned| {
+            let patches = match parent {
+                Some(parent) => patch_batch(parent, level, &scanned, bs)?,
+                None => (0..scanned.results.len()).map(|_| None).collect(),
+            };
+            let decisions: Vec<Option<Decision>> = scanned
+                .results
+                .iter()
+                .zip(&patches)
+                .map(|(r, p)| (r.action == Action::Store).then(|| dedup.decide(&r.hash, p.is_some())))
+                .collect();
             let store: Vec<bool> = decisions.iter().map(|d| matches!(d, Some(Decision::Store { .. }))).collect();
             let units = pack(&scanned.buf, bs, &store, level);
-            Packed { scanned, decisions, units }
+            Ok(Packed { scanned, decisions, units, patches })
         });
         let failed = packed.is_err();
         if packed_tx.send(packed).is_err() || failed {
             return;
         }
     }
+}
+
+/// The patches of the changed blocks of one batch against the parent, on all cores.
+fn patch_batch(parent: &VersionReader, level: i32, scanned: &Scanned, bs: usize) -> Result<Vec<Option<PatchFrame>>> {
+    let changed: Vec<usize> =
+        (0..scanned.results.len()).filter(|&i| scanned.results[i].action == Action::Store).collect();
+    let made = changed
+        .par_chunks(PATCH_TASK_BLOCKS)
+        .map_init(
+            || Patcher::new(parent, level),
+            |patcher, chunk| {
+                chunk
+                    .iter()
+                    .map(|&i| patcher.patch(scanned.start + i as u64, &scanned.buf[i * bs..(i + 1) * bs]))
+                    .collect::<strata_format::Result<Vec<_>>>()
+            },
+        )
+        .collect::<strata_format::Result<Vec<Vec<_>>>>()
+        .context("reading the parent version's blocks to patch them")?;
+    let mut patches: Vec<Option<PatchFrame>> = (0..scanned.results.len()).map(|_| None).collect();
+    for (i, patch) in changed.into_iter().zip(made.into_iter().flatten()) {
+        patches[i] = patch;
+    }
+    Ok(patches)
 }
 
 /// Bytes of source read and classified per batch.

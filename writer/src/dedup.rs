@@ -20,6 +20,9 @@ pub enum Decision {
     Store { remember: bool },
     /// Point at the stored copy of the same content earlier in this image.
     Copy,
+    /// Store it as a patch against the parent's block (never remembered: a patch means its
+    /// content only at its own block).
+    Patch,
 }
 
 #[derive(Default)]
@@ -28,10 +31,14 @@ pub struct Dedup {
 }
 
 impl Dedup {
-    /// Decides for the next changed block in block order, with content hash `hash`.
-    pub fn decide(&mut self, hash: &[u8; 32]) -> Decision {
+    /// Decides for the next changed block in block order, with content hash `hash`; `patchable`
+    /// when it has a patch (a copy is cheaper still).
+    pub fn decide(&mut self, hash: &[u8; 32], patchable: bool) -> Decision {
         if self.remembered.contains(hash) {
             return Decision::Copy;
+        }
+        if patchable {
+            return Decision::Patch;
         }
         let remember = self.remembered.len() < MAX_REMEMBERED;
         if remember {
@@ -66,9 +73,17 @@ mod tests {
     #[test]
     fn the_first_block_of_a_content_is_stored_and_later_ones_are_copies() {
         let mut dedup = Dedup::default();
-        assert_eq!(dedup.decide(&[1; 32]), Decision::Store { remember: true });
-        assert_eq!(dedup.decide(&[2; 32]), Decision::Store { remember: true });
-        assert_eq!(dedup.decide(&[1; 32]), Decision::Copy);
+        assert_eq!(dedup.decide(&[1; 32], false), Decision::Store { remember: true });
+        assert_eq!(dedup.decide(&[2; 32], false), Decision::Store { remember: true });
+        assert_eq!(dedup.decide(&[1; 32], false), Decision::Copy);
+    }
+
+    #[test]
+    fn a_patch_is_never_remembered_and_a_copy_beats_it() {
+        let mut dedup = Dedup::default();
+        assert_eq!(dedup.decide(&[1; 32], true), Decision::Patch);
+        assert_eq!(dedup.decide(&[1; 32], false), Decision::Store { remember: true });
+        assert_eq!(dedup.decide(&[1; 32], true), Decision::Copy);
     }
 
     #[test]
@@ -77,10 +92,10 @@ mod tests {
         for i in 0..MAX_REMEMBERED as u32 {
             let mut h = [0u8; 32];
             h[..4].copy_from_slice(&i.to_le_bytes());
-            dedup.decide(&h);
+            dedup.decide(&h, false);
         }
-        assert_eq!(dedup.decide(&[0xff; 32]), Decision::Store { remember: false });
-        assert_eq!(dedup.decide(&[0xff; 32]), Decision::Store { remember: false });
-        assert_eq!(dedup.decide(&[0; 32]), Decision::Copy);
+        assert_eq!(dedup.decide(&[0xff; 32], false), Decision::Store { remember: false });
+        assert_eq!(dedup.decide(&[0xff; 32], false), Decision::Store { remember: false });
+        assert_eq!(dedup.decide(&[0; 32], false), Decision::Copy);
     }
 }

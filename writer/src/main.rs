@@ -8,6 +8,7 @@ mod dedup;
 mod logging;
 mod merge;
 mod pack;
+mod patch;
 mod plan;
 mod progress;
 mod prune;

@@ -1,6 +1,6 @@
 //! Merge: rewrite a version as a full built from its chain (a synthetic full), without reading
 //! the source. Stored blocks and whole groups are copied as they are (crc32c checked); only a
-//! group that the version uses in part is decoded and its blocks stored one by one. So it costs
+//! group that the version uses in part, and a patch (laid over its base), is decoded and its blocks stored one by one. So it costs
 //! one read and one write of the version's data and memory as for reading it. The new image keeps the
 //! version's id, image id, time and digest, and replaces the old one by an atomic rename, so
 //! every version depending on it stays restorable and byte-identical whatever the moment of a
@@ -61,6 +61,11 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         let next = match reader.entry(block)? {
             Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
                 copier.copy_group(&reader, &mut writer, block, image, entry)?
+            }
+            Some((_, entry)) if entry.encoding == Encoding::Patch => {
+                reader.read_block(block, &mut copier.scratch, &mut copier.block)?;
+                copier.store_decoded(&mut writer, block, entry.hash)?;
+                block + 1
             }
             Some((image, entry)) => {
                 debug_assert!(entry.encoding != Encoding::Zero);
@@ -133,11 +138,17 @@ impl Copier {
         }
         for (b, e) in members {
             image.read_block(&e, &mut self.scratch, &mut self.block)?;
-            match compress_into(&mut self.compressor, &self.block, &mut self.frame) {
-                Encoding::Zstd => writer.append_block(b, Encoding::Zstd, &self.frame, e.hash)?,
-                _ => writer.append_block(b, Encoding::Raw, &self.block, e.hash)?,
-            };
+            self.store_decoded(writer, b, e.hash)?;
         }
         Ok(next)
+    }
+
+    /// Stores the decoded block in `self.block` as block `b` on its own.
+    fn store_decoded(&mut self, writer: &mut ImageWriter, b: u64, hash: [u8; 32]) -> Result<()> {
+        match compress_into(&mut self.compressor, &self.block, &mut self.frame) {
+            Encoding::Zstd => writer.append_block(b, Encoding::Zstd, &self.frame, hash)?,
+            _ => writer.append_block(b, Encoding::Raw, &self.block, hash)?,
+        };
+        Ok(())
     }
 }

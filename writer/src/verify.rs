@@ -1,5 +1,6 @@
 //! The verify engine: check every image (header, footer, index, and unless quick every stored
-//! block: crc32c, decompression and BLAKE3 content hash), then every version: is its whole chain
+//! block: crc32c, decompression and BLAKE3 content hash; a patch's hash over its base, read
+//! through the image's chain), then every version: is its whole chain
 //! present and sound, and does the digest of its resolved blocks match the one recorded at
 //! backup time.
 
@@ -10,7 +11,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 use strata_format::block::hash_block;
 use strata_format::digest::hex;
-use strata_format::{Encoding, FormatError, ImageFile, IndexEntry, ReadScratch, Repository};
+use strata_format::{Encoding, FormatError, ImageFile, IndexEntry, ReadScratch, RepoState, Repository, VersionReader};
 
 use crate::progress::Progress;
 
@@ -73,7 +74,7 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
             ImageReport { version: id, file, sound: true, blocks_checked: 0, bad_blocks: 0, problems: Vec::new() };
         match &slot.image {
             Err(why) => report.problems.push(why.clone()),
-            Ok(image) => check_image(image, opts.quick, &mut report, progress),
+            Ok(image) => check_image(&state, image, opts.quick, &mut report, progress),
         }
         report.sound = report.problems.is_empty();
         if let Some(first) = report.problems.first() {
@@ -110,9 +111,13 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
     Ok(VerifyReport { ok, images: image_reports, versions })
 }
 
-fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progress: &dyn Progress) {
+fn check_image(state: &RepoState, image: &ImageFile, quick: bool, report: &mut ImageReport, progress: &dyn Progress) {
     const CHUNK: usize = 256;
     let mut entries: Vec<IndexEntry> = Vec::with_capacity(CHUNK);
+    // The image's version, opened at its first patch: a patch's content is its base's with
+    // its parts laid over. `None` inside when the chain cannot be opened (the version is then
+    // reported unrestorable, and the patches are checked as far as they go on their own).
+    let mut version: Option<Option<VersionReader>> = None;
     let mut stream = image.stream_entries();
     // Stored bytes are written in order, and entries that share them point back: an entry
     // beyond this offset is the first to name its bytes (progress counts each once).
@@ -135,11 +140,15 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
         if quick {
             continue;
         }
+        if version.is_none() && entries.iter().any(|e| e.encoding == Encoding::Patch) {
+            version = Some(state.open_version(image.header.version).ok());
+        }
+        let version = version.as_ref().and_then(|v| v.as_ref());
         let bad: Vec<FormatError> = entries
             .par_iter()
             .map_init(
                 || (ReadScratch::new(), vec![0u8; image.header.block_size as usize]),
-                |(scratch, out), entry| check_block(image, entry, scratch, out).err(),
+                |(scratch, out), entry| check_block(image, version, entry, scratch, out).err(),
             )
             .flatten()
             .collect();
@@ -160,14 +169,31 @@ fn check_image(image: &ImageFile, quick: bool, report: &mut ImageReport, progres
 
 fn check_block(
     image: &ImageFile,
+    version: Option<&VersionReader>,
     entry: &IndexEntry,
     scratch: &mut ReadScratch,
     out: &mut [u8],
 ) -> strata_format::Result<()> {
-    if entry.encoding == Encoding::Zero {
-        return Ok(());
+    match entry.encoding {
+        Encoding::Zero => return Ok(()),
+        Encoding::Patch => {
+            let mut parts = vec![0u8; image.frame_len(entry)];
+            image.decode_frame(entry, scratch, &mut parts)?;
+            // A base that cannot be read is its own image's problem, reported there.
+            let base = version.map(|v| {
+                v.patch_base(entry.block).and_then(|base| match base {
+                    Some((base_image, base)) => base_image.read_block(&base, scratch, out),
+                    None => {
+                        out.fill(0);
+                        Ok(())
+                    }
+                })
+            });
+            let Some(Ok(())) = base else { return Ok(()) };
+            image.apply_patch(entry, &parts, out);
+        }
+        _ => image.read_block(entry, scratch, out)?,
     }
-    image.read_block(entry, scratch, out)?;
     if hash_block(out) != entry.hash {
         return Err(FormatError::HashMismatch {
             loc: image.loc().block(entry.block).at(entry.data_offset),

@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
             max_stored: n(41) as u32,
             zero_entries: data[0] & 1 == 0,
             groups: data[0] & 2 == 0,
+            patches: data[0] & 4 == 0,
         };
         let _ = IndexEntry::decode(&data[..INDEX_ENTRY_SIZE], &loc, n(3), &limits);
     }

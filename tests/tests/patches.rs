@@ -1,0 +1,135 @@
+//! Patches (format 3): a block rewritten in a few 4 KiB pages is stored as those pages over its
+//! base. The pages must cost about what they are, every version must read back byte for byte
+//! through restore and the mount, a merge below a patch must not change what the patch means,
+//! and a damaged patch must make exactly the versions that need it unrestorable.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use strata_tests::*;
+
+const PAGE: u64 = 4096;
+/// 16 MiB: 256 blocks of 64 KiB.
+const SIZE: u64 = 16 << 20;
+
+/// Writes `count` pseudo-random 4 KiB pages at page-aligned places chosen by `seed`.
+fn write_pages(disk: &Path, seed: u64, count: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let mut x = seed | 1;
+    for i in 0..count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = x % (SIZE / PAGE);
+        f.write_all_at(&noise(seed ^ i, PAGE as usize), page * PAGE).unwrap();
+    }
+}
+
+/// Bytes zstd cannot shrink, so that stored sizes are what they encode.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn backup_json(src: &Path, repo: &Path) -> serde_json::Value {
+    strata(["backup", "--json", &p(src), &p(repo)]).ok().json()
+}
+
+fn snapshot(src: &Path, dir: &Path, id: u64) -> std::path::PathBuf {
+    let copy = dir.join(format!("disk-v{id}"));
+    std::fs::copy(src, &copy).unwrap();
+    copy
+}
+
+#[test]
+fn scattered_page_writes_cost_about_their_pages_and_every_version_reads_back() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
+    std::fs::write(&src, noise(1, SIZE as usize)).unwrap();
+    backup_json(&src, &repo);
+    let mut copies = vec![snapshot(&src, t.path(), 1)];
+    // v2: 100 pages; v3: 100 more, many in blocks v2 patched already (patch over patch)
+    for (id, seed) in [(2u64, 11u64), (3, 12)] {
+        write_pages(&src, seed, 100);
+        let s = backup_json(&src, &repo);
+        let stored = s["stored_bytes"].as_u64().unwrap();
+        let changed = s["changed_blocks"].as_u64().unwrap();
+        // ~100 new pages of noise; a version made of whole 64 KiB blocks would be ~6 MiB
+        let pages_bytes = 100 * PAGE;
+        assert!(stored < pages_bytes * 3, "v{id}: {stored} bytes stored for {changed} blocks of 100 page writes");
+        assert!(stored >= pages_bytes - 8 * PAGE, "v{id}: {stored} bytes cannot hold 100 pages of noise");
+        copies.push(snapshot(&src, t.path(), id));
+    }
+    for (i, copy) in copies.iter().enumerate() {
+        assert_restores_to(&repo, &(i + 1).to_string(), copy, t.path());
+    }
+    let v = strata(["verify", "--json", &p(&repo)]).ok().json();
+    assert_eq!(v["ok"], true, "{v}");
+    if have_fuse("scattered_page_writes_cost_about_their_pages_and_every_version_reads_back") {
+        let m = StrataMount::new(&repo, &t.path().join("mnt"), &[]);
+        for (i, copy) in copies.iter().enumerate() {
+            assert!(same_file(&m.path(&format!("{}/disk.img", i + 1)), copy), "mounted v{} differs", i + 1);
+        }
+    }
+}
+
+#[test]
+fn a_merge_below_a_patch_leaves_the_patch_meaning_the_same_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
+    std::fs::write(&src, noise(2, SIZE as usize)).unwrap();
+    backup_json(&src, &repo);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&src).unwrap();
+    let mut original = vec![0u8; PAGE as usize];
+    f.read_exact_at(&mut original, 3 * PAGE).unwrap();
+    // v2: page 3 of block 0 rewritten; v3: page 3 back as it was in v1, page 5 rewritten. v3's
+    // patch must still name page 3, or after v2 is merged into a full (which makes v2's block
+    // v3's base) v3 would read v2's page 3.
+    f.write_all_at(&noise(20, PAGE as usize), 3 * PAGE).unwrap();
+    backup_json(&src, &repo);
+    f.write_all_at(&original, 3 * PAGE).unwrap();
+    f.write_all_at(&noise(21, PAGE as usize), 5 * PAGE).unwrap();
+    backup_json(&src, &repo);
+    let v3 = snapshot(&src, t.path(), 3);
+    strata(["merge", "-q", &p(&repo), "2"]).ok();
+    assert_restores_to(&repo, "3", &v3, t.path());
+    let v = strata(["verify", "--json", &p(&repo)]).ok().json();
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn a_damaged_patch_makes_exactly_the_versions_that_need_it_unrestorable() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
+    std::fs::write(&src, noise(3, SIZE as usize)).unwrap();
+    backup_json(&src, &repo);
+    write_pages(&src, 30, 1);
+    backup_json(&src, &repo); // v2: one patch
+                              // v3: a differential, patched against the full, not against v2
+    let diff = strata(["backup", "--json", "--differential", &p(&src), &p(&repo)]).ok().json();
+    assert_eq!(diff["kind"], "differential");
+    write_pages(&src, 31, 1);
+    backup_json(&src, &repo); // v4: incremental on v3
+                              // The one stored frame of v2 is its patch, right after the 512-byte header.
+    flip_byte(&repo.join("v00000002.strata"), 512 + 4);
+    let v = strata(["verify", "--json", &p(&repo)]).expect_code(1).json();
+    let restorable: Vec<(u64, bool)> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_u64().unwrap(), r["restorable"] == true))
+        .collect();
+    assert_eq!(restorable, [(1, true), (2, false), (3, true), (4, true)], "{v}");
+    let image2 = v["images"].as_array().unwrap().iter().find(|i| i["version"] == 2).unwrap();
+    let problem = image2["problems"][0].as_str().unwrap();
+    assert!(problem.contains("v00000002.strata") && problem.contains("block "), "{problem}");
+    let r = strata(["restore", &p(&repo), "2", &p(&t.path().join("out"))]).expect_code(1);
+    assert!(r.stderr.contains("v00000002.strata"), "{}", r.stderr);
+}

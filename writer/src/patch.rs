@@ -1,0 +1,105 @@
+//! Patches (format 3, SPEC.md §3.2): a changed block that its parent version holds is stored as
+//! only the parts (sixteenths: 4 KiB of a 64 KiB block, a file system page) that differ from
+//! the block's base, when those are at most half of the block. A database that rewrote one page
+//! of a block so costs one page, not the block, and a read of the block decodes two frames at
+//! most (the base and the patch) however long the chain.
+//!
+//! Patches never stack: a patch is always laid over the newest non-patch version of the block,
+//! and its mask includes the mask of the patch it replaces. So every part outside the mask is
+//! the same in the base, the parent and the new block, which keeps the patch meaning the same
+//! bytes when a merge turns a version below it into a full.
+
+use strata_format::layout::PATCH_PARTS;
+use strata_format::{Encoding, IndexEntry, ReadScratch, VersionReader};
+
+/// A patch names at most this many of a block's parts; past it the block is stored whole (and
+/// becomes the base of later patches).
+pub const MAX_PATCH_PARTS: u32 = PATCH_PARTS / 2;
+
+/// A block stored as a patch: the parts it names and their zstd frame.
+pub struct PatchFrame {
+    pub mask: u16,
+    pub frame: Vec<u8>,
+}
+
+/// The parts of `new` that differ from `base`.
+pub fn changed_parts(new: &[u8], base: &[u8]) -> u16 {
+    let part = new.len() / PATCH_PARTS as usize;
+    new.chunks_exact(part)
+        .zip(base.chunks_exact(part))
+        .enumerate()
+        .fold(0, |mask, (i, (n, b))| if n != b { mask | 1 << i } else { mask })
+}
+
+/// Makes patches against one parent version; one per thread (it keeps the last decoded group
+/// of the parent, so adjacent blocks of one group decode it once).
+pub struct Patcher<'v> {
+    parent: &'v VersionReader,
+    scratch: ReadScratch,
+    base: Vec<u8>,
+    parts: Vec<u8>,
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl<'v> Patcher<'v> {
+    pub fn new(parent: &'v VersionReader, level: i32) -> Patcher<'v> {
+        Patcher {
+            parent,
+            scratch: ReadScratch::new(),
+            base: vec![0; parent.block_size() as usize],
+            parts: Vec::new(),
+            compressor: zstd::bulk::Compressor::new(level).expect("zstd compressor"),
+        }
+    }
+
+    /// The patch of `block`, whose new content is `new`, or `None` when it is to be stored
+    /// whole: zero in the parent (nothing to lay parts over) or changed in more than half.
+    pub fn patch(&mut self, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
+        if !new.len().is_multiple_of(PATCH_PARTS as usize) {
+            return Ok(None);
+        }
+        let Some((image, entry)) = self.parent.entry(block)? else { return Ok(None) };
+        let (inherited, base) = match entry.encoding {
+            Encoding::Patch => (entry.patch_mask, self.parent.patch_base(block)?),
+            _ => (0, Some((image, entry))),
+        };
+        match base {
+            Some((image, base)) => image.read_block(&base, &mut self.scratch, &mut self.base)?,
+            None => self.base.fill(0),
+        }
+        let mask = inherited | changed_parts(new, &self.base);
+        if mask == 0 || mask.count_ones() > MAX_PATCH_PARTS {
+            return Ok(None);
+        }
+        let part = IndexEntry::patch_part_len(self.parent.block_size());
+        self.parts.clear();
+        for (i, bytes) in new.chunks_exact(part).enumerate() {
+            if mask & (1 << i) != 0 {
+                self.parts.extend_from_slice(bytes);
+            }
+        }
+        // Always a zstd frame (format: a patch is never raw); at most half a block and a few
+        // bytes of framing, so within the stored-length limit of one block.
+        let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(self.parts.len()));
+        if self.compressor.compress_to_buffer(&self.parts, &mut frame).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(PatchFrame { mask, frame }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changed_parts_names_each_sixteenth_that_differs() {
+        let base = vec![7u8; 65536];
+        let mut new = base.clone();
+        assert_eq!(changed_parts(&new, &base), 0);
+        new[0] = 1; // part 0
+        new[4096 * 5 + 4095] = 1; // last byte of part 5
+        new[65535] = 1; // part 15
+        assert_eq!(changed_parts(&new, &base), 1 | 1 << 5 | 1 << 15);
+    }
+}
