@@ -18,9 +18,25 @@ use crate::cache::BlockCache;
 
 /// A part of a read served by one source.
 enum Unit<'v> {
-    Zero { len: usize },
-    Frame { image: &'v ImageFile, entry: IndexEntry, parts: Vec<Part> },
-    Patch { image: &'v ImageFile, entry: IndexEntry, base: Option<(&'v ImageFile, IndexEntry)>, part: Part },
+    Zero {
+        len: usize,
+    },
+    /// Blocks of one stored frame; `patches` are laid over some of them afterwards (whole
+    /// patched blocks whose base is a block of this frame).
+    Frame {
+        image: &'v ImageFile,
+        entry: IndexEntry,
+        parts: Vec<Part>,
+        patches: Vec<Overlay<'v>>,
+    },
+    /// Part of a patched block that cannot join its base's frame unit (a zero base, or less
+    /// than the whole block).
+    Patch {
+        image: &'v ImageFile,
+        entry: IndexEntry,
+        base: Option<(&'v ImageFile, IndexEntry)>,
+        part: Part,
+    },
 }
 
 /// Bytes `within..within + len` of the block at `slot` of a frame.
@@ -28,6 +44,13 @@ struct Part {
     slot: usize,
     within: usize,
     len: usize,
+}
+
+/// A patch laid over the whole block at byte `at` of a frame unit's output.
+struct Overlay<'v> {
+    at: usize,
+    image: &'v ImageFile,
+    entry: IndexEntry,
 }
 
 impl Unit<'_> {
@@ -89,23 +112,24 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
         match (reader.locate(block), units.last_mut()) {
             (BlockLocation::Zero, Some(Unit::Zero { len: run })) => *run += len,
             (BlockLocation::Zero, _) => units.push(Unit::Zero { len }),
-            (BlockLocation::Stored { .. }, last) => {
+            (BlockLocation::Stored { .. }, _) => {
                 let (image, entry) = reader.entry(block)?.expect("a stored block has an entry");
-                let part = Part { slot: usize::from(entry.group_slot), within, len };
-                if entry.encoding == Encoding::Patch {
-                    let base = reader.patch_base(block)?;
-                    units.push(Unit::Patch { image, entry, base, part });
-                    pos += len as u64;
-                    left -= len;
-                    continue;
-                }
-                match last {
-                    Some(Unit::Frame { image: i, entry: e, parts })
-                        if i.serial() == image.serial() && e.same_frame(&entry) =>
-                    {
-                        parts.push(part)
+                if entry.encoding != Encoding::Patch {
+                    join_frame(
+                        &mut units,
+                        image,
+                        entry,
+                        Part { slot: usize::from(entry.group_slot), within, len },
+                        None,
+                    );
+                } else {
+                    match reader.patch_base(block)? {
+                        Some((base_image, base)) if len == bs as usize => {
+                            let part = Part { slot: usize::from(base.group_slot), within, len };
+                            join_frame(&mut units, base_image, base, part, Some((image, entry)));
+                        }
+                        base => units.push(Unit::Patch { image, entry, base, part: Part { slot: 0, within, len } }),
                     }
-                    _ => units.push(Unit::Frame { image, entry, parts: vec![part] }),
                 }
             }
         }
@@ -115,31 +139,77 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
     Ok(units)
 }
 
+/// Adds `part` of the frame of `entry` to the last unit when that is the same frame, else
+/// starts a unit; `patch` is laid over the part (then a whole block) once the frame is read.
+fn join_frame<'v>(
+    units: &mut Vec<Unit<'v>>,
+    image: &'v ImageFile,
+    entry: IndexEntry,
+    part: Part,
+    patch: Option<(&'v ImageFile, IndexEntry)>,
+) {
+    let same = |i: &ImageFile, e: &IndexEntry| i.serial() == image.serial() && e.same_frame(&entry);
+    let unit = match units.last_mut() {
+        Some(Unit::Frame { image: i, entry: e, parts, patches }) if same(i, e) => (parts, patches),
+        _ => {
+            units.push(Unit::Frame { image, entry, parts: Vec::new(), patches: Vec::new() });
+            let Some(Unit::Frame { parts, patches, .. }) = units.last_mut() else { unreachable!() };
+            (parts, patches)
+        }
+    };
+    let (parts, patches) = unit;
+    let at = parts.iter().map(|p| p.len).sum();
+    if let Some((image, entry)) = patch {
+        patches.push(Overlay { at, image, entry });
+    }
+    parts.push(part);
+}
+
 fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata_format::Result<()> {
-    let (image, entry, parts) = match unit {
+    let (image, entry, parts, patches) = match unit {
         Unit::Zero { .. } => {
             out.fill(0);
             return Ok(());
         }
         Unit::Patch { image, entry, base, part } => return fill_patch(cache, bs, image, &entry, base, &part, out),
-        Unit::Frame { image, entry, parts } => (image, entry, parts),
+        Unit::Frame { image, entry, parts, patches } => (image, entry, parts, patches),
     };
     let whole = out.len() == image.frame_len(&entry)
         && parts.iter().enumerate().all(|(i, p)| p.slot == i && p.within == 0 && p.len == bs);
     if whole {
-        return cache.frame_into(image, &entry, out);
+        cache.frame_into(image, &entry, out)?;
+    } else {
+        let frame = cache.frame(image, &entry)?;
+        let mut at = 0;
+        for p in parts {
+            let from = p.slot * bs + p.within;
+            out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
+            at += p.len;
+        }
     }
-    let frame = cache.frame(image, &entry)?;
-    let mut at = 0;
-    for p in parts {
-        let from = p.slot * bs + p.within;
-        out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
-        at += p.len;
+    for patch in patches {
+        lay_patch(cache, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs])?;
     }
     Ok(())
 }
 
-/// Fills `out` with `part` of a patched block: the base's block, the patch's parts laid over.
+/// Lays the parts of the patch `entry` over `block`, which holds its base. The parts are not
+/// kept in the cache (a sequential reader needs them once) unless prefetch put them there.
+fn lay_patch(cache: &BlockCache, image: &ImageFile, entry: &IndexEntry, block: &mut [u8]) -> strata_format::Result<()> {
+    thread_local! {
+        static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PARTS.with(|cell| {
+        let mut parts = cell.borrow_mut();
+        parts.resize(image.frame_len(entry), 0);
+        cache.frame_into(image, entry, &mut parts)?;
+        image.apply_patch(entry, &parts, block);
+        Ok(())
+    })
+}
+
+/// Fills `out` with `part` of a patched block: the base's block, the patch's parts laid over
+/// (in `out` itself when the part is the whole block).
 fn fill_patch(
     cache: &BlockCache,
     bs: usize,
@@ -149,13 +219,25 @@ fn fill_patch(
     part: &Part,
     out: &mut [u8],
 ) -> strata_format::Result<()> {
-    let mut block = vec![0u8; bs];
-    if let Some((base_image, base)) = base {
-        let frame = cache.frame(base_image, &base)?;
-        let at = usize::from(base.group_slot) * bs;
-        block.copy_from_slice(&frame[at..at + bs]);
+    let whole = part.within == 0 && part.len == bs;
+    let mut spare = Vec::new();
+    let block: &mut [u8] = if whole {
+        out
+    } else {
+        spare.resize(bs, 0);
+        &mut spare
+    };
+    match base {
+        Some((base_image, base)) => {
+            let frame = cache.frame(base_image, &base)?;
+            let at = usize::from(base.group_slot) * bs;
+            block.copy_from_slice(&frame[at..at + bs]);
+        }
+        None => block.fill(0),
     }
-    image.apply_patch(entry, &cache.frame(image, entry)?, &mut block);
-    out.copy_from_slice(&block[part.within..part.within + part.len]);
+    lay_patch(cache, image, entry, block)?;
+    if !whole {
+        out.copy_from_slice(&spare[part.within..part.within + part.len]);
+    }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! Unit tests of the read path without FUSE: every read of a window returns the version's bytes
 //! (aligned or not; single blocks, groups and deduplicated blocks; whole frames decoded straight
 //! into the reply or partial ones through the cache; alone or in parallel, with prefetch racing
-//! it, from several threads at once), and a damaged frame fails only the reads that touch it.
+//! it, from several threads at once; patched blocks laid over bases in groups, singles,
+//! references and zero blocks), and a damaged frame fails only the reads that touch it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -288,4 +289,90 @@ fn only_reads_within_zero_blocks_count_as_all_zero() {
     assert!(!all_zero(&reader, 0, BS as usize + 1), "one byte into block 1");
     assert!(!all_zero(&reader, 7 * bs - 1, 2), "last byte of block 6");
     assert!(!all_zero(&reader, 10 * bs, 2 * BS as usize));
+}
+
+/// A delta on top of `parent` (whose disk was `old`) in which the blocks `patched` are patches
+/// of `new` naming the parts where they differ, and the blocks `zeroed` are zero entries.
+fn write_patch_delta(
+    dir: &Path,
+    parent: &ImageFile,
+    new: &[u8],
+    old: &[u8],
+    patched: &[u64],
+    zeroed: &[u64],
+) -> std::path::PathBuf {
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let version = parent.header.version + 1;
+    let image_id = new_id();
+    let header = ImageHeader {
+        image_id,
+        version,
+        kind: Kind::Incremental,
+        parent: Some(ImageRef { version: parent.header.version, image_id: parent.header.image_id }),
+        ..parent.header.clone()
+    };
+    let final_path = dir.join(strata_format::repo::image_file_name(version));
+    let mut w = ImageWriter::create(dir.join(format!(".tmp-{version}")), final_path, header).unwrap();
+    let mut digest = SourceDigest::new(new.len() as u64, BS);
+    let mut present = 0;
+    for (b, chunk) in new.chunks(bs).enumerate() {
+        let mut block = chunk.to_vec();
+        block.resize(bs, 0);
+        let hash = hash_block(&block);
+        digest.push(&hash);
+        present += u64::from(!is_zero(&block));
+        let b = b as u64;
+        if zeroed.contains(&b) {
+            w.append_zero(b, hash).unwrap();
+        } else if patched.contains(&b) {
+            let mut old_block = old[b as usize * bs..].to_vec();
+            old_block.resize(bs, 0);
+            let mask = (0..16).filter(|i| old_block[i * part..(i + 1) * part] != block[i * part..(i + 1) * part]);
+            let mask = mask.fold(0u16, |m, i| m | 1 << i);
+            let parts: Vec<u8> = (0..16)
+                .filter(|i| mask & (1 << i) != 0)
+                .flat_map(|i| block[i * part..(i + 1) * part].to_vec())
+                .collect();
+            w.append_patch(b, mask, &zstd::bulk::compress(&parts, 3).unwrap(), hash).unwrap();
+        }
+    }
+    w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap()
+}
+
+#[test]
+fn patched_blocks_read_as_their_base_with_the_parts_laid_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let v1 = sample_disk(60);
+    let r1 = write_version(dir.path(), &v1);
+    let i1 = r1.layers()[0].clone();
+    // v2: parts of blocks in groups (1, 2, 5), a single (3), a reference (9), the tail block;
+    // block 12 (in a group) zeroed
+    let mut v2 = v1.clone();
+    let patched2 = [1u64, 2, 3, 5, 9, 60];
+    for &b in &patched2 {
+        let at = b as usize * bs + (b as usize % 3) * part; // the tail block is 1000 bytes
+        let end = (at + part).min(v2.len());
+        v2[at..end].iter_mut().for_each(|x| *x = !*x);
+    }
+    v2[12 * bs..13 * bs].fill(0);
+    let i2 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i1, &v2, &v1, &patched2, &[12])).unwrap());
+    // v3: a patch over a patch (block 2, another part too) and over the zero block 12
+    let mut v3 = v2.clone();
+    v3[2 * bs + 15 * part..3 * bs].fill(0x5a);
+    v3[12 * bs + 4 * part..12 * bs + 5 * part].fill(0x33);
+    let mut base3 = v1.clone();
+    base3[12 * bs..13 * bs].fill(0); // block 12's base is v2's zero entry
+    let i3 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i2, &v3, &base3, &[2, 12], &[])).unwrap());
+    let reader = Arc::new(VersionReader::from_chain(vec![i1, i2, i3]).unwrap());
+    assert!(reader.patch_base(12).unwrap().is_none());
+    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
+    check_random_reads(&reader, &cache, &v3, 0, 7, 600);
+    check_random_reads(&reader, &cache, &v3, 3 * u64::from(BS) + 512, 8, 300);
+    let mut whole = vec![0u8; v3.len()];
+    assert_eq!(read_window(&reader, &cache, 0, v3.len() as u64, 0, &mut whole, true).unwrap(), v3.len());
+    assert!(whole == v3);
+    let fresh = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
+    fresh.prefetch(&reader, 0..reader.block_count());
+    check_random_reads(&reader, &fresh, &v3, 0, 9, 300);
 }
