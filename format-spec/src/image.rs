@@ -488,10 +488,17 @@ impl ImageWriter {
     /// its entry.
     pub fn append_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
         assert!(encoding != Encoding::Zero && !bytes.is_empty());
+        let entry = self.write_stored(block, encoding, bytes, hash)?;
+        self.push_entry(entry)
+    }
+
+    /// Writes stored bytes to the data region; returns the entry naming them (no group, no
+    /// patch mask).
+    fn write_stored(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
         let data_offset = self.offset;
         self.write_data(bytes)?;
         self.stored_bytes += bytes.len() as u64;
-        self.push_entry(IndexEntry {
+        Ok(IndexEntry {
             block,
             data_offset,
             stored_len: bytes.len() as u32,
@@ -508,20 +515,8 @@ impl ImageWriter {
     /// zstd frame of the parts `mask` names, in order.
     pub fn append_patch(&mut self, block: u64, mask: u16, frame: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
         assert!(mask != 0 && !frame.is_empty() && self.header.kind != crate::header::Kind::Full);
-        let data_offset = self.offset;
-        self.write_data(frame)?;
-        self.stored_bytes += frame.len() as u64;
-        self.push_entry(IndexEntry {
-            block,
-            data_offset,
-            stored_len: frame.len() as u32,
-            encoding: Encoding::Patch,
-            data_crc: crc32c::crc32c(frame),
-            hash,
-            group_len: 0,
-            group_slot: 0,
-            patch_mask: mask,
-        })
+        let entry = self.write_stored(block, Encoding::Patch, frame, hash)?;
+        self.push_entry(IndexEntry { patch_mask: mask, ..entry })
     }
 
     /// Appends a group: `frame` is one zstd frame of the blocks `blocks` (numbers and hashes,
@@ -534,21 +529,14 @@ impl ImageWriter {
     ) -> Result<()> {
         let n = blocks.len();
         assert!((2..=crate::layout::GROUP_MAX_BLOCKS as usize).contains(&n) && !frame.is_empty());
-        let data_offset = self.offset;
-        self.write_data(frame)?;
-        self.stored_bytes += frame.len() as u64;
-        let data_crc = crc32c::crc32c(frame);
+        let first = self.write_stored(blocks[0].0, Encoding::ZstdGroup, frame, blocks[0].1)?;
         for (slot, &(block, hash)) in blocks.iter().enumerate() {
             entries.push(self.push_entry(IndexEntry {
                 block,
-                data_offset,
-                stored_len: frame.len() as u32,
-                encoding: Encoding::ZstdGroup,
-                data_crc,
                 hash,
                 group_len: n as u8,
                 group_slot: slot as u8,
-                patch_mask: 0,
+                ..first
             })?);
         }
         Ok(())

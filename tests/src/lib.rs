@@ -151,6 +151,19 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// `len` pseudo-random bytes that zstd cannot shrink (so that stored sizes are what they encode).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Makes a real ext4 image of `size` (e.g. "32M") holding the files of `dir`.
 pub fn mkfs_ext4(image: &Path, size: &str, dir: &Path) {
     tool("mkfs.ext4", &["-q", "-F", "-b", "4096", "-d", &dir.to_string_lossy(), &image.to_string_lossy(), size]);

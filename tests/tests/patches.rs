@@ -4,7 +4,7 @@
 //! and a damaged patch must make exactly the versions that need it unrestorable.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use strata_tests::*;
 
@@ -25,24 +25,19 @@ fn write_pages(disk: &Path, seed: u64, count: u64) {
     }
 }
 
-/// Bytes zstd cannot shrink, so that stored sizes are what they encode.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn backup_json(src: &Path, repo: &Path) -> serde_json::Value {
     strata(["backup", "--json", &p(src), &p(repo)]).ok().json()
 }
 
-fn snapshot(src: &Path, dir: &Path, id: u64) -> std::path::PathBuf {
+/// A repository in `dir` holding a full of a disk of noise (`dir/disk`).
+fn noise_repo(dir: &Path, seed: u64) -> (PathBuf, PathBuf) {
+    let (src, repo) = (dir.join("disk"), dir.join("repo"));
+    std::fs::write(&src, noise(seed, SIZE as usize)).unwrap();
+    backup_json(&src, &repo);
+    (src, repo)
+}
+
+fn snapshot(src: &Path, dir: &Path, id: u64) -> PathBuf {
     let copy = dir.join(format!("disk-v{id}"));
     std::fs::copy(src, &copy).unwrap();
     copy
@@ -51,9 +46,7 @@ fn snapshot(src: &Path, dir: &Path, id: u64) -> std::path::PathBuf {
 #[test]
 fn scattered_page_writes_cost_about_their_pages_and_every_version_reads_back() {
     let t = tempfile::tempdir().unwrap();
-    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
-    std::fs::write(&src, noise(1, SIZE as usize)).unwrap();
-    backup_json(&src, &repo);
+    let (src, repo) = noise_repo(t.path(), 1);
     let mut copies = vec![snapshot(&src, t.path(), 1)];
     // v2: 100 pages; v3: 100 more, many in blocks v2 patched already (patch over patch)
     for (id, seed) in [(2u64, 11u64), (3, 12)] {
@@ -83,9 +76,7 @@ fn scattered_page_writes_cost_about_their_pages_and_every_version_reads_back() {
 #[test]
 fn a_merge_below_a_patch_leaves_the_patch_meaning_the_same_bytes() {
     let t = tempfile::tempdir().unwrap();
-    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
-    std::fs::write(&src, noise(2, SIZE as usize)).unwrap();
-    backup_json(&src, &repo);
+    let (src, repo) = noise_repo(t.path(), 2);
     let f = std::fs::OpenOptions::new().read(true).write(true).open(&src).unwrap();
     let mut original = vec![0u8; PAGE as usize];
     f.read_exact_at(&mut original, 3 * PAGE).unwrap();
@@ -107,9 +98,7 @@ fn a_merge_below_a_patch_leaves_the_patch_meaning_the_same_bytes() {
 #[test]
 fn a_damaged_patch_makes_exactly_the_versions_that_need_it_unrestorable() {
     let t = tempfile::tempdir().unwrap();
-    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
-    std::fs::write(&src, noise(3, SIZE as usize)).unwrap();
-    backup_json(&src, &repo);
+    let (src, repo) = noise_repo(t.path(), 3);
     write_pages(&src, 30, 1);
     backup_json(&src, &repo); // v2: one patch
                               // v3: a differential, patched against the full, not against v2

@@ -439,16 +439,3 @@ fn identical_blocks_are_stored_once_per_image_and_survive_merge() {
     assert_restores_to(&repo, "2", &src, tmp.path());
     strata(["verify", "-q", &p(&repo)]).ok();
 }
-
-/// Bytes that zstd cannot shrink.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}

@@ -1,10 +1,10 @@
 //! Merge: rewrite a version as a full built from its chain (a synthetic full), without reading
 //! the source. Stored blocks and whole groups are copied as they are (crc32c checked); only a
-//! group that the version uses in part, and a patch (laid over its base), is decoded and its blocks stored one by one. So it costs
-//! one read and one write of the version's data and memory as for reading it. The new image keeps the
-//! version's id, image id, time and digest, and replaces the old one by an atomic rename, so
-//! every version depending on it stays restorable and byte-identical whatever the moment of a
-//! crash (SPEC.md §4.1).
+//! group that the version uses in part, and a patched block (laid over its base), are decoded
+//! and stored block by block. So it costs one read and one write of the version's data and
+//! memory as for reading it. The new image keeps the version's id, image id, time and digest,
+//! and replaces the old one by an atomic rename, so every version depending on it stays
+//! restorable and byte-identical whatever the moment of a crash (SPEC.md §4.1).
 
 use std::time::Instant;
 
