@@ -226,6 +226,7 @@ class Bench:
         rng = random.Random(7)
         size = small_mib * MiB
         res = {"source_mib": small_mib, "pattern": pattern, "depths": {}}
+        base_repo = tool.repo + "-at-depth-1"
         backup_rss = []
         for d in range(1, depths[-1] + 1):
             if d > 1:
@@ -239,10 +240,19 @@ class Bench:
                     os.pwrite(fd, rng.randbytes(4096), at)
                 os.close(fd)
             backup_rss.append(tool.backup().rss_mib)
+            if d == 1:
+                subprocess.run(["rm", "-rf", base_repo], check=True)
+                subprocess.run(["cp", "-a", tool.repo, base_repo], check=True)
             if d not in depths:
                 continue
-            m = {"ready": [], "cold": [], "cached": [], "warm": [], "rss": [], "restore_cold": [], "restore_cached": []}
+            m = {"ready": [], "cold": [], "cached": [], "warm": [], "rss": [], "restore_cold": [], "restore_cached": [],
+                 "base_cold": [], "base_cached": []}
             for run in range(self.runs):
+                if d > 1:
+                    # depth 1 again, in the same go: the ratio the targets read
+                    cold, cached = self.depth_dd(tool, base_repo, size)
+                    m["base_cold"].append(cold)
+                    m["base_cached"].append(cached)
                 drop_caches()
                 path, pid, ready = tool.mount()
                 try:
@@ -272,8 +282,28 @@ class Bench:
             log("depth %d (%s): mount cold %.0f MB/s, restore cold %.0f MB/s, ready %.3f s, RSS %.0f MiB" % (
                 d, pattern, med(m["cold"]), med(m["restore_cold"]), med(m["ready"]), med(m["rss"])))
             res["depths"][str(d)] = m
-        subprocess.run(["rm", "-rf", tool.repo, src], check=True)
+        subprocess.run(["rm", "-rf", tool.repo, base_repo, src], check=True)
         return res
+
+    def depth_dd(self, tool, repo, size):
+        """`dd` MB/s of latest/disk.img of `repo`: cold, then with the repository cached."""
+        saved, tool.repo = tool.repo, repo
+        rates = []
+        try:
+            for cached in (False, True):
+                if cached:
+                    subprocess.run(["cat"] + [os.path.join(repo, f) for f in os.listdir(repo)],
+                                   stdout=subprocess.DEVNULL, check=True)
+                else:
+                    drop_caches()
+                path, _, _ = tool.mount()
+                try:
+                    rates.append(mbps(size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall))
+                finally:
+                    tool.unmount()
+        finally:
+            tool.repo = saved
+        return rates
 
     def run(self):
         t0 = time.monotonic()
