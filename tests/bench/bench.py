@@ -247,7 +247,9 @@ class Bench:
                 continue
             m = {"ready": [], "cold": [], "cached": [], "warm": [], "rss": [], "restore_cold": [], "restore_cached": [],
                  "base_cold": [], "base_cached": []}
-            for run in range(self.runs):
+            # five runs where three are the rule: single readings of one repository swing by ±20%
+            # here, and these are the readings that the depth ratios compare
+            for run in range(max(self.runs, 5) if self.runs >= 3 else self.runs):
                 if d > 1:
                     # depth 1 again, in the same go: the ratio the targets read
                     cold, cached = self.depth_dd(tool, base_repo, size)
