@@ -1,9 +1,9 @@
-//! The frame cache: decoded stored frames (one block, a whole group: at most 1 MiB, or a patch's parts),
-//! keyed by the opened image and the frame's offset in it, so that a frame shared by several
-//! versions or several blocks (deduplication), or read by two requests that each cover part of
-//! a group, is decoded and kept once. Bounded by a byte budget (LRU eviction). A frame is
-//! decoded by one thread at a time: readers that want a frame under way wait for it. Prefetch
-//! decodes the frames of the next blocks of a reader on the other cores.
+//! The frame cache: decoded stored frames (one block, a whole group: at most 1 MiB, or a
+//! patch's parts), keyed by the opened image and the frame's offset in it, so that a frame
+//! shared by several versions or several blocks (deduplication), or read by two requests that
+//! each cover part of a group, is decoded and kept once. Bounded by a byte budget (LRU
+//! eviction). A frame is decoded by one thread at a time: readers that want a frame under way
+//! wait for it. Prefetch decodes the frames of the next blocks of a reader on the other cores.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
