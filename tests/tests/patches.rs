@@ -122,3 +122,38 @@ fn a_damaged_patch_makes_exactly_the_versions_that_need_it_unrestorable() {
     let r = strata(["restore", &p(&repo), "2", &p(&t.path().join("out"))]).expect_code(1);
     assert!(r.stderr.contains("v00000002.strata"), "{}", r.stderr);
 }
+
+#[test]
+fn a_patch_laid_over_the_wrong_parts_is_found_by_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = noise_repo(t.path(), 4);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(40, PAGE as usize), 3 * PAGE).unwrap();
+    backup_json(&src, &repo); // v2: one patch of block 0, part 3
+                              // Move the patch to part 4: the frame still decodes to one part and every crc is made to
+                              // match, so only the content hash over the base can tell.
+    let v2 = repo.join("v00000002.strata");
+    let mut bytes = std::fs::read(&v2).unwrap();
+    let footer = bytes.len() - 128;
+    let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let (index, count) = (le64(footer + 32), le64(footer + 40));
+    let entry = (0..count).map(|i| index + 64 * i).find(|&e| bytes[e + 20] == 4).expect("a patch entry");
+    assert_eq!(&bytes[entry + 21..entry + 23], &(1u16 << 3).to_le_bytes());
+    bytes[entry + 21..entry + 23].copy_from_slice(&(1u16 << 4).to_le_bytes());
+    let entry_crc = crc32c::crc32c(&bytes[entry..entry + 60]);
+    bytes[entry + 60..entry + 64].copy_from_slice(&entry_crc.to_le_bytes());
+    let index_crc = crc32c::crc32c(&bytes[index..index + 64 * count]);
+    bytes[footer + 48..footer + 52].copy_from_slice(&index_crc.to_le_bytes());
+    let footer_crc = crc32c::crc32c(&bytes[footer..footer + 124]);
+    bytes[footer + 124..].copy_from_slice(&footer_crc.to_le_bytes());
+    std::fs::write(&v2, &bytes).unwrap();
+
+    let quick = strata(["verify", "--quick", "--json", &p(&repo)]).ok().json();
+    assert_eq!(quick["ok"], true, "indexes and digests alone cannot see it: {quick}");
+    let v = strata(["verify", "--json", &p(&repo)]).expect_code(1).json();
+    let image2 = v["images"].as_array().unwrap().iter().find(|i| i["version"] == 2).unwrap();
+    assert_eq!((image2["sound"].clone(), image2["bad_blocks"].clone()), (false.into(), 1.into()), "{v}");
+    assert!(image2["problems"][0].as_str().unwrap().contains("block 0"), "{v}");
+    let restorable: Vec<bool> = v["versions"].as_array().unwrap().iter().map(|r| r["restorable"] == true).collect();
+    assert_eq!(restorable, [true, false], "{v}");
+}

@@ -9,6 +9,7 @@ mod logging;
 mod merge;
 mod pack;
 mod patch;
+mod patch_check;
 mod plan;
 mod progress;
 mod prune;

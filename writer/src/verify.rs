@@ -1,6 +1,6 @@
 //! The verify engine: check every image (header, footer, index, and unless quick every stored
-//! block: crc32c, decompression and BLAKE3 content hash; a patch's hash over its base, read
-//! through the image's chain), then every version: is its whole chain
+//! block: crc32c, decompression and BLAKE3 content hash; a patch's hash over its base once
+//! every image is read, see `patch_check`), then every version: is its whole chain
 //! present and sound, and does the digest of its resolved blocks match the one recorded at
 //! backup time.
 
@@ -11,8 +11,9 @@ use anyhow::Result;
 use rayon::prelude::*;
 use strata_format::block::hash_block;
 use strata_format::digest::hex;
-use strata_format::{Encoding, FormatError, ImageFile, IndexEntry, ReadScratch, RepoState, Repository, VersionReader};
+use strata_format::{Encoding, FormatError, ImageFile, IndexEntry, ReadScratch, Repository};
 
+use crate::patch_check::PatchChecks;
 use crate::progress::Progress;
 
 /// Most bad blocks listed per image (all are counted).
@@ -66,6 +67,7 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
     let total: u64 =
         images.iter().filter_map(|id| state.images.get(id)?.image.as_ref().ok().map(|i| i.footer.stored_bytes)).sum();
     progress.begin("verify", total);
+    let mut patches = PatchChecks::default();
     let mut image_reports = Vec::new();
     for &id in &images {
         let Some(slot) = state.images.get(&id) else { continue };
@@ -74,13 +76,20 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
             ImageReport { version: id, file, sound: true, blocks_checked: 0, bad_blocks: 0, problems: Vec::new() };
         match &slot.image {
             Err(why) => report.problems.push(why.clone()),
-            Ok(image) => check_image(&state, image, opts.quick, &mut report, progress),
+            Ok(image) => check_image(image, opts.quick, &mut report, &mut patches, progress),
         }
         report.sound = report.problems.is_empty();
         if let Some(first) = report.problems.first() {
             state.mark_damaged(id, first.clone());
         }
         image_reports.push(report);
+    }
+    // Patches over bases in sound images (a chain through a damaged one is not opened).
+    for (id, bad) in patches.run(&state) {
+        let Some(report) = image_reports.iter_mut().find(|r| r.version == id) else { continue };
+        record_bad(report, bad);
+        report.sound = false;
+        state.mark_damaged(id, report.problems[0].clone());
     }
     progress.end();
     let mut versions = Vec::new();
@@ -111,13 +120,15 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
     Ok(VerifyReport { ok, images: image_reports, versions })
 }
 
-fn check_image(state: &RepoState, image: &ImageFile, quick: bool, report: &mut ImageReport, progress: &dyn Progress) {
+fn check_image(
+    image: &ImageFile,
+    quick: bool,
+    report: &mut ImageReport,
+    patches: &mut PatchChecks,
+    progress: &dyn Progress,
+) {
     const CHUNK: usize = 256;
     let mut entries: Vec<IndexEntry> = Vec::with_capacity(CHUNK);
-    // The image's version, opened at its first patch: a patch's content is its base's with
-    // its parts laid over. `None` inside when the chain cannot be opened (the version is then
-    // reported unrestorable, and the patches are checked as far as they go on their own).
-    let mut version: Option<Option<VersionReader>> = None;
     let mut stream = image.stream_entries();
     // Stored bytes are written in order, and entries that share them point back: an entry
     // beyond this offset is the first to name its bytes (progress counts each once).
@@ -140,15 +151,14 @@ fn check_image(state: &RepoState, image: &ImageFile, quick: bool, report: &mut I
         if quick {
             continue;
         }
-        if version.is_none() && entries.iter().any(|e| e.encoding == Encoding::Patch) {
-            version = Some(state.open_version(image.header.version).ok());
+        for e in entries.iter().filter(|e| e.encoding == Encoding::Patch) {
+            patches.add(image.header.version, *e);
         }
-        let version = version.as_ref().and_then(|v| v.as_ref());
         let bad: Vec<FormatError> = entries
             .par_iter()
             .map_init(
                 || (ReadScratch::new(), vec![0u8; image.header.block_size as usize]),
-                |(scratch, out), entry| check_block(image, version, entry, scratch, out).err(),
+                |(scratch, out), entry| check_block(image, entry, scratch, out).err(),
             )
             .flatten()
             .collect();
@@ -158,18 +168,24 @@ fn check_image(state: &RepoState, image: &ImageFile, quick: bool, report: &mut I
                 stored_frontier = e.data_offset + u64::from(e.stored_len);
             }
         }
-        report.bad_blocks += bad.len() as u64;
-        for e in bad {
-            if report.problems.len() < LISTED_PROBLEMS {
-                report.problems.push(e.to_string());
-            }
+        record_bad(report, bad);
+    }
+}
+
+/// Counts `bad` blocks against `report` and lists the first of them.
+fn record_bad(report: &mut ImageReport, bad: Vec<FormatError>) {
+    report.bad_blocks += bad.len() as u64;
+    for e in bad {
+        if report.problems.len() < LISTED_PROBLEMS {
+            report.problems.push(e.to_string());
         }
     }
 }
 
+/// Checks one stored block against its entry (a patch: only that its parts decode; its content
+/// is checked over its base by `patch_check`).
 fn check_block(
     image: &ImageFile,
-    version: Option<&VersionReader>,
     entry: &IndexEntry,
     scratch: &mut ReadScratch,
     out: &mut [u8],
@@ -178,19 +194,7 @@ fn check_block(
         Encoding::Zero => return Ok(()),
         Encoding::Patch => {
             let mut parts = vec![0u8; image.frame_len(entry)];
-            image.decode_frame(entry, scratch, &mut parts)?;
-            // A base that cannot be read is its own image's problem, reported there.
-            let base = version.map(|v| {
-                v.patch_base(entry.block).and_then(|base| match base {
-                    Some((base_image, base)) => base_image.read_block(&base, scratch, out),
-                    None => {
-                        out.fill(0);
-                        Ok(())
-                    }
-                })
-            });
-            let Some(Ok(())) = base else { return Ok(()) };
-            image.apply_patch(entry, &parts, out);
+            return image.decode_frame(entry, scratch, &mut parts);
         }
         _ => image.read_block(entry, scratch, out)?,
     }
