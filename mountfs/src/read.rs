@@ -7,9 +7,10 @@
 //! part goes through the cache, so that the next request, which wants the rest of the group,
 //! or small reads of the same block, do not decode it again. With `parallel`, units are
 //! decoded on all cores (see `fs`: when no other read is being served; when the kernel sends
-//! many requests at once, the requests share the cores instead). A block whose newest entry is a
-//! patch is a unit of its own: its base's frame and the patch's, both through the cache (the
-//! base is usually a group that the neighbouring blocks read too), the parts laid over the base.
+//! many requests at once, the requests share the cores instead). A whole block whose newest
+//! entry is a patch joins the unit of its base's frame (usually a group its neighbours read
+//! too), and the patch's parts, decoded into a per-thread buffer, are laid over it afterwards;
+//! part of a patched block, or one over a zero base, is a unit of its own.
 
 use rayon::prelude::*;
 use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
@@ -158,9 +159,8 @@ fn join_frame<'v>(
         }
     };
     let (parts, patches) = unit;
-    let at = parts.iter().map(|p| p.len).sum();
     if let Some((image, entry)) = patch {
-        patches.push(Overlay { at, image, entry });
+        patches.push(Overlay { at: parts.iter().map(|p| p.len).sum(), image, entry });
     }
     parts.push(part);
 }

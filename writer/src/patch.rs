@@ -63,11 +63,23 @@ impl<'v> Patcher<'v> {
             Encoding::Patch => (entry.patch_mask, self.parent.patch_base(block)?),
             _ => (0, Some((image, entry))),
         };
-        match base {
-            Some((image, base)) => image.read_block(&base, &mut self.scratch, &mut self.base)?,
-            None => self.base.fill(0),
-        }
-        let mask = inherited | changed_parts(new, &self.base);
+        // A base in a group is compared where the decoded group lies (kept for the next block
+        // of the task), without copying it out.
+        let base: &[u8] = match base {
+            Some((image, base)) if base.encoding == Encoding::ZstdGroup => {
+                let at = usize::from(base.group_slot) * new.len();
+                &image.decode_group(&base, &mut self.scratch)?[at..at + new.len()]
+            }
+            Some((image, base)) => {
+                image.read_block(&base, &mut self.scratch, &mut self.base)?;
+                &self.base
+            }
+            None => {
+                self.base.fill(0);
+                &self.base
+            }
+        };
+        let mask = inherited | changed_parts(new, base);
         if mask == 0 || mask.count_ones() > MAX_PATCH_PARTS {
             return Ok(None);
         }

@@ -5,12 +5,12 @@
 //! decoded once for all the patches over it, not once per patch: the check costs about one read
 //! of what the repository stores, however many versions patch the same blocks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rayon::prelude::*;
 use strata_format::block::hash_block;
-use strata_format::{FormatError, ImageFile, IndexEntry, ReadScratch, RepoState, VersionReader};
+use strata_format::{FormatError, ImageFile, IndexEntry, ReadScratch, RepoState};
 
 /// Patches waiting for their check: (version id of their image, entry).
 #[derive(Default)]
@@ -49,10 +49,11 @@ impl PatchChecks {
         let mut checks = Vec::new();
         for (id, entries) in by_version {
             let Ok(reader) = state.open_version(id) else { continue };
+            let layers: HashMap<u64, &Arc<ImageFile>> = reader.layers().iter().map(|l| (l.serial(), l)).collect();
             let image = reader.layers()[reader.layers().len() - 1].clone();
             for entry in entries {
                 let Ok(base) = reader.patch_base(entry.block) else { continue };
-                let base = base.map(|(base_image, base)| (layer_of(&reader, base_image), base));
+                let base = base.map(|(base_image, base)| (layers[&base_image.serial()].clone(), base));
                 checks.push(Check { image: image.clone(), entry, base });
             }
         }
@@ -72,12 +73,6 @@ impl PatchChecks {
         }
         found
     }
-}
-
-/// The layer of `reader` that is `image`.
-fn layer_of(reader: &VersionReader, image: &ImageFile) -> Arc<ImageFile> {
-    let layer = reader.layers().iter().find(|layer| std::ptr::eq(layer.as_ref(), image));
-    layer.expect("a base lies in a layer of its version").clone()
 }
 
 /// Checks patches that share one base frame, decoding it once.

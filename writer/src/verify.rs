@@ -192,10 +192,8 @@ fn check_block(
 ) -> strata_format::Result<()> {
     match entry.encoding {
         Encoding::Zero => return Ok(()),
-        Encoding::Patch => {
-            let mut parts = vec![0u8; image.frame_len(entry)];
-            return image.decode_frame(entry, scratch, &mut parts);
-        }
+        // at most a block of parts
+        Encoding::Patch => return image.decode_frame(entry, scratch, &mut out[..image.frame_len(entry)]),
         _ => image.read_block(entry, scratch, out)?,
     }
     if hash_block(out) != entry.hash {
