@@ -23,6 +23,12 @@ mod verify;
 #[cfg(test)]
 mod model_tests;
 
+/// Held by the unit tests that take repository locks and by those that start processes, so
+/// that they never overlap: a process started while another test thread holds a lock gets a
+/// copy of the lock's descriptor until it execs, and a lock taken in that moment is refused.
+#[cfg(test)]
+static LOCKS_AND_SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

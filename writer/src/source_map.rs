@@ -174,6 +174,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("source.img");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let no_locks = crate::LOCKS_AND_SPAWNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -183,6 +184,7 @@ mod tests {
             .env("STRATA_SIGBUS_CHILD", &path)
             .output()
             .unwrap();
+        drop(no_locks);
         std::fs::remove_dir_all(&dir).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
