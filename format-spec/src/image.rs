@@ -16,6 +16,7 @@ use crate::header::ImageHeader;
 use crate::index::{Encoding, EntryLimits, IndexEntry};
 use crate::layout::{FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
 use crate::le::get_u32;
+use crate::read_ahead::{self, ReadAhead};
 
 /// A finished image opened for reading. Safe to share between threads (all reads are `pread`).
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub struct ImageFile {
     /// Unique among the images this process opened: keys decoded groups in `ReadScratch`
     /// (a merged image keeps its image id but not its layout).
     serial: u64,
+    read_ahead: ReadAhead,
 }
 
 static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -88,7 +90,9 @@ impl ImageFile {
             patches: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 3,
         };
         let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits, serial })
+        let data_len = footer.index_offset - HEADER_SIZE as u64;
+        let read_ahead = ReadAhead::new(HEADER_SIZE as u64, data_len, header.source_size);
+        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits, serial, read_ahead })
     }
 
     pub fn path(&self) -> &Path {
@@ -143,6 +147,14 @@ impl ImageFile {
             });
         }
         Ok(entry)
+    }
+
+    /// Asks the kernel to read the index (its first 4 MiB; the kernel's own read-ahead takes
+    /// over from there) now, without waiting: a reader that opens a long chain streams one index
+    /// after the other, and each would otherwise wait on the disk in turn.
+    pub fn read_index_ahead(&self) {
+        let len = (self.entry_count() * INDEX_ENTRY_SIZE as u64).min(4 << 20);
+        read_ahead::advise_willneed(&self.file, self.footer.index_offset, len);
     }
 
     /// Streams every entry in order, checking each entry, their strict block order and, at the
@@ -275,6 +287,7 @@ impl ImageFile {
 
     fn read_stored_unchecked(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
         stored.resize(entry.stored_len as usize, 0);
+        self.read_ahead.note(&self.file, entry.data_offset, stored.len() as u64, self.footer.index_offset);
         self.file
             .read_exact_at(stored, entry.data_offset)
             .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))

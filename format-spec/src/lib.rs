@@ -13,6 +13,7 @@ pub mod image;
 pub mod index;
 pub mod layout;
 mod le;
+mod read_ahead;
 pub mod repo;
 pub mod version;
 

@@ -506,6 +506,46 @@ fn repository_identity_round_trips_and_ids_are_never_reused() {
 }
 
 #[test]
+fn scan_opens_a_long_chain_side_by_side_and_keeps_each_image_at_its_version() {
+    // enough images for several opening threads; version 7's footer is damaged
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::create(&dir.path().join("repo"), BS).unwrap();
+    let size = 6 * BS as usize;
+    let mut disks = vec![sample_disk(size, 1)];
+    let mut parent: Option<ImageRef> = None;
+    let mut full = None;
+    for v in 1..=20u64 {
+        let mut disk = disks.last().unwrap().clone();
+        disk[(v as usize * 977) % size] ^= 0x5a;
+        let kind = if v == 1 { Kind::Full } else { Kind::Incremental };
+        let mut h = header(v, kind, parent, full, size as u64);
+        h.repo_id = repo.repo_id;
+        let me = ImageRef { version: v, image_id: h.image_id };
+        full = full.or(Some(me));
+        let prev = (v > 1).then(|| disks.last().unwrap().clone());
+        write_image(repo.path(), h, &disk, prev.as_deref());
+        parent = Some(me);
+        disks.push(disk);
+    }
+    let damaged = repo.image_path(7);
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"\xff\xff\xff\xff", len - 8).unwrap();
+    let state = repo.scan().unwrap();
+    for v in 1..=20u64 {
+        let status = state.status(v);
+        assert_eq!(status.restorable(), v < 7, "version {v}: {:?}", status.problem);
+        match &state.images[&v].image {
+            Ok(image) => assert_eq!(image.header.version, v),
+            Err(why) => assert_eq!(v, 7, "{why}"),
+        }
+        if v < 7 {
+            assert_eq!(read_all(&state.open_version(v).unwrap()), disks[v as usize]);
+        }
+    }
+}
+
+#[test]
 fn image_names_parse_strictly() {
     use crate::repo::{image_file_name, parse_image_file_name};
     assert_eq!(image_file_name(12), "v00000012.strata");

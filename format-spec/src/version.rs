@@ -123,6 +123,9 @@ impl VersionReader {
         }
         map.resize(block_count, 0u64);
         let mut bases = HashMap::new();
+        for image in &layers {
+            image.read_index_ahead();
+        }
         for (layer, image) in layers.iter().enumerate() {
             for (entry_index, entry) in image.stream_entries().enumerate() {
                 let entry = entry?;

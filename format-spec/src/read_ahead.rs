@@ -1,0 +1,138 @@
+//! Read-ahead of one image's data for a reader that goes through it in order. A version's
+//! read takes frames from every image of its chain, and from a delta only the blocks that
+//! changed: small reads spread over the file, which the kernel takes for random ones and reads
+//! one at a time, each a wait on a cold disk. When an image's frames are read at rising
+//! offsets, the kernel is asked (`POSIX_FADV_WILLNEED`) for the bytes ahead of the last read,
+//! one request per half window: next to nothing when they are cached. The window is the part
+//! of the image that holds about the next `DISK_AHEAD` bytes of the disk, so that the images of
+//! a long chain are read a little at a time as the reader goes, not all at its start. Reads
+//! that jump around an image ask for nothing.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+/// How far ahead on the disk the images are read.
+const DISK_AHEAD: u64 = 16 << 20;
+/// Bounds of the window in an image's bytes.
+const MIN_WINDOW: u64 = 256 << 10;
+const MAX_WINDOW: u64 = 2 << 20;
+/// How far behind the furthest read so far a read still counts as going forward (threads
+/// decoding side by side finish their reads a little out of order), and how far ahead of it
+/// (a delta's reader skips the frames that later versions replaced).
+const SLACK_BEHIND: u64 = 256 << 10;
+const SLACK_AHEAD: u64 = 1 << 20;
+
+#[derive(Debug)]
+pub struct ReadAhead {
+    window: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Where the reads of this image have reached.
+    reached: u64,
+    /// Where the range already asked for ends.
+    asked_to: u64,
+}
+
+impl ReadAhead {
+    /// For an image whose `data_len` bytes of data, from `data_start`, hold blocks of a disk of
+    /// `disk_len` bytes.
+    pub fn new(data_start: u64, data_len: u64, disk_len: u64) -> ReadAhead {
+        let window = u128::from(data_len) * u128::from(DISK_AHEAD) / u128::from(disk_len.max(1));
+        ReadAhead {
+            window: u64::try_from(window).unwrap_or(MAX_WINDOW).clamp(MIN_WINDOW, MAX_WINDOW),
+            state: Mutex::new(State { reached: data_start, asked_to: data_start }),
+        }
+    }
+
+    /// Notes a read of `len` bytes at `at`, and asks the kernel for the bytes after it up to
+    /// `limit` (the end of the data) when the reads are going forward and the range asked for
+    /// ends within half a window of this read.
+    pub fn note(&self, file: &File, at: u64, len: u64, limit: u64) {
+        let end = at + len;
+        let (from, to) = {
+            let mut s = self.state.lock().unwrap();
+            let forward = at + SLACK_BEHIND >= s.reached && at <= s.reached + SLACK_AHEAD.max(self.window);
+            s.reached = if forward { s.reached.max(end) } else { end };
+            if !forward || end + self.window / 2 <= s.asked_to {
+                return;
+            }
+            let from = s.asked_to.max(end);
+            s.asked_to = (end + self.window).min(limit).max(from);
+            (from, s.asked_to)
+        };
+        if to > from {
+            advise_willneed(file, from, to - from);
+        }
+    }
+}
+
+/// Asks the kernel to read `len` bytes at `at` of `file` into the page cache, without waiting.
+pub fn advise_willneed(file: &File, at: u64, len: u64) {
+    let (Ok(at), Ok(len)) = (libc::off_t::try_from(at), libc::off_t::try_from(len)) else { return };
+    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open for `file`'s life.
+    // It is advice: a failure changes nothing but speed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+
+    /// Where the range asked for ends after each of `reads`, for an image with `data_len`
+    /// bytes of a 256 MiB disk.
+    fn asked(data_len: u64, reads: &[(u64, u64)]) -> Vec<u64> {
+        let file = tempfile::tempfile().unwrap();
+        let ra = ReadAhead::new(100, data_len, 256 * MIB);
+        reads
+            .iter()
+            .map(|&(at, len)| {
+                ra.note(&file, at, len, 100 + data_len);
+                ra.state.lock().unwrap().asked_to
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_window_is_the_part_of_the_image_for_the_next_bytes_of_the_disk() {
+        assert_eq!(ReadAhead::new(100, 64 * MIB, 256 * MIB).window, MAX_WINDOW);
+        assert_eq!(ReadAhead::new(100, 16 * MIB, 256 * MIB).window, MIB);
+        assert_eq!(ReadAhead::new(100, 100 * KIB, 256 * MIB).window, MIN_WINDOW);
+        assert_eq!(ReadAhead::new(100, 100 * KIB, 0).window, MAX_WINDOW);
+    }
+
+    #[test]
+    fn forward_reads_ask_a_window_ahead_once_per_half_window() {
+        // a 16 MiB image: a 1 MiB window
+        let got = asked(16 * MIB, &[(100, 4 * KIB), (200 * KIB, 4 * KIB), (700 * KIB, 4 * KIB)]);
+        assert_eq!(got, vec![100 + 4 * KIB + MIB, 100 + 4 * KIB + MIB, 704 * KIB + MIB]);
+    }
+
+    #[test]
+    fn reads_a_little_out_of_order_still_go_forward() {
+        let a_little =
+            asked(16 * MIB, &[(100, 4 * KIB), (700 * KIB, 4 * KIB), (600 * KIB, 4 * KIB), (1300 * KIB, 4 * KIB)]);
+        assert_eq!(a_little[3], 1304 * KIB + MIB);
+        let far_back =
+            asked(16 * MIB, &[(100, 4 * KIB), (700 * KIB, 4 * KIB), (100 * KIB, 4 * KIB), (1300 * KIB, 4 * KIB)]);
+        assert_eq!(far_back[3], far_back[2], "a read far back starts over: the next jumps");
+    }
+
+    #[test]
+    fn jumps_ask_nothing() {
+        let got = asked(100 * MIB, &[(50 * MIB, 4096), (10 * MIB, 4096), (30 * MIB, 4096)]);
+        assert_eq!(got, vec![100, 100, 100]);
+    }
+
+    #[test]
+    fn the_range_asked_for_stops_at_the_end_of_the_data() {
+        let got = asked(20 * KIB, &[(100, 4 * KIB)]);
+        assert_eq!(got, vec![100 + 20 * KIB]);
+    }
+}
