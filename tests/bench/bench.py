@@ -227,6 +227,7 @@ class Bench:
         size = small_mib * MiB
         res = {"source_mib": small_mib, "pattern": pattern, "depths": {}}
         base_repo = tool.repo + "-at-depth-1"
+        same_repo = tool.repo + "-full-of-same-disk"
         backup_rss = []
         for d in range(1, depths[-1] + 1):
             if d > 1:
@@ -246,7 +247,12 @@ class Bench:
             if d not in depths:
                 continue
             m = {"ready": [], "cold": [], "cached": [], "warm": [], "rss": [], "restore_cold": [], "restore_cached": [],
-                 "base_cold": [], "base_cached": []}
+                 "base_cold": [], "base_cached": [], "same_cold": [], "same_cached": []}
+            if d > 1:
+                # the disk as it is now, backed up as a full: depth 1 of the same bytes, so that
+                # what the chain costs is told apart from what the bytes written cost
+                subprocess.run(["rm", "-rf", same_repo], check=True)
+                subprocess.run([self.args.strata, "backup", "-q", src, same_repo], check=True)
             # five runs where three are the rule: single readings of one repository swing by ±20%
             # here, and these are the readings that the depth ratios compare
             for run in range(max(self.runs, 5) if self.runs >= 3 else self.runs):
@@ -255,6 +261,9 @@ class Bench:
                     cold, cached = self.depth_dd(tool, base_repo, size)
                     m["base_cold"].append(cold)
                     m["base_cached"].append(cached)
+                    cold, cached = self.depth_dd(tool, same_repo, size)
+                    m["same_cold"].append(cold)
+                    m["same_cached"].append(cached)
                 drop_caches()
                 path, pid, ready = tool.mount()
                 try:
@@ -284,7 +293,7 @@ class Bench:
             log("depth %d (%s): mount cold %.0f MB/s, restore cold %.0f MB/s, ready %.3f s, RSS %.0f MiB" % (
                 d, pattern, med(m["cold"]), med(m["restore_cold"]), med(m["ready"]), med(m["rss"])))
             res["depths"][str(d)] = m
-        subprocess.run(["rm", "-rf", tool.repo, base_repo, src], check=True)
+        subprocess.run(["rm", "-rf", tool.repo, base_repo, same_repo, src], check=True)
         return res
 
     def depth_dd(self, tool, repo, size):

@@ -155,20 +155,23 @@ def render(r):
           "and the driver just started (*cached*: the driver's own cost), and warm; driver RSS; restore of latest to "
           "/dev/null with the page cache dropped (*cold*) and right after (*cached*). At each depth the depth-1 "
           "repository (kept aside) is read again in the same runs, and the mount's cold and cached rates are "
-          "divided by its.\n" % (
+          "divided by its; so is a full backup of the disk as it is at that depth (depth 1 of the same bytes: "
+          "the writes make the disk hold more, and less compressible, data than at depth 1, which a chain of "
+          "any length pays too).\n" % (
               d["source_mib"], "inside one random 1 MiB region per version" if clustered
               else "scattered over the whole disk"))
         rows = []
         for depth, m in d["depths"].items():
-            same_go = ["%.2f× / %.2f×" % (med(m["cold"]) / med(m["base_cold"]), med(m["cached"]) / med(m["base_cached"]))
-                       if m.get("base_cold") else ""]
+            same_go = ["%.2f× / %.2f×" % (med(m["cold"]) / med(m[ref + "_cold"]), med(m["cached"]) / med(m[ref + "_cached"]))
+                       if m.get(ref + "_cold") else "" for ref in ("base", "same")]
             rows.append([depth, "%.3f" % med(m["ready"]), "%.0f" % med(m["cold"]), "%.0f" % med(m.get("cached", [])),
                          *same_go,
                          "%.0f" % med(m["warm"]),
                          "%.0f" % med(m["rss"]), "%.0f" % med(m["restore_cold"]), "%.0f" % med(m["restore_cached"]),
                          "%.0f" % m["backup_rss"], mib(m["repo_bytes"]), "yes" if m.get("cmp") else "**NO**"])
         w(table(["depth", "mount ready s", "mount cold MB/s", "mount cached MB/s",
-                 "cold / cached vs depth 1 (same go)", "mount warm MB/s", "driver RSS MiB",
+                 "cold / cached vs depth 1 (same go)", "cold / cached vs a full of the same disk (same go)",
+                 "mount warm MB/s", "driver RSS MiB",
                  "restore cold MB/s", "restore cached MB/s", "backup RSS MiB (max so far)", "repo MiB", "cmp"], rows))
 
     if "backup" in r and "strata" in r["backup"] and "depth" in r:
@@ -254,6 +257,11 @@ def targets(r):
                 if base:
                     x = med(dd["100"][how]) / med(base)
                     add("mount read at depth 100 ≥ 0.9× depth 1 (%s writes, %s)" % (writes, how), "%.2f×" % x, x >= 0.9)
+                same = dd["100"].get("same_" + how)
+                if same:
+                    x = med(dd["100"][how]) / med(same)
+                    add("… the same, against a full of the disk at depth 100 (%s writes, %s; what the chain "
+                        "itself costs)" % (writes, how), "%.2f×" % x, x >= 0.9)
     d = r.get("depth", {}).get("depths", {})
     deepest = max(d, key=int) if d else None
     if deepest:
