@@ -157,6 +157,21 @@ impl ImageFile {
         read_ahead::advise_willneed(&self.file, self.footer.index_offset, len);
     }
 
+    /// Notes that a version opened by this process reads `live` of this image's entries: the
+    /// reads of a delta are read ahead only when some version reads a good share of them, those
+    /// of a full never (see `read_ahead`).
+    pub fn note_live_entries(&self, live: u64) {
+        if self.header.kind == crate::header::Kind::Full {
+            return;
+        }
+        self.read_ahead.note_live(live, self.entry_count());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn reads_ahead(&self) -> bool {
+        self.read_ahead.enabled()
+    }
+
     /// Streams every entry in order, checking each entry, their strict block order and, at the
     /// end, the index crc32c recorded in the footer. Memory: one 64 KiB window.
     pub fn stream_entries(&self) -> IndexStream<'_> {

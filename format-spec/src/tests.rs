@@ -401,6 +401,33 @@ fn chain_resolves_to_each_versions_bytes() {
 }
 
 #[test]
+fn only_deltas_that_an_opened_version_reads_a_good_share_of_are_read_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 40 * BS as usize;
+    let v1 = sample_disk(size, 1);
+    let mut v2 = v1.clone();
+    v2[..10 * BS as usize].fill(0x22); // blocks 0..10
+    let mut v3 = v2.clone();
+    v3[..9 * BS as usize].fill(0x33); // all of v2's blocks but one
+    let h1 = header(1, Kind::Full, None, None, size as u64);
+    let r1 = ImageRef { version: 1, image_id: h1.image_id };
+    let p1 = write_image(dir.path(), h1, &v1, None);
+    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
+    let r2 = ImageRef { version: 2, image_id: h2.image_id };
+    let p2 = write_image(dir.path(), h2, &v2, Some(&v1));
+    let p3 = write_image(dir.path(), header(3, Kind::Incremental, Some(r2), Some(r1), size as u64), &v3, Some(&v2));
+    let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
+    let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
+    VersionReader::from_chain(vec![i1.clone(), i2.clone(), i3.clone()]).unwrap();
+    assert!(i3.reads_ahead(), "version 3 reads all of its own image");
+    assert!(!i2.reads_ahead(), "version 3 reads 1 of the 10 blocks of version 2's");
+    assert!(!i1.reads_ahead(), "a full is left to the kernel's read-ahead");
+    VersionReader::from_chain(vec![i1.clone(), i2.clone()]).unwrap();
+    assert!(i2.reads_ahead(), "version 2, opened too, reads all of it");
+    assert!(!i1.reads_ahead());
+}
+
+#[test]
 fn chain_with_a_replaced_parent_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4 * BS as usize;

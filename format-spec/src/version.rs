@@ -143,6 +143,15 @@ impl VersionReader {
                 map[b as usize] = if entry.encoding == Encoding::Zero { 0 } else { word };
             }
         }
+        let mut live = vec![0u64; layers.len()];
+        for &word in map.iter().chain(bases.values()) {
+            if let BlockLocation::Stored { layer, .. } = unpack(word) {
+                live[layer] += 1;
+            }
+        }
+        for (image, live) in layers.iter().zip(live) {
+            image.note_live_entries(live);
+        }
         let reader = VersionReader { layers, map, bases, block_size, source_size };
         let present = reader.map.iter().filter(|&&v| v != 0).count() as u64;
         let top = reader.top();
