@@ -32,6 +32,9 @@ pub struct ImageFile {
     read_ahead: ReadAhead,
 }
 
+/// Bytes at the end of an image read with its footer when it is opened.
+const TAIL_AHEAD: u64 = 64 << 10;
+
 static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ImageFile {
@@ -57,6 +60,10 @@ impl ImageFile {
         let header = ImageHeader::decode(&hb, &loc)?;
         let loc = loc.version(header.version);
         let footer_at = file_len - FOOTER_SIZE as u64;
+        // The index lies right before the footer: one disk request for both, when the index is
+        // small (a delta's usually is).
+        let tail = file_len.min(TAIL_AHEAD);
+        read_ahead::advise_willneed(&file, file_len - tail, tail);
         let mut fb = [0u8; FOOTER_SIZE];
         file.read_exact_at(&mut fb, footer_at)
             .map_err(|e| FormatError::io(loc.clone().at(footer_at), "read footer", e))?;
