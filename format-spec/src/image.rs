@@ -445,6 +445,8 @@ pub struct ImageWriter {
     stored_bytes: u64,
     last_block: Option<u64>,
     published: bool,
+    /// Bytes of the file whose write-back to the disk was started.
+    written_back: u64,
 }
 
 /// What `ImageWriter::finish` records beyond the blocks themselves.
@@ -455,6 +457,19 @@ pub struct Finish {
 }
 
 const WRITE_BUFFER: usize = 4 << 20;
+/// Bytes written between two requests to the kernel to start writing them to the disk, so that
+/// the fsync that publishes the image waits for the last of them only (a full image's fsync
+/// took 0.22 s when it wrote them all).
+const WRITE_BACK_EVERY: u64 = 16 << 20;
+
+/// Asks the kernel to start writing bytes `from..to` of `file` to the disk, without waiting.
+/// Advice: durability still comes from the fsync in `finish`, which reports any error.
+fn start_write_back(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(from), Ok(len)) = (libc::off64_t::try_from(from), libc::off64_t::try_from(to - from)) else { return };
+    // SAFETY: sync_file_range only reads its arguments; the descriptor is open for `file`'s life.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+}
 
 impl ImageWriter {
     /// Creates `temp_path` (mode 0600) holding `header`; `final_path` is where `finish` puts it.
@@ -487,6 +502,7 @@ impl ImageWriter {
             stored_bytes: 0,
             last_block: None,
             published: false,
+            written_back: 0,
         };
         let hb = writer.header.encode();
         writer.write_data(&hb)?;
@@ -502,6 +518,11 @@ impl ImageWriter {
         self.data.write_all(bytes).map_err(|e| FormatError::io(self.loc().at(at), "write", e))?;
         self.offset += bytes.len() as u64;
         fault::step(fault::Step::Write);
+        let in_file = self.offset - self.data.buffer().len() as u64;
+        if in_file - self.written_back >= WRITE_BACK_EVERY {
+            start_write_back(self.data.get_ref(), self.written_back, in_file);
+            self.written_back = in_file;
+        }
         Ok(())
     }
 
