@@ -123,10 +123,15 @@ impl VersionReader {
         }
         map.resize(block_count, 0u64);
         let mut bases = HashMap::new();
-        for image in &layers {
+        // The indexes of the next few layers are read from the disk while one is streamed.
+        const INDEXES_AHEAD: usize = 16;
+        for image in layers.iter().take(INDEXES_AHEAD) {
             image.read_index_ahead();
         }
         for (layer, image) in layers.iter().enumerate() {
+            if let Some(ahead) = layers.get(layer + INDEXES_AHEAD) {
+                ahead.read_index_ahead();
+            }
             for (entry_index, entry) in image.stream_entries().enumerate() {
                 let entry = entry?;
                 let (b, word) = (entry.block, pack(layer, entry_index as u64));
