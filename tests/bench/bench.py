@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dataset  # noqa: E402
-from tools import Borg, Qcow2, Restic, Strata, measure, rss_mib, tree_bytes  # noqa: E402
+from tools import Borg, Qcow2, Restic, Strata, drop_caches, measure, rss_mib, tree_bytes  # noqa: E402
 
 MiB = 1 << 20
 # A page read a second time is still on the kernel's inactive list and costs more than on the
@@ -30,12 +30,6 @@ WARM_PASSES = 5
 
 def log(msg):
     print("bench: " + msg, file=sys.stderr, flush=True)
-
-
-def drop_caches():
-    subprocess.run(["sync"], check=True)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def med(xs):

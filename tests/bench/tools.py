@@ -23,6 +23,12 @@ class Cost:
         return Cost(self.wall + other.wall, self.cpu + other.cpu, max(self.rss_mib, other.rss_mib))
 
 
+def drop_caches():
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
 def measure(cmd, cwd=None, env=None, stdout=subprocess.DEVNULL):
     """Run cmd to completion; its wall and CPU seconds and peak RSS. Fails loudly.
 
