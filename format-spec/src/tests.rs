@@ -368,6 +368,19 @@ fn read_all(r: &VersionReader) -> Vec<u8> {
     buf
 }
 
+/// A full of `v1`, an incremental of `v2` over it and one of `v3` over that, opened.
+fn three_version_chain(dir: &Path, v1: &[u8], v2: &[u8], v3: &[u8]) -> [Arc<ImageFile>; 3] {
+    let size = v1.len() as u64;
+    let h1 = header(1, Kind::Full, None, None, size);
+    let r1 = ImageRef { version: 1, image_id: h1.image_id };
+    let p1 = write_image(dir, h1, v1, None);
+    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size);
+    let r2 = ImageRef { version: 2, image_id: h2.image_id };
+    let p2 = write_image(dir, h2, v2, Some(v1));
+    let p3 = write_image(dir, header(3, Kind::Incremental, Some(r2), Some(r1), size), v3, Some(v2));
+    [p1, p2, p3].map(|p| Arc::new(ImageFile::open(&p).unwrap()))
+}
+
 #[test]
 fn chain_resolves_to_each_versions_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -378,16 +391,7 @@ fn chain_resolves_to_each_versions_bytes() {
     v2[2 * BS as usize..3 * BS as usize].fill(0); // a block becomes zero
     let mut v3 = v1.clone();
     v3[size - 10..].fill(0x11);
-    let h1 = header(1, Kind::Full, None, None, size as u64);
-    let r1 = ImageRef { version: 1, image_id: h1.image_id };
-    let p1 = write_image(dir.path(), h1, &v1, None);
-    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
-    let r2 = ImageRef { version: 2, image_id: h2.image_id };
-    let p2 = write_image(dir.path(), h2, &v2, Some(&v1));
-    let h3 = header(3, Kind::Incremental, Some(r2), Some(r1), size as u64);
-    let p3 = write_image(dir.path(), h3, &v3, Some(&v2));
-    let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
-    let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
+    let [i1, i2, i3] = three_version_chain(dir.path(), &v1, &v2, &v3);
     for (chain, want) in [(vec![i1.clone()], &v1), (vec![i1.clone(), i2.clone()], &v2), (vec![i1, i2, i3], &v3)] {
         let r = VersionReader::from_chain(chain).unwrap();
         assert_eq!(&read_all(&r), want);
@@ -409,15 +413,7 @@ fn only_deltas_that_an_opened_version_reads_a_good_share_of_are_read_ahead() {
     v2[..10 * BS as usize].fill(0x22); // blocks 0..10
     let mut v3 = v2.clone();
     v3[..9 * BS as usize].fill(0x33); // all of v2's blocks but one
-    let h1 = header(1, Kind::Full, None, None, size as u64);
-    let r1 = ImageRef { version: 1, image_id: h1.image_id };
-    let p1 = write_image(dir.path(), h1, &v1, None);
-    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
-    let r2 = ImageRef { version: 2, image_id: h2.image_id };
-    let p2 = write_image(dir.path(), h2, &v2, Some(&v1));
-    let p3 = write_image(dir.path(), header(3, Kind::Incremental, Some(r2), Some(r1), size as u64), &v3, Some(&v2));
-    let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
-    let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
+    let [i1, i2, i3] = three_version_chain(dir.path(), &v1, &v2, &v3);
     VersionReader::from_chain(vec![i1.clone(), i2.clone(), i3.clone()]).unwrap();
     assert!(i3.reads_ahead(), "version 3 reads all of its own image");
     assert!(!i2.reads_ahead(), "version 3 reads 1 of the 10 blocks of version 2's");

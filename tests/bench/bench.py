@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -205,13 +204,7 @@ class Bench:
         small_mib = 16 if self.args.smoke else 64 if self.args.quick else 256
         src = os.path.join(self.work, "depth-src.img")
         files_dir = os.path.join(self.work, "depth-files")
-        subprocess.run(["rm", "-rf", files_dir, src], check=True)
-        chosen, _ = dataset.take(dataset.usr_files(), 0, small_mib * 45 // 100)
-        dataset.copy_files(chosen, files_dir, "usr")
-        with open(src, "wb") as f:
-            f.truncate(small_mib * MiB)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", dataset.UUID, "-d", files_dir, src], check=True)
-        shutil.rmtree(files_dir)
+        dataset.small_ext4(src, small_mib, files_dir)
         tool = Strata(self.work, src, self.args.strata)
         tool.name = "strata-depth"
         tool.repo = os.path.join(self.work, "repo-depth")

@@ -118,6 +118,18 @@ def take(files, start, mib):
     return out, i
 
 
+def small_ext4(path, mib, files_dir):
+    """A `mib` MiB raw image at `path` holding an ext4 file system filled to ~45% with the first
+    files of /usr (the benchmark's small source for long chains)."""
+    subprocess.run(["rm", "-rf", files_dir, path], check=True)
+    chosen, _ = take(usr_files(), 0, mib * 45 // 100)
+    copy_files(chosen, files_dir, "usr")
+    with open(path, "wb") as f:
+        f.truncate(mib * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", UUID, "-d", files_dir, path], check=True)
+    shutil.rmtree(files_dir)
+
+
 def rewrite(path, new_content):
     """Replace a file as a package upgrade does: new bytes (those of another /usr file, so that
     no tool has seen them before), written to a temporary name and renamed over the old one

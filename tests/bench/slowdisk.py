@@ -71,13 +71,8 @@ class Throttle:
 def build_chain(work, strata, depth, mib):
     """A chain of `depth` versions of a `mib` MiB ext4 image, 64 scattered 4 KiB writes apart."""
     src, files, repo = (os.path.join(work, n) for n in ("slow-src.img", "slow-files", "slow-repo"))
-    subprocess.run(["rm", "-rf", src, files, repo], check=True)
-    chosen, _ = dataset.take(dataset.usr_files(), 0, mib * 45 // 100)
-    dataset.copy_files(chosen, files, "usr")
-    with open(src, "wb") as f:
-        f.truncate(mib * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-U", dataset.UUID, "-d", files, src], check=True)
-    shutil.rmtree(files)
+    subprocess.run(["rm", "-rf", repo], check=True)
+    dataset.small_ext4(src, mib, files)
     rng = random.Random(7)
     for d in range(1, depth + 1):
         if d > 1:
