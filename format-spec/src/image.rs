@@ -174,6 +174,17 @@ impl ImageFile {
         self.read_ahead.note_live(live, self.entry_count());
     }
 
+    /// Asks the kernel for the stored bytes of `entry` unless this image was read or primed
+    /// before (see `read_ahead`).
+    pub fn prime(&self, entry: &IndexEntry) {
+        self.read_ahead.prime(&self.file, entry.data_offset, u64::from(entry.stored_len));
+    }
+
+    /// Whether `prime` would ask for nothing.
+    pub fn primed(&self) -> bool {
+        self.read_ahead.primed()
+    }
+
     #[cfg(test)]
     pub(crate) fn reads_ahead(&self) -> bool {
         self.read_ahead.enabled()

@@ -11,15 +11,18 @@
 //! of an image that no version opened here reads an eighth of (a delta deep in a long chain,
 //! whose blocks later versions replaced): reading ahead there would read mostly bytes nobody
 //! wants. A full is read in order from end to end, and the kernel's own read-ahead serves it
-//! better (in larger requests) than this would.
+//! better (in larger requests) than this would. Before its first read, any image can be
+//! *primed*: the kernel is asked for the one frame the reader will want first from it
+//! (`VersionReader::prime_from`), so that the images of a chain are not each first read with a
+//! wait on the disk when the reader reaches them.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 /// How far ahead on the disk the images are read.
-const DISK_AHEAD: u64 = 16 << 20;
+pub const DISK_AHEAD: u64 = 16 << 20;
 /// Bounds of the window in an image's bytes.
 const MIN_WINDOW: u64 = 256 << 10;
 const MAX_WINDOW: u64 = 2 << 20;
@@ -40,6 +43,8 @@ pub struct ReadAhead {
     /// The largest share of the image's entries, in thousandths, that a version opened by this
     /// process reads.
     live_permille: AtomicU32,
+    /// Whether the kernel was asked for the frame a reader wants first, or the image was read.
+    primed: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -59,6 +64,20 @@ impl ReadAhead {
             window: u64::try_from(window).unwrap_or(MAX_WINDOW).clamp(MIN_WINDOW, MAX_WINDOW),
             state: Mutex::new(State { reached: data_start, asked_to: data_start }),
             live_permille: AtomicU32::new(0),
+            primed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `prime` would ask for nothing.
+    pub fn primed(&self) -> bool {
+        self.primed.load(Ordering::Relaxed)
+    }
+
+    /// Asks the kernel for the `len` bytes at `at` (the frame a reader will want first from
+    /// this image), unless the image was primed or read before.
+    pub fn prime(&self, file: &File, at: u64, len: u64) {
+        if !self.primed.swap(true, Ordering::Relaxed) {
+            advise_willneed(file, at, len);
         }
     }
 
@@ -77,6 +96,9 @@ impl ReadAhead {
     /// `limit` (the end of the data) when the reads are going forward, the image is read densely
     /// enough, and the range asked for ends within half a window of this read.
     pub fn note(&self, file: &File, at: u64, len: u64, limit: u64) {
+        if !self.primed() {
+            self.primed.store(true, Ordering::Relaxed);
+        }
         if !self.enabled() {
             return;
         }

@@ -213,6 +213,25 @@ impl VersionReader {
         }
     }
 
+    /// Asks the kernel for the first frame that the next stretch of the disk from `block` (the
+    /// read-ahead distance, 16 MiB) needs from each image not read yet, so that a reader about
+    /// to go through it does not wait on the disk once per image of the chain when it reaches
+    /// the image's first block. Once every image was read or primed, costs a look-up in the
+    /// block map per block. Advice only: an entry that cannot be read is left for the read.
+    pub fn prime_from(&self, block: u64) {
+        let blocks = crate::read_ahead::DISK_AHEAD.div_ceil(u64::from(self.block_size));
+        for block in block..block.saturating_add(blocks).min(self.block_count()) {
+            if let BlockLocation::Stored { layer, entry } = self.locate(block) {
+                let image = &self.layers[layer];
+                if !image.primed() {
+                    if let Ok(entry) = image.read_entry(entry, block) {
+                        image.prime(&entry);
+                    }
+                }
+            }
+        }
+    }
+
     /// The base of `block`, whose newest entry is a patch: the entry the patch's parts are laid
     /// over, or `None` when the base is a zero block.
     pub fn patch_base(&self, block: u64) -> Result<Option<(&ImageFile, IndexEntry)>> {

@@ -288,6 +288,7 @@ impl Filesystem for StrataFs {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
         }
+        h.reader.prime_from((h.start + offset) / bs);
         if want > 0 && want <= MAX_READ as usize && all_zero(&h.reader, h.start + offset, want) {
             static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
             return reply.data(&ZEROS.get_or_init(|| vec![0; MAX_READ as usize])[..want]);

@@ -199,6 +199,7 @@ fn write_version(
         let mut start = 0u64;
         while start < reader.block_count() {
             let n = batch_blocks.min(reader.block_count() - start);
+            reader.prime_from(start);
             let mut buf = free_rx.try_recv().unwrap_or_default();
             buf.resize(n as usize * bs, 0);
             let hashes = read_batch(reader, start, &mut buf, bs)?;
