@@ -404,16 +404,21 @@ fn chain_resolves_to_each_versions_bytes() {
     }
 }
 
+/// A chain over a full of 40 blocks: version 2 rewrites blocks 0..10, version 3 blocks 0..9
+/// (block 9 stays version 2's).
+fn rewritten_chain(dir: &Path) -> [Arc<ImageFile>; 3] {
+    let v1 = sample_disk(40 * BS as usize, 1);
+    let mut v2 = v1.clone();
+    v2[..10 * BS as usize].fill(0x22);
+    let mut v3 = v2.clone();
+    v3[..9 * BS as usize].fill(0x33);
+    three_version_chain(dir, &v1, &v2, &v3)
+}
+
 #[test]
 fn only_deltas_that_an_opened_version_reads_a_good_share_of_are_read_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 40 * BS as usize;
-    let v1 = sample_disk(size, 1);
-    let mut v2 = v1.clone();
-    v2[..10 * BS as usize].fill(0x22); // blocks 0..10
-    let mut v3 = v2.clone();
-    v3[..9 * BS as usize].fill(0x33); // all of v2's blocks but one
-    let [i1, i2, i3] = three_version_chain(dir.path(), &v1, &v2, &v3);
+    let [i1, i2, i3] = rewritten_chain(dir.path());
     VersionReader::from_chain(vec![i1.clone(), i2.clone(), i3.clone()]).unwrap();
     assert!(i3.reads_ahead(), "version 3 reads all of its own image");
     assert!(!i2.reads_ahead(), "version 3 reads 1 of the 10 blocks of version 2's");
@@ -426,13 +431,7 @@ fn only_deltas_that_an_opened_version_reads_a_good_share_of_are_read_ahead() {
 #[test]
 fn priming_asks_once_per_image_for_the_blocks_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let size = 40 * BS as usize;
-    let v1 = sample_disk(size, 1);
-    let mut v2 = v1.clone();
-    v2[..10 * BS as usize].fill(0x22); // blocks 0..10
-    let mut v3 = v2.clone();
-    v3[..9 * BS as usize].fill(0x33); // blocks 0..9; block 9 still version 2's
-    let [i1, i2, i3] = three_version_chain(dir.path(), &v1, &v2, &v3);
+    let [i1, i2, i3] = rewritten_chain(dir.path());
     let r = VersionReader::from_chain(vec![i1.clone(), i2.clone(), i3.clone()]).unwrap();
     assert!(![&i1, &i2, &i3].iter().any(|i| i.primed()));
     // 16 MiB ahead of block 20: blocks 20..40, all the full's
@@ -442,7 +441,7 @@ fn priming_asks_once_per_image_for_the_blocks_ahead() {
     assert_eq!([&i1, &i2, &i3].map(|i| i.primed()), [true, true, true]);
     // a read counts as priming
     let other = tempfile::tempdir().unwrap();
-    let [j1, ..] = three_version_chain(other.path(), &v1, &v2, &v3);
+    let [j1, ..] = rewritten_chain(other.path());
     let only_full = VersionReader::from_chain(vec![j1.clone()]).unwrap();
     only_full.read_block(30, &mut ReadScratch::new(), &mut vec![0u8; BS as usize]).unwrap();
     assert!(j1.primed());
