@@ -6,7 +6,8 @@
 //! per source block, plus a word per patched block naming its base.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use crate::digest::{zero_block_hash, SourceDigest};
 use crate::error::{FormatError, Loc, Result};
@@ -49,6 +50,9 @@ pub struct VersionReader {
     bases: HashMap<u64, u64>,
     block_size: u32,
     source_size: u64,
+    /// The blocks `prime_from` looked at last: a reader going forward looks only at the blocks
+    /// that came into its window since.
+    primed_window: Mutex<Range<u64>>,
 }
 
 impl std::fmt::Debug for VersionReader {
@@ -157,7 +161,7 @@ impl VersionReader {
         for (image, live) in layers.iter().zip(live) {
             image.note_live_entries(live);
         }
-        let reader = VersionReader { layers, map, bases, block_size, source_size };
+        let reader = VersionReader { layers, map, bases, block_size, source_size, primed_window: Mutex::new(0..0) };
         let present = reader.map.iter().filter(|&&v| v != 0).count() as u64;
         let top = reader.top();
         if present != top.footer.present_blocks {
@@ -216,11 +220,20 @@ impl VersionReader {
     /// Asks the kernel for the first frame that the next stretch of the disk from `block` (the
     /// read-ahead distance, 16 MiB) needs from each image not read yet, so that a reader about
     /// to go through it does not wait on the disk once per image of the chain when it reaches
-    /// the image's first block. Once every image was read or primed, costs a look-up in the
-    /// block map per block. Advice only: an entry that cannot be read is left for the read.
+    /// the image's first block. Looks only at the blocks that came into the window since the
+    /// last call when the window moved forward (a look-up in the block map each, an entry read
+    /// and an fadvise per image not read yet). Advice only: an entry that cannot be read is
+    /// left for the read.
     pub fn prime_from(&self, block: u64) {
         let blocks = crate::read_ahead::DISK_AHEAD.div_ceil(u64::from(self.block_size));
-        for block in block..block.saturating_add(blocks).min(self.block_count()) {
+        let end = block.saturating_add(blocks).min(self.block_count());
+        let from = {
+            let mut last = self.primed_window.lock().unwrap();
+            let from = if last.contains(&block) { last.end.min(end) } else { block };
+            *last = block..end;
+            from
+        };
+        for block in from..end {
             if let BlockLocation::Stored { layer, entry } = self.locate(block) {
                 let image = &self.layers[layer];
                 if !image.primed() {
