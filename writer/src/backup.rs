@@ -359,7 +359,7 @@ struct Packed {
 }
 
 /// Changed blocks one patch task handles in order (adjacent blocks often share the parent's
-/// group, which the task's `Patcher` then decodes once).
+/// group, which the thread's patch scratch then decodes once).
 const PATCH_TASK_BLOCKS: usize = 16;
 
 /// The packer stage: makes the patches of changed blocks against the parent, decides in block
@@ -400,17 +400,15 @@ fn pack_batches(
 fn patch_batch(parent: &VersionReader, level: i32, scanned: &Scanned, bs: usize) -> Result<Vec<Option<PatchFrame>>> {
     let changed: Vec<usize> =
         (0..scanned.results.len()).filter(|&i| scanned.results[i].action == Action::Store).collect();
+    let patcher = Patcher::new(parent, level);
     let made = changed
         .par_chunks(PATCH_TASK_BLOCKS)
-        .map_init(
-            || Patcher::new(parent, level),
-            |patcher, chunk| {
-                chunk
-                    .iter()
-                    .map(|&i| patcher.patch(scanned.start + i as u64, &scanned.buf[i * bs..(i + 1) * bs]))
-                    .collect::<strata_format::Result<Vec<_>>>()
-            },
-        )
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&i| patcher.patch(scanned.start + i as u64, &scanned.buf[i * bs..(i + 1) * bs]))
+                .collect::<strata_format::Result<Vec<_>>>()
+        })
         .collect::<strata_format::Result<Vec<Vec<_>>>>()
         .context("reading the parent version's blocks to patch them")?;
     let mut patches: Vec<Option<PatchFrame>> = (0..scanned.results.len()).map(|_| None).collect();

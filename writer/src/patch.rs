@@ -9,8 +9,12 @@
 //! the same in the base, the parent and the new block, which keeps the patch meaning the same
 //! bytes when a merge turns a version below it into a full.
 
+use std::cell::RefCell;
+
 use strata_format::layout::PATCH_PARTS;
 use strata_format::{Encoding, IndexEntry, ReadScratch, VersionReader};
+
+use crate::pack::with_compressor;
 
 /// A patch names at most this many of a block's parts; past it the block is stored whole (and
 /// becomes the base of later patches).
@@ -31,33 +35,43 @@ pub fn changed_parts(new: &[u8], base: &[u8]) -> u16 {
         .fold(0, |mask, (i, (n, b))| if n != b { mask | 1 << i } else { mask })
 }
 
-/// Makes patches against one parent version; one per thread (it keeps the last decoded group
-/// of the parent, so adjacent blocks of one group decode it once).
+/// Makes patches against one parent version, on any number of threads.
 pub struct Patcher<'v> {
     parent: &'v VersionReader,
+    level: i32,
+}
+
+/// What a thread makes patches with, kept for the thread's life: made per task, the decoder's
+/// buffers and the compressor's tables were allocated and faulted in again for every 16 blocks.
+/// The scratch keeps the parent's last decoded group (adjacent blocks of one group decode it
+/// once); it is named by the opened image and offset, so it never stands for another image.
+struct Tools {
     scratch: ReadScratch,
     base: Vec<u8>,
     parts: Vec<u8>,
-    compressor: zstd::bulk::Compressor<'static>,
+}
+
+thread_local! {
+    static TOOLS: RefCell<Tools> =
+        RefCell::new(Tools { scratch: ReadScratch::new(), base: Vec::new(), parts: Vec::new() });
 }
 
 impl<'v> Patcher<'v> {
     pub fn new(parent: &'v VersionReader, level: i32) -> Patcher<'v> {
-        Patcher {
-            parent,
-            scratch: ReadScratch::new(),
-            base: vec![0; parent.block_size() as usize],
-            parts: Vec::new(),
-            compressor: zstd::bulk::Compressor::new(level).expect("zstd compressor"),
-        }
+        Patcher { parent, level }
     }
 
     /// The patch of `block`, whose new content is `new`, or `None` when it is to be stored
     /// whole: zero in the parent (nothing to lay parts over) or changed in more than half.
-    pub fn patch(&mut self, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
+    pub fn patch(&self, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
         if !new.len().is_multiple_of(PATCH_PARTS as usize) {
             return Ok(None);
         }
+        TOOLS.with(|tools| self.patch_with(&mut tools.borrow_mut(), block, new))
+    }
+
+    fn patch_with(&self, tools: &mut Tools, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
+        let Tools { scratch, base: base_buf, parts } = tools;
         let Some((image, entry)) = self.parent.entry(block)? else { return Ok(None) };
         let (inherited, base) = match entry.encoding {
             Encoding::Patch => (entry.patch_mask, self.parent.patch_base(block)?),
@@ -68,15 +82,17 @@ impl<'v> Patcher<'v> {
         let base: &[u8] = match base {
             Some((image, base)) if base.encoding == Encoding::ZstdGroup => {
                 let at = usize::from(base.group_slot) * new.len();
-                &image.decode_group(&base, &mut self.scratch)?[at..at + new.len()]
+                &image.decode_group(&base, scratch)?[at..at + new.len()]
             }
             Some((image, base)) => {
-                image.read_block(&base, &mut self.scratch, &mut self.base)?;
-                &self.base
+                base_buf.resize(new.len(), 0);
+                image.read_block(&base, scratch, base_buf)?;
+                base_buf
             }
             None => {
-                self.base.fill(0);
-                &self.base
+                base_buf.clear();
+                base_buf.resize(new.len(), 0);
+                base_buf
             }
         };
         let mask = inherited | changed_parts(new, base);
@@ -84,16 +100,16 @@ impl<'v> Patcher<'v> {
             return Ok(None);
         }
         let part = IndexEntry::patch_part_len(self.parent.block_size());
-        self.parts.clear();
+        parts.clear();
         for (i, bytes) in new.chunks_exact(part).enumerate() {
             if mask & (1 << i) != 0 {
-                self.parts.extend_from_slice(bytes);
+                parts.extend_from_slice(bytes);
             }
         }
         // Always a zstd frame (format: a patch is never raw); at most half a block and a few
         // bytes of framing, so within the stored-length limit of one block.
-        let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(self.parts.len()));
-        if self.compressor.compress_to_buffer(&self.parts, &mut frame).is_err() {
+        let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(parts.len()));
+        if with_compressor(self.level, |c| c.compress_to_buffer(parts.as_slice(), &mut frame)).is_err() {
             return Ok(None);
         }
         Ok(Some(PatchFrame { mask, frame }))
