@@ -3,9 +3,9 @@
 //! block, or a group of at most 1 MiB). A frame the read covers whole, in order, is decoded
 //! straight into the reply: the kernel keeps those pages (`FOPEN_KEEP_CACHE`), so a copy in
 //! the cache would cost a memcpy and cache room for nothing. It comes from the frame cache
-//! only when already there or being decoded there (by prefetch). A frame the read needs in
-//! part goes through the cache, so that the next request, which wants the rest of the group,
-//! or small reads of the same block, do not decode it again. With `parallel`, units are
+//! only when already there or being decoded there (by prefetch), and then leaves it. A frame
+//! the read needs in part goes through the cache, so that the next request, which wants the
+//! rest of the group, or small reads of the same block, do not decode it again. With `parallel`, units are
 //! decoded on all cores (see `fs`: when no other read is being served; when the kernel sends
 //! many requests at once, the requests share the cores instead). A whole block whose newest
 //! entry is a patch joins the unit of its base's frame (usually a group its neighbours read

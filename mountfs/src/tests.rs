@@ -148,10 +148,9 @@ fn check_random_reads(reader: &VersionReader, cache: &BlockCache, disk: &[u8], s
     }
 }
 
-/// The distinct frames a version stores.
-fn frames(reader: &VersionReader) -> usize {
-    let mut offsets: Vec<u64> =
-        (0..reader.block_count()).filter_map(|b| reader.entry(b).unwrap()).map(|(_, e)| e.data_offset).collect();
+/// The distinct frames a version stores for `blocks`.
+fn frames(reader: &VersionReader, blocks: std::ops::Range<u64>) -> usize {
+    let mut offsets: Vec<u64> = blocks.filter_map(|b| reader.entry(b).unwrap()).map(|(_, e)| e.data_offset).collect();
     offsets.sort_unstable();
     offsets.dedup();
     offsets.len()
@@ -204,6 +203,32 @@ fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
     assert!(part[..] == disk[BS as usize + 10..BS as usize + 110]);
 }
 
+/// Waits until the cache holds `n` frames (prefetch runs in the background).
+fn wait_for_frames(cache: &BlockCache, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cache.len() < n {
+        assert!(std::time::Instant::now() < deadline, "prefetch did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn prefetched_frames_that_a_read_takes_whole_leave_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(32);
+    let reader = Arc::new(write_version(dir.path(), &disk));
+    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
+    cache.prefetch(&reader, 0..reader.block_count());
+    let present = frames(&reader, 0..reader.block_count());
+    wait_for_frames(&cache, present);
+    // blocks 0..11 hold whole frames only (see above)
+    let mut buf = vec![0u8; 11 * BS as usize];
+    read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut buf, true).unwrap();
+    assert!(buf[..] == disk[..buf.len()]);
+    assert_eq!(cache.len(), present - frames(&reader, 0..11), "the kernel keeps what a read took whole");
+    check_random_reads(&reader, &cache, &disk, 0, 5, 200);
+}
+
 #[test]
 fn prefetched_blocks_read_the_same_as_decoded_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,12 +237,7 @@ fn prefetched_blocks_read_the_same_as_decoded_ones() {
     let cache = Arc::new(BlockCache::new(256 * u64::from(BS), BS));
     cache.prefetch(&reader, 0..reader.block_count() + 10);
     // the prefetch runs in the background: wait until every present block is cached
-    let present = frames(&reader);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while cache.len() < present {
-        assert!(std::time::Instant::now() < deadline, "prefetch did not finish");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
     check_random_reads(&reader, &cache, &disk, 0, 3, 300);
 }
 
