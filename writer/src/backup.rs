@@ -386,7 +386,7 @@ fn pack_batches(
                 .map(|(r, p)| (r.action == Action::Store).then(|| dedup.decide(&r.hash, p.is_some())))
                 .collect();
             let store: Vec<bool> = decisions.iter().map(|d| matches!(d, Some(Decision::Store { .. }))).collect();
-            let units = pack(&scanned.buf, bs, &store, level);
+            let units = pack(&scanned.buf, bs, scanned.start, &store, level);
             Ok(Packed { scanned, decisions, units, patches })
         });
         let failed = packed.is_err();

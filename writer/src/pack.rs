@@ -44,10 +44,15 @@ pub fn with_compressor<R>(level: i32, f: impl FnOnce(&mut zstd::bulk::Compressor
     })
 }
 
-/// Groups the blocks of `buf` (blocks of `bs` bytes) whose `store` flag is set into runs of
-/// adjacent blocks and compresses each run as one frame.
-pub fn pack(buf: &[u8], bs: usize, store: &[bool], level: i32) -> Vec<Unit> {
+/// Groups the blocks of `buf` (blocks of `bs` bytes, the first of them source block `block0`)
+/// whose `store` flag is set into runs of adjacent blocks and compresses each run as one frame.
+/// A group never crosses a multiple of the group size on the disk (1 MiB with 64 KiB blocks):
+/// a reader's 1 MiB requests, which the kernel aligns to 1 MiB, then take whole groups,
+/// decoded straight into the reply, rather than two parts of each, decoded into the cache and
+/// copied out.
+pub fn pack(buf: &[u8], bs: usize, block0: u64, store: &[bool], level: i32) -> Vec<Unit> {
     let max = (GROUP_TARGET_BYTES / bs).clamp(1, GROUP_MAX_BLOCKS as usize);
+    let boundary = |i: usize| (block0 + i as u64).is_multiple_of(max as u64);
     let mut runs = Vec::new();
     let mut i = 0;
     while i < store.len() {
@@ -56,7 +61,8 @@ pub fn pack(buf: &[u8], bs: usize, store: &[bool], level: i32) -> Vec<Unit> {
             continue;
         }
         let first = i;
-        while i < store.len() && store[i] && i - first < max {
+        i += 1;
+        while i < store.len() && store[i] && !boundary(i) {
             i += 1;
         }
         runs.push((first, i - first));
@@ -109,5 +115,25 @@ impl Unit {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_never_cross_a_group_size_boundary_of_the_disk() {
+        let bs = 64 << 10; // 16 blocks to a group
+        let buf = vec![7u8; 40 * bs];
+        let mut store = vec![true; 40];
+        // the batch starts at block 100: boundaries at blocks 112 and 128 (batch blocks 12, 28)
+        let runs = |store: &[bool]| -> Vec<(usize, usize)> {
+            pack(&buf, bs, 100, store, 1).iter().map(|u| (u.first, u.len)).collect()
+        };
+        assert_eq!(runs(&store), [(0, 12), (12, 16), (28, 12)]);
+        store[5] = false;
+        store[30] = false;
+        assert_eq!(runs(&store), [(0, 5), (6, 6), (12, 16), (28, 2), (31, 9)]);
     }
 }
