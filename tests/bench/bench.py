@@ -27,6 +27,12 @@ MiB = 1 << 20
 WARM_PASSES = 5
 
 
+def new_chain_result(versions):
+    """Per step the cost of each run, the bytes each step added and the repository's size (of
+    the last run)."""
+    return {"steps": [[] for _ in range(versions)], "stored": [], "repo_bytes": 0}
+
+
 def log(msg):
     print("bench: " + msg, file=sys.stderr, flush=True)
 
@@ -112,33 +118,48 @@ class Bench:
     def chain(self, tool, runs):
         """Back up v1..v6 with `tool`, `runs` times from an empty repository; every step's
         cost per run and the bytes each step added (last run)."""
-        steps = [[] for _ in self.data.versions]
-        stored = []
+        res = new_chain_result(len(self.data.versions))
         for run in range(runs):
-            tool.unmount()
-            tool.reset()
-            stored = []
-            for i, v in enumerate(self.data.versions):
-                link_live(self.live, v)
-                before = tool.stored()
-                cost = tool.backup()
-                steps[i].append(cost.__dict__)
-                stored.append(tool.stored() - before)
-            log("%s: chain run %d: full %.2f s, incrementals %.2f s, %.0f MiB" % (
-                tool.name, run + 1, steps[0][-1]["wall"], sum(s[-1]["wall"] for s in steps[1:]), sum(stored) / MiB))
-        return {"steps": steps, "stored": stored, "repo_bytes": tool.stored()}
+            self.chain_run(tool, run, res)
+        return res
+
+    def chain_run(self, tool, run, res):
+        """One chain v1..v6 from an empty repository, added to `res`."""
+        tool.unmount()
+        tool.reset()
+        stored = []
+        for i, v in enumerate(self.data.versions):
+            link_live(self.live, v)
+            before = tool.stored()
+            cost = tool.backup()
+            res["steps"][i].append(cost.__dict__)
+            stored.append(tool.stored() - before)
+        res["stored"], res["repo_bytes"] = stored, tool.stored()
+        log("%s: chain run %d: full %.2f s, incrementals %.2f s, %.0f MiB" % (
+            tool.name, run + 1, res["steps"][0][-1]["wall"], sum(s[-1]["wall"] for s in res["steps"][1:]),
+            sum(stored) / MiB))
 
     def backups(self):
+        """Every tool's chains, the tools taking turns run by run, so that a ratio between two
+        tools compares runs minutes apart, not the first and the last quarter of the phase
+        (this VM's speed drifts by a third over an hour)."""
         self.warm_sources()
-        self.r["backup"] = {t.name: self.chain(t, self.runs) for t in self.tools}
+        res = {t.name: new_chain_result(len(self.data.versions)) for t in self.tools}
+        for run in range(self.runs):
+            for tool in self.tools:
+                self.chain_run(tool, run, res[tool.name])
+        self.r["backup"] = res
 
     # -- mounts ----------------------------------------------------------------------------
     def mounts(self):
+        """Each run mounts every tool in turn (see `backups`); after strata's, `dd` of the raw
+        newest version warm, the page-cache speed its warm reads are held to, in the same go."""
         newest = self.data.versions[-1]
-        res = {}
-        for tool in self.tools:
-            m = {"ready": [], "cold": [], "warm": [], "rss": [], "cmp": None}
-            for run in range(self.runs):
+        res = {t.name: {"ready": [], "cold": [], "warm": [], "rss": [], "cmp": None} for t in self.tools}
+        raw_warm = []
+        for run in range(self.runs):
+            for tool in self.tools:
+                m = res[tool.name]
                 tool.unmount()
                 drop_caches()
                 path, pid, ready = tool.mount()
@@ -151,10 +172,17 @@ class Bench:
                         m["cmp"] = same(path, newest)
                 finally:
                     tool.unmount()
+                if tool.name == "strata":
+                    subprocess.run(["cat", newest], stdout=subprocess.DEVNULL, check=True)
+                    raw_warm.append(self.warm_rate(newest, self.size))
+        for tool in self.tools:
+            m = res[tool.name]
             log("%s: mount cold %.0f MB/s, warm %.0f MB/s, ready %.3f s, RSS %.0f MiB, cmp %s" % (
                 tool.name, med(m["cold"]), med(m["warm"]), med(m["ready"]), med(m["rss"]), m["cmp"]))
-            res[tool.name] = m
         self.r["mount"] = res
+        if raw_warm:
+            self.r["mount_raw_warm"] = raw_warm
+            log("raw newest version: warm %.0f MB/s" % med(raw_warm))
 
     def warm_rate(self, path, size):
         return med([mbps(size, measure(["dd", "if=" + path, "of=/dev/null", "bs=1M"]).wall)
@@ -162,11 +190,12 @@ class Bench:
 
     # -- restores --------------------------------------------------------------------------
     def restores(self):
+        """Every tool restores in turn, run by run (see `backups`)."""
         newest = self.data.versions[-1]
-        res = {}
-        for tool in self.tools:
-            m = {"wall": [], "cmp": None}
-            for run in range(self.runs):
+        res = {t.name: {"wall": [], "cmp": None} for t in self.tools}
+        for run in range(self.runs):
+            for tool in self.tools:
+                m = res[tool.name]
                 out = os.path.join(self.work, "restore-" + tool.name)
                 subprocess.run(["rm", "-rf", out], check=True)
                 drop_caches()
@@ -176,9 +205,10 @@ class Bench:
                 if run == 0:
                     m["cmp"] = same(path, newest)
                 subprocess.run(["rm", "-rf", out], check=True)
+        for tool in self.tools:
+            m = res[tool.name]
             log("%s: restore %.2f s (%.0f MB/s), cmp %s" % (tool.name, med(m["wall"]),
                                                              mbps(self.size, med(m["wall"])), m["cmp"]))
-            res[tool.name] = m
         self.r["restore"] = res
 
     # -- strata alone ----------------------------------------------------------------------
