@@ -174,10 +174,10 @@ impl ImageFile {
         self.read_ahead.note_live(live, self.entry_count());
     }
 
-    /// Asks the kernel for the stored bytes of `entry` unless this image was read or primed
-    /// before (see `read_ahead`).
+    /// Asks the kernel for the stored bytes of `entry` (or for the whole data of a small image
+    /// that is read ahead) unless this image was read or primed before (see `read_ahead`).
     pub fn prime(&self, entry: &IndexEntry) {
-        self.read_ahead.prime(&self.file, entry.data_offset, u64::from(entry.stored_len));
+        self.read_ahead.prime(&self.file, entry.data_offset, u64::from(entry.stored_len), self.footer.index_offset);
     }
 
     /// Whether `prime` would ask for nothing.
