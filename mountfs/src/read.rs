@@ -5,9 +5,9 @@
 //! the cache would cost a memcpy and cache room for nothing. It comes from the frame cache
 //! only when already there or being decoded there (by prefetch), and then leaves it. A frame
 //! the read needs in part goes through the cache, so that the next request, which wants the
-//! rest of the group, or small reads of the same block, do not decode it again. With `parallel`, units are
-//! decoded on all cores (see `fs`: when no other read is being served; when the kernel sends
-//! many requests at once, the requests share the cores instead). A whole block whose newest
+//! rest of the group, or small reads of the same block, do not decode it again. With
+//! `parallel`, units are decoded on all cores (see `fs`: when no other read is being served;
+//! when the kernel sends many requests at once, the requests share the cores instead). A whole block whose newest
 //! entry is a patch joins the unit of its base's frame (usually a group its neighbours read
 //! too), and the patch's parts, decoded into a per-thread buffer, are laid over it afterwards;
 //! part of a patched block, or one over a zero base, is a unit of its own.
