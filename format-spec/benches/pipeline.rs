@@ -8,7 +8,7 @@
 //!
 //! `cargo bench -p strata-format --bench pipeline` runs them (criterion: medians with
 //! confidence intervals, `-- --save-baseline NAME` and `-- --baseline NAME` to compare two
-//! builds in the same go); `cargo test -p strata-format --bench pipeline` runs each once.
+//! builds in the same go); `cargo test --workspace --bench pipeline` runs each once.
 
 use std::hint::black_box;
 use std::path::Path;

@@ -212,15 +212,22 @@ fn wait_for_frames(cache: &BlockCache, n: usize) {
     }
 }
 
+/// A version of `blocks` sample blocks whose every frame prefetch has put in a cache of
+/// `cache_blocks` blocks.
+fn prefetched(dir: &Path, blocks: usize, cache_blocks: u64) -> (Vec<u8>, Arc<VersionReader>, Arc<BlockCache>) {
+    let disk = sample_disk(blocks);
+    let reader = Arc::new(write_version(dir, &disk));
+    let cache = Arc::new(BlockCache::new(cache_blocks * u64::from(BS), BS));
+    cache.prefetch(&reader, 0..reader.block_count() + 10);
+    wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
+    (disk, reader, cache)
+}
+
 #[test]
 fn prefetched_frames_that_a_read_takes_whole_leave_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = sample_disk(32);
-    let reader = Arc::new(write_version(dir.path(), &disk));
-    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
-    cache.prefetch(&reader, 0..reader.block_count());
-    let present = frames(&reader, 0..reader.block_count());
-    wait_for_frames(&cache, present);
+    let (disk, reader, cache) = prefetched(dir.path(), 32, 64);
+    let present = cache.len();
     // blocks 0..11 hold whole frames only (see above)
     let mut buf = vec![0u8; 11 * BS as usize];
     read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut buf, true).unwrap();
@@ -232,12 +239,7 @@ fn prefetched_frames_that_a_read_takes_whole_leave_the_cache() {
 #[test]
 fn prefetched_blocks_read_the_same_as_decoded_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = sample_disk(64);
-    let reader = Arc::new(write_version(dir.path(), &disk));
-    let cache = Arc::new(BlockCache::new(256 * u64::from(BS), BS));
-    cache.prefetch(&reader, 0..reader.block_count() + 10);
-    // the prefetch runs in the background: wait until every present block is cached
-    wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
+    let (disk, reader, cache) = prefetched(dir.path(), 64, 256);
     check_random_reads(&reader, &cache, &disk, 0, 3, 300);
 }
 
