@@ -25,6 +25,8 @@ MiB = 1 << 20
 # mount): warm figures are the median of this many passes after the cold one, for the raw file
 # and every mount alike, so that this one slow pass cannot decide the median.
 WARM_PASSES = 5
+# Runs per depth of the depth chains (see `depth_chain`), when a run takes the usual three or more.
+DEPTH_RUNS = 9
 
 
 def new_chain_result(versions):
@@ -270,9 +272,9 @@ class Bench:
                 # what the chain costs is told apart from what the bytes written cost
                 subprocess.run(["rm", "-rf", same_repo], check=True)
                 subprocess.run([self.args.strata, "backup", "-q", src, same_repo], check=True)
-            # five runs where three are the rule: single readings of one repository swing by ±20%
-            # here, and these are the readings that the depth ratios compare
-            for run in range(max(self.runs, 5) if self.runs >= 3 else self.runs):
+            # more runs than the rule: single readings of one 256 MiB disk swing by ±20% here (and
+            # now and then to a third), and these readings are what the depth ratios compare
+            for run in range(max(self.runs, DEPTH_RUNS) if self.runs >= 3 else self.runs):
                 if d > 1:
                     # depth 1 again, in the same go: the ratio the targets read
                     cold, cached = self.depth_dd(tool, base_repo, size)

@@ -13,6 +13,12 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def paired(xs, refs):
+    """Median of the run-by-run ratios xs[i] / refs[i]: each pair was measured seconds apart, so
+    the machine's drift between runs cancels, where a ratio of two medians would keep it."""
+    return med(x / ref for x, ref in zip(xs, refs))
+
+
 def mib(n):
     return "%.1f" % (n / MiB)
 
@@ -158,14 +164,14 @@ def render(r):
           "and the driver just started (*cached*: the driver's own cost), and warm; driver RSS; restore of latest to "
           "/dev/null with the page cache dropped (*cold*) and right after (*cached*). At each depth the depth-1 "
           "repository (kept aside) is read again in the same runs, and the mount's cold and cached rates are "
-          "divided by its; so is a full backup of the disk as it is at that depth (depth 1 of the same bytes: "
+          "divided by its run by run (the table gives the median of those ratios); so is a full backup of the disk as it is at that depth (depth 1 of the same bytes: "
           "the writes make the disk hold more, and less compressible, data than at depth 1, which a chain of "
           "any length pays too).\n" % (
               d["source_mib"], "inside one random 1 MiB region per version" if clustered
               else "scattered over the whole disk"))
         rows = []
         for depth, m in d["depths"].items():
-            same_go = ["%.2f× / %.2f×" % (med(m["cold"]) / med(m[ref + "_cold"]), med(m["cached"]) / med(m[ref + "_cached"]))
+            same_go = ["%.2f× / %.2f×" % (paired(m["cold"], m[ref + "_cold"]), paired(m["cached"], m[ref + "_cached"]))
                        if m.get(ref + "_cold") else "" for ref in ("base", "same")]
             rows.append([depth, "%.3f" % med(m["ready"]), "%.0f" % med(m["cold"]), "%.0f" % med(m.get("cached", [])),
                          *same_go,
@@ -258,15 +264,19 @@ def targets(r):
         dd = r.get(key, {}).get("depths", {})
         if "1" in dd and "100" in dd:
             for how in ("cold", "cached"):
-                # depth 1 measured again in the same go as depth 100 when the run did (the
+                # depth 1 measured again in the same runs as depth 100 when the run did (the
                 # machine's speed drifts between the two points of one chain)
-                base = dd["100"].get("base_" + how) or dd["1"].get(how)
+                base = dd["100"].get("base_" + how)
                 if base:
-                    x = med(dd["100"][how]) / med(base)
-                    add("mount read at depth 100 ≥ 0.9× depth 1 (%s writes, %s)" % (writes, how), "%.2f×" % x, x >= 0.9)
+                    x = paired(dd["100"][how], base)
+                elif dd["1"].get(how):
+                    x = med(dd["100"][how]) / med(dd["1"][how])
+                else:
+                    continue
+                add("mount read at depth 100 ≥ 0.9× depth 1 (%s writes, %s)" % (writes, how), "%.2f×" % x, x >= 0.9)
                 same = dd["100"].get("same_" + how)
                 if same:
-                    x = med(dd["100"][how]) / med(same)
+                    x = paired(dd["100"][how], same)
                     add("… the same, against a full of the disk at depth 100 (%s writes, %s; what the chain "
                         "itself costs)" % (writes, how), "%.2f×" % x, x >= 0.9)
     d = r.get("depth", {}).get("depths", {})
