@@ -2,7 +2,7 @@
 //! is hashed through a memory map, cold data is read with pread, holes are not read at all and
 //! blocks that are partly holes (or end the source) are read and padded. The same source backed
 //! up while cached and after its pages were dropped gives the same versions, and each restores
-//! byte for byte.
+//! byte for byte. Restore writes its target past the page cache.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -108,4 +108,28 @@ fn cached_cold_and_sparse_sources_give_the_same_versions() {
     assert_eq!(digest(&cached, "2"), digest(&cold, "2"));
     assert_restores_to(&cached, "2", &src, t);
     assert_restores_to(&cold, "2", &src, t);
+}
+
+#[test]
+fn restore_writes_its_target_past_the_page_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (src, repo, out) = (t.join("disk.img"), t.join("repo"), t.join("restored.img"));
+    sparse_source(&src, 3);
+    backup(&src, &repo);
+    let r = strata(["restore", "--json", &p(&repo), "1", &p(&out)]).ok().json();
+    assert_eq!(r["digest_verified"], true);
+    // SAFETY: statfs of a path we own into a zeroed struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let dir = std::ffi::CString::new(t.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::statfs(dir.as_ptr(), &mut fs) }, 0);
+    if fs.f_type == 0xEF53 {
+        assert_eq!(r["direct_io"], true, "a restore onto ext4 writes with O_DIRECT");
+        // only the page that holds the last 57 bytes (not a whole page) went through the cache
+        let resident = resident_pages(&File::open(&out).unwrap());
+        assert!(resident <= 1, "{resident} pages of the restored file in the page cache");
+    } else {
+        eprintln!("skipped the page-cache check: {} is not on ext4", p(t));
+    }
+    assert!(same_file(&out, &src), "the restored file differs from its source");
 }

@@ -5,6 +5,7 @@ mod backup;
 mod commands;
 mod config;
 mod dedup;
+mod direct_io;
 mod logging;
 mod merge;
 mod pack;

@@ -14,6 +14,7 @@ use strata_format::block::hash_block;
 use strata_format::digest::{hex, zero_block_hash, SourceDigest};
 use strata_format::{BlockLocation, ReadScratch, Repository, VersionReader};
 
+use crate::direct_io::{AlignedBuf, TargetWriter};
 use crate::progress::Progress;
 use crate::source::block_device_size;
 
@@ -30,6 +31,9 @@ pub struct RestoreSummary {
     pub mb_per_s: f64,
     pub digest: String,
     pub digest_verified: bool,
+    /// The restored bytes were written past the page cache (`O_DIRECT`); false for targets
+    /// that refuse it, which are written through the cache.
+    pub direct_io: bool,
 }
 
 enum TargetKind {
@@ -134,7 +138,7 @@ pub fn restore(
     let id = state.resolve_name(version)?;
     let reader = state.open_version(id)?;
     let (file, kind) = open_target(target, reader.source_size(), force)?;
-    let digest = write_version(&reader, &file, &kind, target, progress)?;
+    let (digest, direct_io) = write_version(&reader, &file, &kind, target, progress)?;
     match file.sync_all() {
         // Character devices and pipes (e.g. /dev/null) have nothing to sync.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -160,19 +164,21 @@ pub fn restore(
         mb_per_s: crate::units::mb_per_s(reader.source_size(), seconds),
         digest: hex(&digest),
         digest_verified: true,
+        direct_io,
     })
 }
 
-/// Writes every block of `reader` into `file`; returns the digest of what was written. Blocks
-/// are read and decoded on all cores a batch at a time while a writer thread writes the batch
-/// before (two batch buffers in flight).
+/// Writes every block of `reader` into `file`; returns the digest of what was written and
+/// whether the writes bypassed the page cache (`direct_io`). Blocks are read and decoded on all
+/// cores a batch at a time while a writer thread writes the batch before (two batch buffers in
+/// flight).
 fn write_version(
     reader: &VersionReader,
     file: &File,
     kind: &TargetKind,
     target: &Path,
     progress: &dyn Progress,
-) -> Result<[u8; 32]> {
+) -> Result<([u8; 32], bool)> {
     let bs = reader.block_size() as usize;
     let size = reader.source_size();
     if let TargetKind::File = kind {
@@ -184,24 +190,25 @@ fn write_version(
     let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
     progress.begin("restore", size);
     let (full_tx, full_rx) = sync_channel::<Batch>(1);
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
-    let result = std::thread::scope(|scope| -> Result<()> {
+    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(2);
+    let result = std::thread::scope(|scope| -> Result<bool> {
         let full_tx = full_tx; // dropped on every way out, which ends the writer's loop
-        let writer = scope.spawn(move || -> Result<()> {
+        let writer = scope.spawn(move || -> Result<bool> {
+            let mut out = TargetWriter::new(file);
             for batch in full_rx {
-                write_batch(file, &batch, bs, size, device).with_context(|| {
+                write_batch(&mut out, &batch, bs, size, device).with_context(|| {
                     format!("{}: write error at offset {}", target.display(), batch.start * bs as u64)
                 })?;
                 let _ = free_tx.try_send(batch.buf);
             }
-            Ok(())
+            Ok(out.bypassed_cache())
         });
         let mut start = 0u64;
         while start < reader.block_count() {
             let n = batch_blocks.min(reader.block_count() - start);
             reader.prime_from(start);
             let mut buf = free_rx.try_recv().unwrap_or_default();
-            buf.resize(n as usize * bs, 0);
+            buf.resize(n as usize * bs);
             let hashes = read_batch(reader, start, &mut buf, bs)?;
             for (i, h) in hashes.iter().enumerate() {
                 digest.push(h.as_ref().unwrap_or(&zero_hash));
@@ -219,14 +226,14 @@ fn write_version(
         writer.join().expect("restore writer thread")
     });
     progress.end();
-    result?;
-    Ok(digest.finish())
+    let direct_io = result?;
+    Ok((digest.finish(), direct_io))
 }
 
 /// Blocks `start..` of a version, decoded, with the hash of each non-zero one.
 struct Batch {
     start: u64,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     hashes: Vec<Option<[u8; 32]>>,
 }
 
@@ -263,7 +270,7 @@ fn read_batch(
 
 /// Writes runs of consecutive blocks that must be written: all of them on a device (zero
 /// blocks zero-filled by then), the non-zero ones in a file, whose zero blocks stay holes.
-fn write_batch(file: &File, batch: &Batch, bs: usize, size: u64, device: bool) -> std::io::Result<()> {
+fn write_batch(out: &mut TargetWriter, batch: &Batch, bs: usize, size: u64, device: bool) -> std::io::Result<()> {
     let mut i = 0usize;
     while i < batch.hashes.len() {
         if batch.hashes[i].is_none() && !device {
@@ -276,7 +283,7 @@ fn write_batch(file: &File, batch: &Batch, bs: usize, size: u64, device: bool) -
         }
         let offset = (batch.start + run_start as u64) * bs as u64;
         let end = ((batch.start + i as u64) * bs as u64).min(size);
-        file.write_all_at(&batch.buf[run_start * bs..run_start * bs + (end - offset) as usize], offset)?;
+        out.write_all_at(&batch.buf[run_start * bs..run_start * bs + (end - offset) as usize], offset)?;
     }
     Ok(())
 }
