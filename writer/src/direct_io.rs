@@ -21,7 +21,8 @@ pub const ALIGN: usize = 4096;
 pub struct TargetWriter<'f> {
     file: &'f File,
     direct: bool,
-    /// The target refused a direct write it should have taken (`EINVAL`).
+    /// The target takes no direct writes: it refused `O_DIRECT`, or a direct write that met
+    /// the alignment rules (`EINVAL`).
     refused: bool,
 }
 
