@@ -164,9 +164,9 @@ def render(r):
           "and the driver just started (*cached*: the driver's own cost), and warm; driver RSS; restore of latest to "
           "/dev/null with the page cache dropped (*cold*) and right after (*cached*). At each depth the depth-1 "
           "repository (kept aside) is read again in the same runs, and the mount's cold and cached rates are "
-          "divided by its run by run (the table gives the median of those ratios); so is a full backup of the disk as it is at that depth (depth 1 of the same bytes: "
-          "the writes make the disk hold more, and less compressible, data than at depth 1, which a chain of "
-          "any length pays too).\n" % (
+          "divided by its run by run (the table gives the median of those ratios); so is a full backup of "
+          "the disk as it is at that depth (depth 1 of the same bytes: the writes make the disk hold more, "
+          "and less compressible, data than at depth 1, which a chain of any length pays too).\n" % (
               d["source_mib"], "inside one random 1 MiB region per version" if clustered
               else "scattered over the whole disk"))
         rows = []

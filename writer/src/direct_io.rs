@@ -74,17 +74,11 @@ impl<'f> TargetWriter<'f> {
 
 /// Sets or clears `O_DIRECT` on the open file description of `file`.
 fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this process owns (borrowed from `file` for the call).
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on { flags | libc::O_DIRECT } else { flags & !libc::O_DIRECT };
-    // SAFETY: as above; F_SETFL only changes the description's status flags.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    flags.set(OFlag::O_DIRECT, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
