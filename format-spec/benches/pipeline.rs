@@ -126,7 +126,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
 
 fn writer(dir: &Path, h: ImageHeader) -> ImageWriter {
     let name = strata_format::repo::image_file_name(h.version);
-    ImageWriter::create(dir.join(format!(".tmp-{name}")), dir.join(name), h).unwrap()
+    ImageWriter::create(&dir.join(name), h).unwrap()
 }
 
 /// A full of `CHAIN_BLOCKS` blocks in 1 MiB groups, and an incremental that patches the first

@@ -90,6 +90,9 @@ pub enum FormatError {
     #[error("{path}: not a strata repository ({detail})")]
     NotARepository { path: PathBuf, detail: String },
 
+    #[error("{path}: the repository's identity cannot be rebuilt: {detail}")]
+    DamagedIdentity { path: PathBuf, detail: String },
+
     #[error("{path}: another strata backup is running in this repository; wait for it to finish")]
     Busy { path: PathBuf },
 

@@ -3,9 +3,9 @@
 //! temporary file in the repository, then finish (index, footer) and publish durably (fsync file,
 //! rename, fsync directory). An unpublished temporary file is removed when the writer is dropped.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::block::{self, DecodeError};
@@ -16,6 +16,7 @@ use crate::header::ImageHeader;
 use crate::index::{Encoding, EntryLimits, IndexEntry};
 use crate::layout::{FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
 use crate::le::get_u32;
+use crate::publish::{self, Replace, TempName};
 use crate::read_ahead::{self, ReadAhead};
 
 /// A finished image opened for reading. Safe to share between threads (all reads are `pread`).
@@ -42,7 +43,7 @@ impl ImageFile {
     /// between the data and the footer. Does not read the index (see `check_index`).
     pub fn open(path: &Path) -> Result<ImageFile> {
         let loc = Loc::file(path);
-        let file = File::open(path).map_err(|e| FormatError::io(loc.clone(), "open", e))?;
+        let file = crate::repo_file::open_read(path).map_err(|e| FormatError::io(loc.clone(), "open", e))?;
         let file_len = file.metadata().map_err(|e| FormatError::io(loc.clone(), "stat", e))?.len();
         if file_len < (HEADER_SIZE + FOOTER_SIZE) as u64 {
             let mut magic = [0u8; 8];
@@ -445,8 +446,7 @@ impl Iterator for IndexStream<'_> {
 
 /// Writes one new image under a temporary name and publishes it with `finish`.
 pub struct ImageWriter {
-    temp_path: PathBuf,
-    final_path: PathBuf,
+    temp: TempName,
     data: BufWriter<File>,
     index: Option<BufWriter<File>>,
     header: ImageHeader,
@@ -455,7 +455,6 @@ pub struct ImageWriter {
     index_crc: u32,
     stored_bytes: u64,
     last_block: Option<u64>,
-    published: bool,
     /// Bytes of the file whose write-back to the disk was started.
     written_back: u64,
 }
@@ -483,27 +482,20 @@ fn start_write_back(file: &File, from: u64, to: u64) {
 }
 
 impl ImageWriter {
-    /// Creates `temp_path` (mode 0600) holding `header`; `final_path` is where `finish` puts it.
-    pub fn create(temp_path: PathBuf, final_path: PathBuf, header: ImageHeader) -> Result<ImageWriter> {
-        let loc = Loc::file(&temp_path).version(header.version);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp_path)
-            .map_err(|e| FormatError::io(loc.clone(), "create", e))?;
-        let dir = temp_path.parent().unwrap_or(Path::new("."));
-        let spill = tempfile::tempfile_in(dir).map_err(|e| FormatError::io(loc.clone(), "create index spill file", e));
-        let spill = match spill {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&temp_path);
-                return Err(e);
-            }
-        };
+    /// Creates a temporary file (`publish::create_temp`) beside `final_path` holding `header`;
+    /// `finish` puts it at `final_path`.
+    pub fn create(final_path: &Path, header: ImageHeader) -> Result<ImageWriter> {
+        let loc = Loc::file(final_path).version(header.version);
+        let dir = final_path.parent().unwrap_or(Path::new("."));
+        let name = final_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| FormatError::Invalid(format!("{loc}: not a file name for an image")))?;
+        let (file, temp) = publish::create_temp(dir, name)?;
+        let spill =
+            tempfile::tempfile_in(dir).map_err(|e| FormatError::io(loc.clone(), "create index spill file", e))?;
         let mut writer = ImageWriter {
-            temp_path,
-            final_path,
+            temp,
             data: BufWriter::with_capacity(WRITE_BUFFER, file),
             index: Some(BufWriter::with_capacity(1 << 20, spill)),
             header,
@@ -512,7 +504,6 @@ impl ImageWriter {
             index_crc: 0,
             stored_bytes: 0,
             last_block: None,
-            published: false,
             written_back: 0,
         };
         let hb = writer.header.encode();
@@ -520,8 +511,13 @@ impl ImageWriter {
         Ok(writer)
     }
 
+    /// The temporary file being written.
+    pub fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
     fn loc(&self) -> Loc {
-        Loc::file(&self.temp_path).version(self.header.version)
+        Loc::file(self.temp.path()).version(self.header.version)
     }
 
     fn write_data(&mut self, bytes: &[u8]) -> Result<()> {
@@ -679,31 +675,11 @@ impl ImageWriter {
         fault::step(fault::Step::Fsync);
         before_rename()?;
         fault::point("image.before_rename");
-        std::fs::rename(&self.temp_path, &self.final_path)
-            .map_err(|e| FormatError::io(self.loc(), "rename into place", e))?;
-        self.published = true;
-        fault::step(fault::Step::Rename);
+        self.temp.rename_into_place(Replace::Never)?;
         fault::point("image.after_rename");
-        sync_dir(self.final_path.parent().unwrap_or(Path::new(".")))?;
+        let final_path = self.temp.final_path().to_path_buf();
+        publish::sync_dir(final_path.parent().unwrap_or(Path::new(".")))?;
         fault::point("image.after_dir_sync");
-        Ok(self.final_path.clone())
-    }
-}
-
-/// fsyncs a directory so that renames and unlinks in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    let d = File::open(dir).map_err(|e| FormatError::io(Loc::file(dir), "open directory", e))?;
-    d.sync_all().map_err(|e| FormatError::io(Loc::file(dir), "fsync directory", e))?;
-    fault::step(fault::Step::Fsync);
-    Ok(())
-}
-
-impl Drop for ImageWriter {
-    fn drop(&mut self) {
-        if !self.published {
-            if let Err(e) = std::fs::remove_file(&self.temp_path) {
-                log::warn!("could not remove unfinished image {}: {e}", self.temp_path.display());
-            }
-        }
+        Ok(final_path)
     }
 }

@@ -13,8 +13,10 @@ pub mod image;
 pub mod index;
 pub mod layout;
 mod le;
+pub mod publish;
 mod read_ahead;
 pub mod repo;
+pub mod repo_file;
 pub mod version;
 
 pub use error::{FormatError, Loc, Result};

@@ -1,19 +1,26 @@
 //! A repository folder: its identity file, the image files in it, the backup lock, version ids,
 //! leftovers of interrupted backups, and the health of every version (which chain it needs and
 //! whether every member of that chain is present and sound).
+//!
+//! The identity file `strata.repo` carries a checksum. When it is missing, damaged or (written
+//! before it had a checksum) names a repository that no image belongs to, the identity is
+//! rebuilt from the image headers, which all carry it: readers go on with a warning, and the
+//! next writer (which takes the lock) writes the file again. Sound images are never called
+//! foreign because of a damaged identity file.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{FormatError, Loc, Result};
-use crate::header::{check_block_size, hex_id, new_id, Id128, Kind};
-use crate::image::{sync_dir, ImageFile};
-use crate::layout::{self, IMAGE_SUFFIX, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
+use crate::header::{check_block_size, hex_id, new_id, Id128, ImageHeader, Kind, Rule};
+use crate::image::ImageFile;
+use crate::layout::{self, HEADER_SIZE, IMAGE_SUFFIX, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
+use crate::publish::{self, sync_dir};
+use crate::repo_file;
 use crate::version::VersionReader;
 
 #[derive(Debug, Clone)]
@@ -26,6 +33,9 @@ pub struct Repository {
     /// The newest full read from the source (not a merge): (version id, creation seconds);
     /// what "a full every N backups / D days" counts from, whatever merges and prunes did since.
     pub last_source_full: Option<(u64, i64)>,
+    /// Why the identity was rebuilt from the image headers when the repository was opened
+    /// (`strata.repo` missing or damaged); the next `lock` writes it again.
+    pub rebuilt: Option<String>,
 }
 
 /// An exclusive hold on the repository for writing; released on drop.
@@ -89,11 +99,6 @@ impl Repository {
         self.path.join(image_file_name(id))
     }
 
-    /// A temporary name for the image of version `id` while it is written.
-    pub fn temp_image_path(&self, id: u64) -> PathBuf {
-        self.path.join(format!("{TEMP_PREFIX}{}.{}", image_file_name(id), std::process::id()))
-    }
-
     /// Creates a new repository at `path` (the folder may exist but must not hold one).
     pub fn create(path: &Path, block_size: u32) -> Result<Repository> {
         check_block_size(block_size)?;
@@ -102,7 +107,7 @@ impl Repository {
             .mode(0o700)
             .create(path)
             .map_err(|e| FormatError::io(Loc::file(path), "create repository folder", e))?;
-        if path.join(REPO_FILE).exists() {
+        if path.join(REPO_FILE).symlink_metadata().is_ok() {
             return Err(FormatError::Invalid(format!("{}: a repository already exists here", path.display())));
         }
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -113,36 +118,95 @@ impl Repository {
             block_size,
             last_version: 0,
             last_source_full: None,
+            rebuilt: None,
         };
         repo.write_identity()?;
         Ok(repo)
     }
 
-    /// Opens the repository at `path`.
+    /// Opens the repository at `path`. A missing or damaged identity file is rebuilt from the
+    /// image headers (in memory; `rebuilt` says why, and the next `lock` writes it).
     pub fn open(path: &Path) -> Result<Repository> {
         let not_repo = |detail: String| FormatError::NotARepository { path: path.to_path_buf(), detail };
         if !path.is_dir() {
             return Err(not_repo(if path.exists() { "not a folder".into() } else { "no such folder".into() }));
         }
         let id_path = path.join(REPO_FILE);
-        let text = match std::fs::read_to_string(&id_path) {
-            Ok(t) => t,
+        let damage = match repo_file::read_text(&id_path, IDENTITY_MAX) {
+            Ok(text) => match Identity::parse(&text) {
+                Ok(identity) if identity.checksummed => return Ok(identity.into_repository(path, None)),
+                Ok(identity) => match legacy_identity_mismatch(path, &identity)? {
+                    None => return Ok(identity.into_repository(path, None)),
+                    Some(why) => why,
+                },
+                Err(IdentityError::Unsupported(detail)) => return Err(not_repo(format!("{REPO_FILE}: {detail}"))),
+                Err(IdentityError::Damaged(detail)) => format!("{REPO_FILE} is damaged ({detail})"),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(not_repo(format!("no {REPO_FILE} file")));
+                if image_names(path)?.is_empty() {
+                    return Err(not_repo(format!("no {REPO_FILE} file")));
+                }
+                format!("{REPO_FILE} is missing")
             }
-            Err(e) => return Err(FormatError::io(Loc::file(&id_path), "read", e)),
+            Err(e) => format!("{REPO_FILE} cannot be read ({e})"),
         };
-        let identity = Identity::parse(&text).map_err(|detail| not_repo(format!("{REPO_FILE}: {detail}")))?;
-        Ok(Repository {
-            path: path.to_path_buf(),
-            repo_id: identity.repo_id,
-            block_size: identity.block_size,
-            last_version: identity.last_version,
-            last_source_full: identity.last_source_full,
-        })
+        Self::rebuild(path, damage)
     }
 
-    /// Writes the identity file durably (temporary name, fsync, rename, fsync folder).
+    /// The identity as the image headers carry it, when `strata.repo` cannot be trusted.
+    fn rebuild(path: &Path, damage: String) -> Result<Repository> {
+        let headers = image_headers(path)?;
+        let mut groups: BTreeMap<(Id128, u32), Vec<u64>> = BTreeMap::new();
+        for (id, h) in &headers {
+            groups.entry((h.repo_id, h.block_size)).or_default().push(*id);
+        }
+        let detail = match groups.len() {
+            0 => format!("{damage}, and no sound image to rebuild it from"),
+            1 => {
+                let ((repo_id, block_size), ids) = groups.into_iter().next().expect("one group");
+                let last_version = ids.iter().copied().max().unwrap_or(0);
+                let last_source_full = headers
+                    .iter()
+                    .rev()
+                    .find(|(_, h)| h.kind == Kind::Full && h.rule != Rule::Merged)
+                    .map(|(id, h)| (*id, h.created_secs));
+                let why = format!(
+                    "{damage}; the {} image(s) agree on repository id {} and block size {block_size}, which are used",
+                    ids.len(),
+                    hex_id(&repo_id)
+                );
+                log::warn!(
+                    "{}: {why}; the next backup, merge or prune writes {REPO_FILE} again (or run `strata repair {}`)",
+                    path.display(),
+                    path.display()
+                );
+                return Ok(Repository {
+                    path: path.to_path_buf(),
+                    repo_id,
+                    block_size,
+                    last_version,
+                    last_source_full,
+                    rebuilt: Some(why),
+                });
+            }
+            _ => {
+                let list: Vec<String> = groups
+                    .iter()
+                    .map(|((id, bs), ids)| format!("{} (block size {bs}): versions {ids:?}", hex_id(id)))
+                    .collect();
+                format!(
+                    "{damage}, and the images belong to {} repositories: {}; keep the images of one repository \
+                     in this folder and run `strata repair {}`",
+                    list.len(),
+                    list.join("; "),
+                    path.display()
+                )
+            }
+        };
+        Err(FormatError::DamagedIdentity { path: path.to_path_buf(), detail })
+    }
+
+    /// Writes the identity file durably, with its checksum.
     fn write_identity(&self) -> Result<()> {
         let mut text = format!(
             "# strata repository identity. Written by strata; do not edit.\n\
@@ -155,24 +219,8 @@ impl Repository {
         if let Some((id, secs)) = self.last_source_full {
             text += &format!("last_source_full = {id}\nlast_source_full_time = {secs}\n");
         }
-        let temp = self.path.join(format!("{TEMP_PREFIX}{REPO_FILE}.{}", std::process::id()));
-        let loc = Loc::file(&temp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| FormatError::io(loc.clone(), "create", e))?;
-        let written = f.write_all(text.as_bytes()).and_then(|_| f.sync_all());
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(FormatError::io(loc, "write", e));
-        }
-        crate::fault::step(crate::fault::Step::Fsync);
-        std::fs::rename(&temp, self.path.join(REPO_FILE)).map_err(|e| FormatError::io(loc, "rename into place", e))?;
-        crate::fault::step(crate::fault::Step::Rename);
-        sync_dir(&self.path)
+        text += &format!("checksum = \"crc32c:{:08x}\"\n", crc32c::crc32c(text.as_bytes()));
+        publish::write_file_durably(&self.path, REPO_FILE, text.as_bytes())
     }
 
     /// Records that `id` is about to be published, so that it is never handed out again;
@@ -189,16 +237,12 @@ impl Repository {
         Ok(())
     }
 
-    /// Takes the repository's write lock, or fails at once if another process holds it.
-    pub fn lock(&self) -> Result<RepoLock> {
+    /// Takes the repository's write lock, or fails at once if another process holds it. An
+    /// identity that was rebuilt from the images when the repository was opened is written.
+    pub fn lock(&mut self) -> Result<RepoLock> {
         let path = self.path.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| FormatError::io(Loc::file(&path), "open lock file", e))?;
+        let file =
+            repo_file::open_or_create(&path).map_err(|e| FormatError::io(Loc::file(&path), "open lock file", e))?;
         // SAFETY: flock on a descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -208,20 +252,38 @@ impl Repository {
             }
             return Err(FormatError::io(Loc::file(&path), "lock", err));
         }
-        Ok(RepoLock { _file: file })
+        let lock = RepoLock { _file: file };
+        if let Some(why) = self.rebuilt.take() {
+            self.write_identity()?;
+            log::warn!("{}: rewrote {REPO_FILE} from the image headers ({why})", self.path.display());
+        }
+        Ok(lock)
     }
 
-    /// Removes what interrupted backups left behind (temporary images). Needs the lock.
+    /// Writes the identity file again from what is known of the repository (the image headers
+    /// when it was rebuilt). Needs the lock.
+    pub fn rewrite_identity(&self, _lock: &RepoLock) -> Result<()> {
+        self.write_identity()
+    }
+
+    /// Removes what interrupted backups left behind (temporary files, or links planted at such
+    /// names; a link is removed, never followed). Anything else with a temporary name, such as
+    /// a folder, is left alone with a warning. Needs the lock.
     pub fn remove_leftovers(&self, _lock: &RepoLock) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
         for entry in self.read_dir()? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(TEMP_PREFIX) {
-                let p = entry.path();
-                std::fs::remove_file(&p).map_err(|e| FormatError::io(Loc::file(&p), "remove leftover", e))?;
-                crate::fault::step(crate::fault::Step::Delete);
-                removed.push(p);
+            if !name.starts_with(TEMP_PREFIX) {
+                continue;
             }
+            let p = entry.path();
+            let kind = p.symlink_metadata().map(|m| m.file_type());
+            if !kind.as_ref().is_ok_and(|ft| ft.is_file() || ft.is_symlink()) {
+                log::warn!("{}: not a file strata left behind; left alone", p.display());
+                continue;
+            }
+            publish::remove(&p)?;
+            removed.push(p);
         }
         if !removed.is_empty() {
             sync_dir(&self.path)?;
@@ -260,7 +322,8 @@ impl Repository {
         let loc = image.loc();
         if h.repo_id != self.repo_id {
             return Err(format!(
-                "{loc}: belongs to another repository ({}, this is {}); move it out",
+                "{loc}: belongs to another repository ({}; this one is {}): it was copied in from elsewhere \
+                 and is not used here",
                 hex_id(&h.repo_id),
                 hex_id(&self.repo_id)
             ));
@@ -277,10 +340,14 @@ impl Repository {
         Ok(image)
     }
 
-    /// The id the next backup gets: above every image present and every id ever published.
+    /// The id the next backup gets: above every sound image and every id ever published, and
+    /// at a name where no file is (a damaged image, or a stray file, is never replaced).
     pub fn next_version_id(&self, state: &RepoState) -> Result<u64> {
-        let newest_file = state.images.keys().next_back().copied().unwrap_or(0);
-        let next = newest_file.max(self.last_version) + 1;
+        let newest_sound = state.images.iter().rev().find(|(_, s)| s.image.is_ok()).map_or(0, |(id, _)| *id);
+        let mut next = newest_sound.max(self.last_version) + 1;
+        while next <= MAX_VERSION_ID && self.image_path(next).symlink_metadata().is_ok() {
+            next += 1;
+        }
         if next > MAX_VERSION_ID {
             return Err(FormatError::Invalid(format!(
                 "{}: every version id up to {MAX_VERSION_ID} is used; start a new repository",
@@ -291,51 +358,140 @@ impl Repository {
     }
 }
 
+/// Longest identity file read (it is a few hundred bytes).
+const IDENTITY_MAX: u64 = 64 << 10;
+
+/// The image files of the folder at `path`: (version id, path), in id order.
+fn image_names(path: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let loc = Loc::file(path);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(|e| FormatError::io(loc.clone(), "list", e))? {
+        let entry = entry.map_err(|e| FormatError::io(loc.clone(), "list", e))?;
+        if let Some(id) = parse_image_file_name(&entry.file_name().to_string_lossy()) {
+            found.push((id, entry.path()));
+        }
+    }
+    found.sort_unstable();
+    Ok(found)
+}
+
+/// The sound headers (checksum verified, named for the version they hold) of the images at
+/// `path`, in id order.
+fn image_headers(path: &Path) -> Result<Vec<(u64, ImageHeader)>> {
+    use std::os::unix::fs::FileExt;
+    let mut headers = Vec::new();
+    for (id, image) in image_names(path)? {
+        let Ok(file) = repo_file::open_read(&image) else { continue };
+        let mut hb = [0u8; HEADER_SIZE];
+        if file.read_exact_at(&mut hb, 0).is_err() {
+            continue;
+        }
+        if let Ok(h) = ImageHeader::decode(&hb, &Loc::file(&image)) {
+            if h.version == id {
+                headers.push((id, h));
+            }
+        }
+    }
+    Ok(headers)
+}
+
+/// For an identity file written before it had a checksum: why it cannot be right, when sound
+/// images exist and none of them belongs to the repository it names.
+fn legacy_identity_mismatch(path: &Path, identity: &Identity) -> Result<Option<String>> {
+    let headers = image_headers(path)?;
+    let ours = |h: &ImageHeader| h.repo_id == identity.repo_id && h.block_size == identity.block_size;
+    if headers.is_empty() || headers.iter().any(|(_, h)| ours(h)) {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{REPO_FILE} (written without a checksum) names repository {} with block size {}, which none of the \
+         {} image(s) carries",
+        hex_id(&identity.repo_id),
+        identity.block_size,
+        headers.len()
+    )))
+}
+
+enum IdentityError {
+    /// Unreadable: damaged.
+    Damaged(String),
+    /// Sound, but of a format this strata does not read.
+    Unsupported(String),
+}
+
 struct Identity {
     repo_id: Id128,
     block_size: u32,
     last_version: u64,
     last_source_full: Option<(u64, i64)>,
+    /// Whether the file carried a checksum (files written before 0.4 have none).
+    checksummed: bool,
 }
 
 impl Identity {
-    fn parse(text: &str) -> std::result::Result<Identity, String> {
+    fn parse(text: &str) -> std::result::Result<Identity, IdentityError> {
+        let damaged = |d: String| IdentityError::Damaged(d);
+        let mut checksummed = false;
+        if let Some(at) = text.find("\nchecksum") {
+            let (body, line) = text.split_at(at + 1);
+            let recorded = line.trim_end().split_once('=').map(|(_, v)| v.trim().trim_matches('"'));
+            let expected = format!("crc32c:{:08x}", crc32c::crc32c(body.as_bytes()));
+            if recorded != Some(expected.as_str()) {
+                return Err(damaged(format!(
+                    "checksum {} recorded, the text sums to {expected}",
+                    recorded.unwrap_or("(unreadable)")
+                )));
+            }
+            checksummed = true;
+        }
         let mut fields = BTreeMap::new();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (k, v) = line.split_once('=').ok_or_else(|| format!("unreadable line {line:?}"))?;
+            let (k, v) = line.split_once('=').ok_or_else(|| damaged(format!("unreadable line {line:?}")))?;
             fields.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
         }
-        let get = |k: &str| fields.get(k).ok_or_else(|| format!("no {k}"));
-        let format: u32 = get("format")?.parse().map_err(|_| "bad format".to_string())?;
+        let get = |k: &str| fields.get(k).ok_or_else(|| damaged(format!("no {k}")));
+        let format: u32 = get("format")?.parse().map_err(|_| damaged("bad format".into()))?;
         if !(layout::OLDEST_FORMAT_VERSION..=layout::FORMAT_VERSION).contains(&format) {
-            return Err(format!(
+            let detail = format!(
                 "format {format}; this strata reads formats {} to {}",
                 layout::OLDEST_FORMAT_VERSION,
                 layout::FORMAT_VERSION
-            ));
+            );
+            return Err(if checksummed { IdentityError::Unsupported(detail) } else { damaged(detail) });
         }
         let hex = get("repo_id")?;
         if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("bad repo_id".into());
+            return Err(damaged("bad repo_id".into()));
         }
         let mut repo_id = [0u8; 16];
         for (i, byte) in repo_id.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| "bad repo_id".to_string())?;
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| damaged("bad repo_id".into()))?;
         }
-        let block_size: u32 = get("block_size")?.parse().map_err(|_| "bad block_size".to_string())?;
-        check_block_size(block_size).map_err(|e| e.to_string())?;
-        let last_version: u64 = get("last_version")?.parse().map_err(|_| "bad last_version".to_string())?;
+        let block_size: u32 = get("block_size")?.parse().map_err(|_| damaged("bad block_size".into()))?;
+        check_block_size(block_size).map_err(|e| damaged(e.to_string()))?;
+        let last_version: u64 = get("last_version")?.parse().map_err(|_| damaged("bad last_version".into()))?;
         if last_version > MAX_VERSION_ID {
-            return Err(format!("last_version {last_version} is above the highest id {MAX_VERSION_ID}"));
+            return Err(damaged(format!("last_version {last_version} is above the highest id {MAX_VERSION_ID}")));
         }
         let last_source_full = match (fields.get("last_source_full"), fields.get("last_source_full_time")) {
             (Some(id), Some(t)) => Some((
-                id.parse().map_err(|_| "bad last_source_full".to_string())?,
-                t.parse().map_err(|_| "bad last_source_full_time".to_string())?,
+                id.parse().map_err(|_| damaged("bad last_source_full".into()))?,
+                t.parse().map_err(|_| damaged("bad last_source_full_time".into()))?,
             )),
             _ => None,
         };
-        Ok(Identity { repo_id, block_size, last_version, last_source_full })
+        Ok(Identity { repo_id, block_size, last_version, last_source_full, checksummed })
+    }
+
+    fn into_repository(self, path: &Path, rebuilt: Option<String>) -> Repository {
+        Repository {
+            path: path.to_path_buf(),
+            repo_id: self.repo_id,
+            block_size: self.block_size,
+            last_version: self.last_version,
+            last_source_full: self.last_source_full,
+            rebuilt,
+        }
     }
 }
 

@@ -200,7 +200,7 @@ fn a_patch_lays_its_parts_over_the_newest_entry_below_that_is_not_a_patch() {
     v2[3 * bs..].fill(0);
     let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size as u64);
     let r2 = ImageRef { version: 2, image_id: h2.image_id };
-    let mut w = ImageWriter::create(dir.path().join(".tmp-2"), dir.path().join("v00000002.strata"), h2).unwrap();
+    let mut w = ImageWriter::create(&dir.path().join("v00000002.strata"), h2).unwrap();
     append_patch(&mut w, &v2, 0, 0b1001);
     w.append_zero(3, zero_block_hash(BS)).unwrap();
     let p2 = finish_like(w, &v2);
@@ -209,7 +209,7 @@ fn a_patch_lays_its_parts_over_the_newest_entry_below_that_is_not_a_patch() {
     v3[5 * part..6 * part].fill(0xa3);
     v3[3 * bs + part..3 * bs + 2 * part].fill(0xa4);
     let h3 = header(3, Kind::Incremental, Some(r2), Some(r1), size as u64);
-    let mut w = ImageWriter::create(dir.path().join(".tmp-3"), dir.path().join("v00000003.strata"), h3).unwrap();
+    let mut w = ImageWriter::create(&dir.path().join("v00000003.strata"), h3).unwrap();
     append_patch(&mut w, &v3, 0, 0b10_1001);
     append_patch(&mut w, &v3, 3, 0b10);
     let p3 = finish_like(w, &v3);
@@ -233,8 +233,7 @@ fn a_patch_lays_its_parts_over_the_newest_entry_below_that_is_not_a_patch() {
 /// Writes an image of `disk` as a delta against `parent` (or a full), like the writer does.
 fn write_image(dir: &Path, h: ImageHeader, disk: &[u8], parent: Option<&[u8]>) -> PathBuf {
     let final_path = dir.join(crate::repo::image_file_name(h.version));
-    let temp = dir.join(format!(".tmp-{}", h.version));
-    let mut w = ImageWriter::create(temp, final_path, h).unwrap();
+    let mut w = ImageWriter::create(&final_path, h).unwrap();
     let bs = BS as usize;
     let blocks = disk.len().div_ceil(bs);
     let mut digest = SourceDigest::new(disk.len() as u64, BS);
@@ -280,7 +279,7 @@ fn grouped_image(dir: &Path) -> (PathBuf, Vec<u8>) {
     disk.copy_within(5 * bs..6 * bs, 6 * bs);
     disk[7 * bs..].fill(0);
     let h = header(1, Kind::Full, None, None, disk.len() as u64);
-    let mut w = ImageWriter::create(dir.join(".tmp-1"), dir.join(crate::repo::image_file_name(1)), h).unwrap();
+    let mut w = ImageWriter::create(&dir.join(crate::repo::image_file_name(1)), h).unwrap();
     let hash = |b: usize| hash_block(&disk[b * bs..(b + 1) * bs]);
     let mut c = zstd::bulk::Compressor::new(3).unwrap();
     let frame = c.compress(&disk[..4 * bs]).unwrap();
@@ -515,7 +514,7 @@ fn absurd_source_size_is_an_error_not_an_abort() {
     let dir = tempfile::tempdir().unwrap();
     let h = header(1, Kind::Full, None, None, 1 << 60);
     let path = dir.path().join("v00000001.strata");
-    let w = ImageWriter::create(dir.path().join(".tmp-1"), path.clone(), h).unwrap();
+    let w = ImageWriter::create(&path, h).unwrap();
     w.finish(Finish { present_blocks: 0, source_digest: [0; 32] }).unwrap();
     let img = Arc::new(ImageFile::open(&path).unwrap());
     assert!(VersionReader::from_chain(vec![img]).is_err());

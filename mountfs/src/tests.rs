@@ -64,7 +64,7 @@ fn write_version(dir: &Path, disk: &[u8]) -> VersionReader {
         source: "test".into(),
     };
     let final_path = dir.join(strata_format::repo::image_file_name(1));
-    let mut w = ImageWriter::create(dir.join(".tmp-1"), final_path, header).unwrap();
+    let mut w = ImageWriter::create(&final_path, header).unwrap();
     let mut digest = SourceDigest::new(disk.len() as u64, BS);
     let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
     let (mut out, mut present, mut entries) = (Vec::new(), 0, Vec::new());
@@ -334,7 +334,7 @@ fn write_patch_delta(
         ..parent.header.clone()
     };
     let final_path = dir.join(strata_format::repo::image_file_name(version));
-    let mut w = ImageWriter::create(dir.join(format!(".tmp-{version}")), final_path, header).unwrap();
+    let mut w = ImageWriter::create(&final_path, header).unwrap();
     let mut digest = SourceDigest::new(new.len() as u64, BS);
     let mut present = 0;
     for (b, chunk) in new.chunks(bs).enumerate() {

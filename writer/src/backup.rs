@@ -182,7 +182,7 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
         source: source_path.display().to_string(),
     };
     let total_blocks = header.block_count();
-    let mut writer = ImageWriter::create(repo.temp_image_path(id), repo.image_path(id), header)?;
+    let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
     let outcome = copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress)?;
     let changed_blocks = writer.entry_count();
     let stored_bytes = writer.stored_bytes();
@@ -259,14 +259,12 @@ fn keep_chain_short(
             if needed {
                 continue;
             }
-            let path = repo.image_path(old);
-            std::fs::remove_file(&path).with_context(|| format!("{}: cannot delete", path.display()))?;
-            strata_format::fault::step(strata_format::fault::Step::Delete);
+            strata_format::publish::remove(&repo.image_path(old))?;
             deleted.push(old);
             log::info!("version {old} merged into version {new_base} and deleted (max_chain {max_chain})");
         }
         if !deleted.is_empty() {
-            strata_format::image::sync_dir(repo.path())?;
+            strata_format::publish::sync_dir(repo.path())?;
         }
     }
     Ok((merged, deleted))

@@ -2,8 +2,6 @@
 //! retention. Human-editable TOML; strata rewrites it (durably) only through `init`/`config` or
 //! when a first `strata backup SOURCE REPO` records the source. Reading images never needs it.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -168,7 +166,7 @@ impl TaskConfig {
     /// The repository's configuration, or the defaults when it has no strata.toml.
     pub fn load(repo: &Path) -> Result<TaskConfig> {
         let path = Self::path(repo);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match strata_format::repo_file::read_text(&path, CONFIG_MAX) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TaskConfig::default()),
             Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
@@ -179,28 +177,16 @@ impl TaskConfig {
         Ok(config)
     }
 
-    /// Writes the configuration durably (temporary file, fsync, rename, fsync folder).
+    /// Writes the configuration durably (`publish::write_file_durably`).
     pub fn save(&self, repo: &Path) -> Result<()> {
         self.validate()?;
-        let path = Self::path(repo);
-        let temp = repo.join(format!("{}{CONFIG_FILE}.{}", strata_format::layout::TEMP_PREFIX, std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .with_context(|| format!("{}: cannot create", temp.display()))?;
-        f.write_all(self.to_toml().as_bytes())
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("{}: write", temp.display()))?;
-        strata_format::fault::step(strata_format::fault::Step::Fsync);
-        std::fs::rename(&temp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-        strata_format::fault::step(strata_format::fault::Step::Rename);
-        strata_format::image::sync_dir(repo)?;
+        strata_format::publish::write_file_durably(repo, CONFIG_FILE, self.to_toml().as_bytes())?;
         Ok(())
     }
 }
+
+/// Longest strata.toml read (a hand-edited one is a few KiB).
+const CONFIG_MAX: u64 = 1 << 20;
 
 /// "Now" in seconds since the epoch: `STRATA_NOW` (seconds, or an RFC 3339 time) when set, so
 /// that tests and dry runs can drive the day-based rules; else the clock.

@@ -53,7 +53,7 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         full: ImageRef { version: id, image_id: top.header.image_id },
         ..top.header.clone()
     };
-    let mut writer = ImageWriter::create(repo.temp_image_path(id), repo.image_path(id), header)?;
+    let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
     let mut copier = Copier::new(top.header.compression_level, reader.block_size());
     progress.begin("merge", reader.source_size());
     let mut block = 0;

@@ -65,7 +65,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
         match (step, rng.below(6)) {
             (s, 4) if s > 2 => {
                 // merge a random delta into a full
-                let repo_ = Repository::open(&repo).unwrap();
+                let mut repo_ = Repository::open(&repo).unwrap();
                 let lock = repo_.lock().unwrap();
                 let state = repo_.scan().unwrap();
                 let deltas: Vec<u64> = state
@@ -78,7 +78,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
                 continue;
             }
             (s, 5) if s > 3 => {
-                let repo_ = Repository::open(&repo).unwrap();
+                let mut repo_ = Repository::open(&repo).unwrap();
                 let lock = repo_.lock().unwrap();
                 let policy = Retention { keep_last: Some(1 + rng.below(4) as u32), ..Default::default() };
                 let report = prune_locked(&repo_, &lock, &policy, false, &NoProgress).unwrap();

@@ -187,20 +187,19 @@ pub fn prune_locked(
     for d in decisions.iter().rev().filter(|d| d.action == Action::Delete) {
         let path = repo.image_path(d.id);
         strata_format::fault::point("prune.before_delete");
-        std::fs::remove_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot delete: {e}", path.display()))?;
-        strata_format::fault::step(strata_format::fault::Step::Delete);
+        strata_format::publish::remove(&path)?;
         log::info!("deleted version {} ({})", d.id, path.display());
         deleted = true;
     }
     if deleted {
-        strata_format::image::sync_dir(repo.path())?;
+        strata_format::publish::sync_dir(repo.path())?;
     }
     let after = images_bytes(repo)?;
     Ok(PruneReport { dry_run, decisions, freed_bytes: before as i64 - after as i64 })
 }
 
 pub fn prune(repo_path: &Path, policy: &Retention, dry_run: bool, progress: &dyn Progress) -> Result<PruneReport> {
-    let repo = Repository::open(repo_path)?;
+    let mut repo = Repository::open(repo_path)?;
     let lock = repo.lock()?;
     prune_locked(&repo, &lock, policy, dry_run, progress)
 }

@@ -10,7 +10,7 @@ use crate::{Global, Outcome};
 pub use super::VersionArgs as Args;
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
-    let repo = Repository::open(&args.repo)?;
+    let mut repo = Repository::open(&args.repo)?;
     let lock = repo.lock()?;
     repo.remove_leftovers(&lock)?;
     let mut state = repo.scan()?;

@@ -148,7 +148,7 @@ pub fn init(args: InitArgs, global: &Global) -> Result<Outcome> {
 }
 
 pub fn config(args: ConfigArgs, global: &Global) -> Result<Outcome> {
-    let repo = Repository::open(&args.repo)?;
+    let mut repo = Repository::open(&args.repo)?;
     let mut config = TaskConfig::load(repo.path())?;
     if args.task.any() {
         let _lock = repo.lock()?;
