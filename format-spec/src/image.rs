@@ -319,6 +319,15 @@ impl ImageFile {
             .map_err(|e| self.decode_error(entry, e))
     }
 
+    /// Checks `actual`, the BLAKE3 hash of the block `entry` names as it was read (for a patch:
+    /// laid over its base), against the content hash the entry records.
+    pub fn check_hash(&self, entry: &IndexEntry, actual: &[u8; 32]) -> Result<()> {
+        if *actual == entry.hash {
+            return Ok(());
+        }
+        Err(FormatError::HashMismatch { loc: self.loc().block(entry.block).at(entry.data_offset), block: entry.block })
+    }
+
     fn read_stored_unchecked(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
         stored.resize(entry.stored_len as usize, 0);
         self.read_ahead.note(&self.file, entry.data_offset, stored.len() as u64, self.footer.index_offset);

@@ -4,11 +4,15 @@
 //! each cover part of a group, is decoded and kept once. Bounded by a byte budget (LRU
 //! eviction). A frame is decoded by one thread at a time: readers that want a frame under way
 //! wait for it. Prefetch decodes the frames of the next blocks of a reader on the other cores.
+//! A cache that checks hashes hashes each block of a frame once, when the frame is decoded
+//! (by prefetch, on another core, when it gets there first); reads compare those hashes with
+//! the entries of the blocks they serve.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
+use strata_format::block::hash_block;
 use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 
 /// (serial of the opened image holding the frame, the frame's data offset in it).
@@ -26,16 +30,33 @@ pub struct BlockCache {
     in_flight: Mutex<HashSet<Key>>,
     landed: Condvar,
     budget: usize,
+    /// Whether decoded frames carry the BLAKE3 hash of each of their blocks.
+    hashes: bool,
 }
 
 struct Frames {
-    lru: LruCache<Key, Arc<Vec<u8>>>,
+    lru: LruCache<Key, Arc<Decoded>>,
     bytes: usize,
+}
+
+/// A decoded frame, and the BLAKE3 hash of each of its blocks in slot order when the cache
+/// checks hashes (none for a patch's parts, which are not blocks).
+pub struct Decoded {
+    bytes: Vec<u8>,
+    pub hashes: Vec<[u8; 32]>,
+}
+
+impl std::ops::Deref for Decoded {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// Whether this thread must decode a frame, or it is cached.
 enum Claim {
-    Cached(Arc<Vec<u8>>),
+    Cached(Arc<Decoded>),
     Decode,
 }
 
@@ -53,8 +74,9 @@ fn key(image: &ImageFile, entry: &IndexEntry) -> Key {
 
 impl BlockCache {
     /// A cache of at most `budget` bytes of frames of `block_size` blocks (at least four of the
-    /// largest frames, so that the frames of one request fit).
-    pub fn new(budget: u64, block_size: u32) -> BlockCache {
+    /// largest frames, so that the frames of one request fit); with `hashes`, frames carry their
+    /// blocks' hashes.
+    pub fn new(budget: u64, block_size: u32, hashes: bool) -> BlockCache {
         use strata_format::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES};
         let bs = u64::from(block_size);
         let floor = 4 * (u64::from(GROUP_MAX_BLOCKS) * bs).min(u64::from(GROUP_MAX_BYTES)).max(bs);
@@ -64,7 +86,21 @@ impl BlockCache {
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
             budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
+            hashes,
         }
+    }
+
+    /// Whether reads through this cache check blocks against their entries' hashes.
+    pub fn checks_hashes(&self) -> bool {
+        self.hashes
+    }
+
+    /// The hashes of the blocks of the decoded frame `bytes` of `entry`.
+    fn hash_blocks(&self, image: &ImageFile, entry: &IndexEntry, bytes: &[u8]) -> Vec<[u8; 32]> {
+        if !self.hashes || entry.encoding == Encoding::Patch {
+            return Vec::new();
+        }
+        bytes.chunks_exact(image.header.block_size as usize).map(hash_block).collect()
     }
 
     /// Frames held now.
@@ -73,11 +109,11 @@ impl BlockCache {
         self.frames.lock().unwrap().lru.len()
     }
 
-    fn cached(&self, key: &Key) -> Option<Arc<Vec<u8>>> {
+    fn cached(&self, key: &Key) -> Option<Arc<Decoded>> {
         self.frames.lock().unwrap().lru.get(key).cloned()
     }
 
-    fn insert(&self, key: Key, data: Arc<Vec<u8>>) {
+    fn insert(&self, key: Key, data: Arc<Decoded>) {
         let mut f = self.frames.lock().unwrap();
         f.bytes += data.len();
         if let Some(old) = f.lru.put(key, data) {
@@ -95,8 +131,8 @@ impl BlockCache {
     }
 
     /// Keeps the buffer of an evicted frame for reuse, unless a reader still holds it.
-    fn recycle(&self, frame: Arc<Vec<u8>>) {
-        if let Ok(buf) = Arc::try_unwrap(frame) {
+    fn recycle(&self, frame: Arc<Decoded>) {
+        if let Ok(Decoded { bytes: buf, .. }) = Arc::try_unwrap(frame) {
             let mut spare = self.spare.lock().unwrap();
             if spare.len() < SPARE_BUFFERS {
                 spare.push(buf);
@@ -137,10 +173,11 @@ impl BlockCache {
     }
 
     /// Decodes a claimed frame into the cache and releases the claim.
-    fn decode(&self, image: &ImageFile, entry: &IndexEntry, key: Key) -> strata_format::Result<Arc<Vec<u8>>> {
-        let mut data = self.buffer(image.frame_len(entry));
-        let result = decode_frame(image, entry, &mut data);
-        let data = Arc::new(data);
+    fn decode(&self, image: &ImageFile, entry: &IndexEntry, key: Key) -> strata_format::Result<Arc<Decoded>> {
+        let mut bytes = self.buffer(image.frame_len(entry));
+        let result = decode_frame(image, entry, &mut bytes);
+        let hashes = if result.is_ok() { self.hash_blocks(image, entry, &bytes) } else { Vec::new() };
+        let data = Arc::new(Decoded { bytes, hashes });
         if result.is_ok() {
             self.insert(key, data.clone());
         }
@@ -150,7 +187,7 @@ impl BlockCache {
     }
 
     /// The decoded frame of `entry`, from the cache or decoded now.
-    pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> strata_format::Result<Arc<Vec<u8>>> {
+    pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> strata_format::Result<Arc<Decoded>> {
         let key = key(image, entry);
         if let Some(hit) = self.cached(&key) {
             return Ok(hit);
@@ -163,20 +200,29 @@ impl BlockCache {
 
     /// The decoded frame of `entry` into `out` (`frame_len` bytes): taken from the cache when it
     /// is there or being decoded there (and then dropped from it), else decoded straight into
-    /// `out` and not kept.
-    pub fn frame_into(&self, image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> strata_format::Result<()> {
+    /// `out` and not kept. Returns the hashes of its blocks (see `Decoded`).
+    pub fn frame_into(
+        &self,
+        image: &ImageFile,
+        entry: &IndexEntry,
+        out: &mut [u8],
+    ) -> strata_format::Result<Vec<[u8; 32]>> {
         let key = key(image, entry);
         let under_way = self.in_flight.lock().unwrap().contains(&key);
         let hit = if under_way { self.claim(key, true) } else { self.cached(&key).map(Claim::Cached) };
         let data = match hit {
             Some(Claim::Cached(data)) => data,
             Some(Claim::Decode) => self.decode(image, entry, key)?,
-            None => return decode_frame(image, entry, out),
+            None => {
+                decode_frame(image, entry, out)?;
+                return Ok(self.hash_blocks(image, entry, out));
+            }
         };
         out.copy_from_slice(&data);
+        let hashes = data.hashes.clone();
         drop(data);
         self.forget(&key);
-        Ok(())
+        Ok(hashes)
     }
 
     /// Drops a frame that a reader has just taken whole. Its bytes are in the kernel's page
@@ -254,10 +300,11 @@ mod tests {
 
     #[test]
     fn evicted_buffers_are_reused_only_at_their_own_size() {
-        let cache = BlockCache::new(0, 1 << 16); // budget floor: four 1 MiB frames
+        let cache = BlockCache::new(0, 1 << 16, false); // budget floor: four 1 MiB frames
         let mib = 1 << 20;
+        let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new() });
         for i in 0..6u64 {
-            cache.insert((1, i), Arc::new(vec![0u8; mib]));
+            cache.insert((1, i), frame(mib));
         }
         assert_eq!(cache.len(), 4, "two frames evicted");
         assert_eq!(cache.spare.lock().unwrap().len(), 2, "their buffers kept");
@@ -266,7 +313,7 @@ mod tests {
         let reused = cache.buffer(mib);
         assert_eq!((reused.len(), cache.spare.lock().unwrap().len()), (mib, 1));
         // a frame still held by a reader is not recycled
-        let held = Arc::new(vec![0u8; mib]);
+        let held = frame(mib);
         cache.recycle(held.clone());
         assert_eq!(cache.spare.lock().unwrap().len(), 1);
     }

@@ -53,13 +53,14 @@ pub struct StrataFs {
 }
 
 impl StrataFs {
-    pub fn new(catalogue: Catalogue, cache_bytes: u64) -> StrataFs {
+    /// With `check_hashes`, every block served is checked against its entry's BLAKE3 hash.
+    pub fn new(catalogue: Catalogue, cache_bytes: u64, check_hashes: bool) -> StrataFs {
         let block_size = catalogue.block_size();
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         StrataFs {
             catalogue,
-            cache: Arc::new(BlockCache::new(cache_bytes, block_size)),
+            cache: Arc::new(BlockCache::new(cache_bytes, block_size, check_hashes)),
             uid,
             gid,
             readahead_blocks: (4u64 << 20).div_ceil(u64::from(block_size)).max(2),

@@ -34,6 +34,8 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// FUSE request threads.
     pub threads: usize,
+    /// Check every block served against its index entry's BLAKE3 hash (crc32c is always checked).
+    pub check_hashes: bool,
 }
 
 /// The `fsname` a mount of process `pid` carries, which `strata umount` reads back.
@@ -125,7 +127,7 @@ pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
     if catalogue.versions().is_empty() {
         log::warn!("{}: no restorable version to show", repo.display());
     }
-    let filesystem = fs::StrataFs::new(catalogue, opts.cache_bytes);
+    let filesystem = fs::StrataFs::new(catalogue, opts.cache_bytes, opts.check_hashes);
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,

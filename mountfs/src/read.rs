@@ -10,9 +10,14 @@
 //! when the kernel sends many requests at once, the requests share the cores instead). A whole block whose newest
 //! entry is a patch joins the unit of its base's frame (usually a group its neighbours read
 //! too), and the patch's parts, decoded into a per-thread buffer, are laid over it afterwards;
-//! part of a patched block, or one over a zero base, is a unit of its own.
+//! part of a patched block, or one over a zero base, is a unit of its own. With a cache that
+//! checks hashes, every stored block served is checked against its entry's BLAKE3 hash: a block
+//! of a frame against the hashes taken when the frame was decoded, a patched block once its
+//! parts are laid over its base. Each block is checked against the entry that names it for this
+//! version, so a block that points into another block's frame (deduplication) is checked too.
 
 use rayon::prelude::*;
+use strata_format::block::hash_block;
 use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
 
 use crate::cache::BlockCache;
@@ -40,11 +45,13 @@ enum Unit<'v> {
     },
 }
 
-/// Bytes `within..within + len` of the block at `slot` of a frame.
+/// Bytes `within..within + len` of the block at `slot` of a frame; `entry` is the one whose
+/// hash that block must have (`None` for a patch's base: the block is checked once patched).
 struct Part {
     slot: usize,
     within: usize,
     len: usize,
+    entry: Option<IndexEntry>,
 }
 
 /// A patch laid over the whole block at byte `at` of a frame unit's output.
@@ -120,16 +127,19 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
                         &mut units,
                         image,
                         entry,
-                        Part { slot: usize::from(entry.group_slot), within, len },
+                        Part { slot: usize::from(entry.group_slot), within, len, entry: Some(entry) },
                         None,
                     );
                 } else {
                     match reader.patch_base(block)? {
                         Some((base_image, base)) if len == bs as usize => {
-                            let part = Part { slot: usize::from(base.group_slot), within, len };
+                            let part = Part { slot: usize::from(base.group_slot), within, len, entry: None };
                             join_frame(&mut units, base_image, base, part, Some((image, entry)));
                         }
-                        base => units.push(Unit::Patch { image, entry, base, part: Part { slot: 0, within, len } }),
+                        base => {
+                            let part = Part { slot: 0, within, len, entry: None };
+                            units.push(Unit::Patch { image, entry, base, part })
+                        }
                     }
                 }
             }
@@ -177,11 +187,13 @@ fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata
     let whole = out.len() == image.frame_len(&entry)
         && parts.iter().enumerate().all(|(i, p)| p.slot == i && p.within == 0 && p.len == bs);
     if whole {
-        cache.frame_into(image, &entry, out)?;
+        let hashes = cache.frame_into(image, &entry, out)?;
+        parts.iter().try_for_each(|p| check_part(image, p, &hashes))?;
     } else {
         let frame = cache.frame(image, &entry)?;
         let mut at = 0;
         for p in parts {
+            check_part(image, &p, &frame.hashes)?;
             let from = p.slot * bs + p.within;
             out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
             at += p.len;
@@ -193,19 +205,33 @@ fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata
     Ok(())
 }
 
-/// Lays the parts of the patch `entry` over `block`, which holds its base. The parts are not
-/// kept in the cache (a sequential reader needs them once) unless prefetch put them there.
+/// Checks the block of `part` against its entry, given the hashes of its frame's blocks (none
+/// when the cache does not check hashes).
+fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> strata_format::Result<()> {
+    match (&part.entry, hashes.get(part.slot)) {
+        (Some(entry), Some(actual)) => image.check_hash(entry, actual),
+        _ => Ok(()),
+    }
+}
+
+/// Lays the parts of the patch `entry` over `block`, which holds its base, and checks the
+/// patched block's hash when the cache checks hashes. The parts are not kept in the cache (a
+/// sequential reader needs them once) unless prefetch put them there.
 fn lay_patch(cache: &BlockCache, image: &ImageFile, entry: &IndexEntry, block: &mut [u8]) -> strata_format::Result<()> {
     thread_local! {
         static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    PARTS.with(|cell| {
+    PARTS.with(|cell| -> strata_format::Result<()> {
         let mut parts = cell.borrow_mut();
         parts.resize(image.frame_len(entry), 0);
         cache.frame_into(image, entry, &mut parts)?;
         image.apply_patch(entry, &parts, block);
         Ok(())
-    })
+    })?;
+    if cache.checks_hashes() {
+        image.check_hash(entry, &hash_block(block))?;
+    }
+    Ok(())
 }
 
 /// Fills `out` with `part` of a patched block: the base's block, the patch's parts laid over

@@ -2,7 +2,8 @@
 //! (aligned or not; single blocks, groups and deduplicated blocks; whole frames decoded straight
 //! into the reply or partial ones through the cache; alone or in parallel, with prefetch racing
 //! it, from several threads at once; patched blocks laid over bases in groups, singles,
-//! references and zero blocks), and a damaged frame fails only the reads that touch it.
+//! references and zero blocks), a damaged frame fails only the reads that touch it, and a block
+//! that does not hash to its entry's hash fails only its own reads, unless hashes go unchecked.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,6 +47,16 @@ fn sample_disk(blocks: usize) -> Vec<u8> {
 /// compressible blocks as groups, other blocks alone, a block equal to an earlier single block
 /// as a reference to its bytes.
 fn write_version(dir: &Path, disk: &[u8]) -> VersionReader {
+    write_forged_version(dir, disk, &[])
+}
+
+/// The hash a forged entry records: not that of its block, whose bytes and crc32c are sound.
+fn forged_hash() -> [u8; 32] {
+    hash_block(b"not this block")
+}
+
+/// As `write_version`, with the entries of the blocks `forged` recording `forged_hash`.
+fn write_forged_version(dir: &Path, disk: &[u8], forged: &[u64]) -> VersionReader {
     let image_id = new_id();
     let header = ImageHeader {
         repo_id: [3; 16],
@@ -89,7 +100,7 @@ fn write_version(dir: &Path, disk: &[u8]) -> VersionReader {
     for (b, chunk) in disk.chunks(BS as usize).enumerate() {
         let mut block = chunk.to_vec();
         block.resize(BS as usize, 0);
-        let hash = hash_block(&block);
+        let hash = if forged.contains(&(b as u64)) { forged_hash() } else { hash_block(&block) };
         digest.push(&hash);
         if is_zero(&block) {
             flush(&mut w, &mut run, &mut singles);
@@ -177,7 +188,7 @@ fn every_read_of_a_window_returns_the_versions_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let disk = sample_disk(200);
     let reader = write_version(dir.path(), &disk);
-    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
     check_random_reads(&reader, &cache, &disk, 0, 1, 600);
     // a partition-like window that starts inside a block
     check_random_reads(&reader, &cache, &disk, 3 * u64::from(BS) + 512, 2, 600);
@@ -191,7 +202,7 @@ fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
     let dir = tempfile::tempdir().unwrap();
     let disk = sample_disk(32);
     let reader = write_version(dir.path(), &disk);
-    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
     // blocks 0..11 hold whole frames only: groups 1-2 and 4-6, singles 3, 8, 10, 9 (= 3)
     let mut buf = vec![0u8; 11 * BS as usize];
     read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut buf, true).unwrap();
@@ -217,7 +228,7 @@ fn wait_for_frames(cache: &BlockCache, n: usize) {
 fn prefetched(dir: &Path, blocks: usize, cache_blocks: u64) -> (Vec<u8>, Arc<VersionReader>, Arc<BlockCache>) {
     let disk = sample_disk(blocks);
     let reader = Arc::new(write_version(dir, &disk));
-    let cache = Arc::new(BlockCache::new(cache_blocks * u64::from(BS), BS));
+    let cache = Arc::new(BlockCache::new(cache_blocks * u64::from(BS), BS, true));
     cache.prefetch(&reader, 0..reader.block_count() + 10);
     wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
     (disk, reader, cache)
@@ -249,7 +260,7 @@ fn concurrent_readers_and_prefetch_see_the_right_bytes() {
     let disk = Arc::new(sample_disk(300));
     let reader = Arc::new(write_version(dir.path(), &disk));
     // a cache smaller than the disk, so that blocks are evicted while others read them
-    let cache = Arc::new(BlockCache::new(24 * u64::from(BS), BS));
+    let cache = Arc::new(BlockCache::new(24 * u64::from(BS), BS, true));
     let threads: Vec<_> = (0..6u64)
         .map(|t| {
             let (reader, cache, disk) = (reader.clone(), cache.clone(), disk.clone());
@@ -279,7 +290,7 @@ fn a_damaged_frame_fails_only_the_reads_that_touch_it() {
     bytes[entry.data_offset as usize + 5] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
     let reader = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
-    let cache = BlockCache::new(64 * u64::from(BS), BS);
+    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
     let len = disk.len() as u64;
     let bs = u64::from(BS);
     for parallel in [false, true] {
@@ -323,6 +334,19 @@ fn write_patch_delta(
     patched: &[u64],
     zeroed: &[u64],
 ) -> std::path::PathBuf {
+    write_forged_patch_delta(dir, parent, new, old, patched, zeroed, &[])
+}
+
+/// As `write_patch_delta`, with the patches of the blocks `forged` recording `forged_hash`.
+fn write_forged_patch_delta(
+    dir: &Path,
+    parent: &ImageFile,
+    new: &[u8],
+    old: &[u8],
+    patched: &[u64],
+    zeroed: &[u64],
+    forged: &[u64],
+) -> std::path::PathBuf {
     let (bs, part) = (BS as usize, BS as usize / 16);
     let version = parent.header.version + 1;
     let image_id = new_id();
@@ -355,6 +379,7 @@ fn write_patch_delta(
                 .filter(|i| mask & (1 << i) != 0)
                 .flat_map(|i| block[i * part..(i + 1) * part].to_vec())
                 .collect();
+            let hash = if forged.contains(&b) { forged_hash() } else { hash };
             w.append_patch(b, mask, &zstd::bulk::compress(&parts, 3).unwrap(), hash).unwrap();
         }
     }
@@ -388,13 +413,101 @@ fn patched_blocks_read_as_their_base_with_the_parts_laid_over() {
     let i3 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i2, &v3, &base3, &[2, 12], &[])).unwrap());
     let reader = Arc::new(VersionReader::from_chain(vec![i1, i2, i3]).unwrap());
     assert!(reader.patch_base(12).unwrap().is_none());
-    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
+    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS, true));
     check_random_reads(&reader, &cache, &v3, 0, 7, 600);
     check_random_reads(&reader, &cache, &v3, 3 * u64::from(BS) + 512, 8, 300);
     let mut whole = vec![0u8; v3.len()];
     assert_eq!(read_window(&reader, &cache, 0, v3.len() as u64, 0, &mut whole, true).unwrap(), v3.len());
     assert!(whole == v3);
-    let fresh = Arc::new(BlockCache::new(64 * u64::from(BS), BS));
+    let fresh = Arc::new(BlockCache::new(64 * u64::from(BS), BS, true));
     fresh.prefetch(&reader, 0..reader.block_count());
     check_random_reads(&reader, &fresh, &v3, 0, 9, 300);
+}
+
+/// The `FormatError` of a failed read, as text.
+fn read_error(reader: &VersionReader, cache: &BlockCache, offset: u64, len: usize, parallel: bool) -> String {
+    let mut buf = vec![0u8; len];
+    let size = reader.source_size();
+    match read_window(reader, cache, 0, size, offset, &mut buf, parallel) {
+        Ok(_) => panic!("the read at {offset}+{len} succeeded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_block_of_a_group_that_does_not_match_its_hash_fails_its_reads_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(24);
+    // block 5 is the middle one of the group 4-6
+    let reader = Arc::new(write_forged_version(dir.path(), &disk, &[5]));
+    let (image, entry) = reader.entry(5).unwrap().expect("block 5 is stored");
+    assert_eq!((entry.encoding, entry.group_slot), (Encoding::ZstdGroup, 1));
+    let (bs, len) = (u64::from(BS), disk.len() as u64);
+    let named = format!("{} (version 1) block 5 at offset {}", image.path().display(), entry.data_offset);
+    let fresh = || Arc::new(BlockCache::new(64 * bs, BS, true));
+    let prefetched = fresh();
+    prefetched.prefetch(&reader, 0..reader.block_count());
+    wait_for_frames(&prefetched, frames(&reader, 0..reader.block_count()));
+    for (cache, parallel) in [(fresh(), false), (fresh(), true), (prefetched, true)] {
+        for (offset, n) in [(4 * bs, 3 * BS as usize), (5 * bs + 100, 10), (0, 12 * BS as usize)] {
+            let e = read_error(&reader, &cache, offset, n, parallel);
+            assert!(e.contains(&named) && e.contains("content hash mismatch"), "{e}");
+        }
+        // the other blocks of the group, alone or together, and everything around them
+        let mut buf = vec![0u8; BS as usize];
+        for block in [4, 6] {
+            read_window(&reader, &cache, 0, len, block * bs, &mut buf, parallel).unwrap();
+            assert!(buf[..] == disk[(block * bs) as usize..][..BS as usize], "block {block}");
+        }
+        let mut rest = vec![0u8; (len - 7 * bs) as usize];
+        read_window(&reader, &cache, 0, len, 7 * bs, &mut rest, parallel).unwrap();
+        assert!(rest[..] == disk[7 * BS as usize..]);
+    }
+    // without hash checks the block's bytes (sound by their crc32c) are served
+    let unchecked = BlockCache::new(64 * bs, BS, false);
+    let mut whole = vec![0u8; disk.len()];
+    read_window(&reader, &unchecked, 0, len, 0, &mut whole, true).unwrap();
+    assert!(whole == disk);
+}
+
+#[test]
+fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let v1 = sample_disk(30);
+    let r1 = write_version(dir.path(), &v1);
+    let i1 = r1.layers()[0].clone();
+    // patches over a block of the group 4-6 (5: forged, 6: sound) and over a zero block (7)
+    let mut v2 = v1.clone();
+    for b in [5usize, 6, 7] {
+        v2[b * bs + part..b * bs + 2 * part].fill(0x77);
+    }
+    let delta = write_forged_patch_delta(dir.path(), &i1, &v2, &v1, &[5, 6, 7], &[], &[5]);
+    let i2 = Arc::new(ImageFile::open(&delta).unwrap());
+    let reader = VersionReader::from_chain(vec![i1, i2]).unwrap();
+    assert!(reader.patch_base(7).unwrap().is_none());
+    let len = v2.len() as u64;
+    let (image, entry) = reader.entry(5).unwrap().expect("block 5 is stored");
+    assert_eq!(entry.encoding, Encoding::Patch);
+    let named = format!("{} (version 2) block 5 at offset {}", image.path().display(), entry.data_offset);
+    for parallel in [false, true] {
+        let cache = BlockCache::new(64 * u64::from(BS), BS, true);
+        // the whole block joins its base's group; part of it is patched on its own
+        for (offset, n) in [(4 * bs as u64, 3 * bs), (5 * bs as u64 + part as u64, 10)] {
+            let e = read_error(&reader, &cache, offset, n, parallel);
+            assert!(e.contains(&named) && e.contains("content hash mismatch"), "{e}");
+        }
+        let mut buf = vec![0u8; bs];
+        for block in [4, 6, 7] {
+            read_window(&reader, &cache, 0, len, block * bs as u64, &mut buf, parallel).unwrap();
+            assert!(buf[..] == v2[block as usize * bs..][..bs], "block {block}");
+        }
+        let mut rest = vec![0u8; v2.len() - 6 * bs];
+        read_window(&reader, &cache, 0, len, 6 * bs as u64, &mut rest, parallel).unwrap();
+        assert!(rest[..] == v2[6 * bs..]);
+    }
+    let unchecked = BlockCache::new(64 * u64::from(BS), BS, false);
+    let mut whole = vec![0u8; v2.len()];
+    read_window(&reader, &unchecked, 0, len, 0, &mut whole, true).unwrap();
+    assert!(whole == v2);
 }

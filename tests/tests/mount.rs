@@ -376,3 +376,92 @@ fn a_first_version_with_large_blocks_appears_in_a_mount_of_an_empty_repository()
     }
     assert!(same_file(&m.path("1/disk.img"), &src));
 }
+
+/// Replaces the stored bytes of the raw block `block` of the image `path` with `forged` (as
+/// long), and makes every crc32c agree (the entry's `data_crc` and `entry_crc`, the index crc
+/// and the footer crc, at the offsets of SPEC.md §3.3-3.4): only the BLAKE3 hash can tell.
+/// Returns the block's data offset.
+fn forge_raw_block(path: &Path, block: u64, forged: &[u8]) -> u64 {
+    let mut bytes = std::fs::read(path).unwrap();
+    let footer = bytes.len() - 128;
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap()) as usize;
+    let (index, count) = (le64(&bytes, footer + 32), le64(&bytes, footer + 40));
+    let entry = (0..count).map(|i| index + 64 * i).find(|&e| le64(&bytes, e) as u64 == block).expect("an entry");
+    assert_eq!(bytes[entry + 20], 1, "block {block} is stored raw");
+    let at = le64(&bytes, entry + 8);
+    assert_eq!(u32::from_le_bytes(bytes[entry + 16..entry + 20].try_into().unwrap()) as usize, forged.len());
+    bytes[at..at + forged.len()].copy_from_slice(forged);
+    let put = |b: &mut Vec<u8>, at: usize, crc: u32| b[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+    put(&mut bytes, entry + 24, crc32c::crc32c(forged));
+    let entry_crc = crc32c::crc32c(&bytes[entry..entry + 60]);
+    put(&mut bytes, entry + 60, entry_crc);
+    let index_crc = crc32c::crc32c(&bytes[index..index + 64 * count]);
+    put(&mut bytes, footer + 48, index_crc);
+    let footer_crc = crc32c::crc32c(&bytes[footer..footer + 124]);
+    put(&mut bytes, footer + 124, footer_crc);
+    std::fs::write(path, &bytes).unwrap();
+    at as u64
+}
+
+#[test]
+fn a_forged_block_whose_crcs_match_reads_eio_unless_hash_checks_are_turned_off() {
+    let test = "a_forged_block_whose_crcs_match_reads_eio_unless_hash_checks_are_turned_off";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // noise does not compress: every 4 KiB block is stored raw, on its own
+    let (src, repo) = (t.join("d"), t.join("repo"));
+    std::fs::write(&src, noise(11, 1 << 20)).unwrap();
+    strata(["backup", "-q", "--block-size", "4K", &p(&src), &p(&repo)]).ok();
+    let image = repo.join("v00000001.strata");
+    let forged = noise(12, 4096);
+    let offset = forge_raw_block(&image, 100, &forged);
+    let r = strata(["verify", &p(&repo)]).expect_code(1);
+    assert!(r.stdout.contains("block 100") || r.stderr.contains("block 100"), "{}{}", r.stdout, r.stderr);
+    let src_bytes = std::fs::read(&src).unwrap();
+
+    // checked (the default): EIO for the forged block only, and one log line naming it
+    let dir = t.join("checked");
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = t.join("driver.log");
+    let mut child = std::process::Command::new(strata_bin())
+        .args(["mount", "--foreground", &p(&repo), &p(&dir)])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let m = StrataMount { dir: dir.clone(), driver_pid: Some(child.id() as i32) };
+    for _ in 0..100 {
+        if m.path("1/disk.img").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let f = std::fs::File::open(m.path("1/disk.img")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for block in 0..256u64 {
+        let got = f.read_exact_at(&mut buf, block * 4096);
+        if block == 100 {
+            assert_eq!(got.unwrap_err().raw_os_error(), Some(libc::EIO), "block {block}");
+        } else {
+            got.unwrap();
+            assert_eq!(&buf[..], &src_bytes[block as usize * 4096..][..4096], "block {block}");
+        }
+    }
+    let dd = tool_status("dd", &[&format!("if={}", p(&m.path("1/disk.img"))), "of=/dev/null", "bs=4M"]);
+    assert_ne!(dd.code, Some(0), "dd of a version with a forged block must fail");
+    drop(f);
+    drop(m);
+    child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    let named = format!("{} (version 1) block 100 at offset {offset}: content hash mismatch", p(&image));
+    assert!(log.lines().any(|l| l.contains(&named)), "the driver log names the block:\n{log}");
+
+    // unchecked: the forged bytes are served, as their crc32c says they are sound
+    let m = StrataMount::new(&repo, &t.join("unchecked"), &["--no-verify-hashes"]);
+    let served = std::fs::read(m.path("1/disk.img")).unwrap();
+    assert_eq!(&served[100 * 4096..101 * 4096], &forged[..]);
+    assert_eq!(&served[..100 * 4096], &src_bytes[..100 * 4096]);
+    assert_eq!(&served[101 * 4096..], &src_bytes[101 * 4096..]);
+}

@@ -35,6 +35,9 @@ pub struct Args {
     /// FUSE request threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Serve blocks checked by their crc32c only, not also by their BLAKE3 content hash.
+    #[arg(long)]
+    pub no_verify_hashes: bool,
     /// Internal: the descriptor on which a detached driver reports readiness.
     #[arg(long, hide = true)]
     pub ready_fd: Option<i32>,
@@ -56,7 +59,13 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     }
     strata_mountfs::check_mountpoint(&args.mountpoint)?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let opts = MountOptions { version, cache_bytes, allow_other: args.allow_other, threads };
+    let opts = MountOptions {
+        version,
+        cache_bytes,
+        allow_other: args.allow_other,
+        threads,
+        check_hashes: !args.no_verify_hashes,
+    };
     let ready_fd = args.ready_fd;
     serve(&args.repo, &args.mountpoint, &opts, || {
         if let Some(fd) = ready_fd {
@@ -95,6 +104,9 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
     }
     if let Some(t) = args.threads {
         cmd.arg("--threads").arg(t.to_string());
+    }
+    if args.no_verify_hashes {
+        cmd.arg("--no-verify-hashes");
     }
     cmd.arg(&args.repo).arg(&args.mountpoint);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
