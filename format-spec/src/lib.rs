@@ -4,6 +4,7 @@
 //! command line or of FUSE. `SPEC.md` next to this crate is the normative description.
 
 pub mod block;
+pub mod block_map;
 pub mod digest;
 pub mod error;
 pub mod fault;
@@ -24,7 +25,7 @@ pub use header::{ImageHeader, ImageRef, Kind, Rule};
 pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
 pub use index::{Encoding, IndexEntry};
 pub use repo::{RepoLock, RepoState, Repository, VersionStatus};
-pub use version::{BlockLocation, HashCursor, VersionReader};
+pub use version::{BlockLocation, HashCursor, StoredBlock, VersionReader};
 
 #[cfg(test)]
 mod tests;

@@ -510,14 +510,56 @@ fn damaged_block_is_named_with_file_version_and_offset() {
 }
 
 #[test]
-fn absurd_source_size_is_an_error_not_an_abort() {
+fn absurd_source_size_opens_with_a_map_of_what_is_stored() {
     let dir = tempfile::tempdir().unwrap();
     let h = header(1, Kind::Full, None, None, 1 << 60);
     let path = dir.path().join("v00000001.strata");
     let w = ImageWriter::create(&path, h).unwrap();
     w.finish(Finish { present_blocks: 0, source_digest: [0; 32] }).unwrap();
     let img = Arc::new(ImageFile::open(&path).unwrap());
-    assert!(VersionReader::from_chain(vec![img]).is_err());
+    let r = VersionReader::from_chain(vec![img]).unwrap();
+    assert_eq!((r.block_count(), r.next_stored(0)), (1 << 48, None));
+    assert!(r.map_bytes() < 1024, "{} bytes", r.map_bytes());
+}
+
+#[test]
+fn a_version_declaring_16_tib_with_a_few_blocks_resolves_with_a_map_of_kilobytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bs, size) = (BS as usize, 16u64 << 40);
+    let last = size / u64::from(BS) - 1;
+    let block = |seed: u8| sample_disk(bs, seed);
+    let h1 = header(1, Kind::Full, None, None, size);
+    let r1 = ImageRef { version: 1, image_id: h1.image_id };
+    let mut w = ImageWriter::create(&dir.path().join("v00000001.strata"), h1).unwrap();
+    for (b, seed) in [(0, 1), (1, 2), (last / 2, 3), (last, 4)] {
+        w.append_block(b, Encoding::Raw, &block(seed), hash_block(&block(seed))).unwrap();
+    }
+    let p1 = w.finish(Finish { present_blocks: 4, source_digest: [0; 32] }).unwrap();
+    // version 2: block 1 zeroed, block 5 written, part 0 of the last block patched
+    let mut patched = block(4);
+    patched[..bs / 16].fill(0x5a);
+    let h2 = header(2, Kind::Incremental, Some(r1), Some(r1), size);
+    let mut w = ImageWriter::create(&dir.path().join("v00000002.strata"), h2).unwrap();
+    w.append_zero(1, zero_block_hash(BS)).unwrap();
+    w.append_block(5, Encoding::Raw, &block(6), hash_block(&block(6))).unwrap();
+    let frame = zstd::bulk::compress(&patched[..bs / 16], 3).unwrap();
+    w.append_patch(last, 1, &frame, hash_block(&patched)).unwrap();
+    let p2 = w.finish(Finish { present_blocks: 4, source_digest: [0; 32] }).unwrap();
+    let chain = vec![Arc::new(ImageFile::open(&p1).unwrap()), Arc::new(ImageFile::open(&p2).unwrap())];
+    let r = VersionReader::from_chain(chain).unwrap();
+    assert!(r.map_bytes() < 4096, "a map of {} bytes", r.map_bytes());
+    let stored: Vec<u64> = r.stored_blocks(0).map(|s| s.block).collect();
+    assert_eq!(stored, [0, 5, last / 2, last]);
+    assert_eq!(
+        (r.next_stored(6), r.next_stored(last / 2 + 1), r.next_stored(last + 1)),
+        (Some(last / 2), Some(last), None)
+    );
+    assert_eq!(r.locate(1), crate::BlockLocation::Zero);
+    let (base_image, base) = r.patch_base(last).unwrap().expect("the full's block");
+    assert_eq!((base_image.header.version, base.hash), (1, hash_block(&block(4))));
+    let mut out = vec![0u8; bs];
+    r.read_block(last, &mut ReadScratch::new(), &mut out).unwrap();
+    assert!(out == patched);
 }
 
 #[test]
@@ -772,4 +814,134 @@ fn format_1_images_are_still_read() {
     let image = Arc::new(ImageFile::open(&path).unwrap());
     image.check_index().unwrap();
     assert_eq!(read_all(&VersionReader::from_chain(vec![image]).unwrap()), disk);
+}
+
+/// A chain of random layers over `blocks` blocks (whole blocks, zero entries, patches over
+/// patches and over zero bases), with the model of what each block resolves to.
+struct RandomChain {
+    paths: Vec<PathBuf>,
+    /// The version's bytes.
+    disk: Vec<u8>,
+    /// Per block: the (layer, entry number) of its newest entry, `None` when zero.
+    newest: Vec<Option<(usize, u64)>>,
+    /// Per block whose newest entry is a patch: its base's (layer, entry number), `None` for a
+    /// zero base.
+    bases: Vec<Option<Option<(usize, u64)>>>,
+}
+
+fn random_chain(dir: &Path, seed: u64, blocks: usize, depth: usize) -> RandomChain {
+    let mut x = seed | 1;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let size = (blocks * bs) as u64;
+    let mut disk = vec![0u8; blocks * bs];
+    let mut base_bytes = vec![vec![0u8; bs]; blocks];
+    let mut masks = vec![0u16; blocks];
+    let mut newest: Vec<Option<(usize, u64)>> = vec![None; blocks];
+    let mut bases: Vec<Option<Option<(usize, u64)>>> = vec![None; blocks];
+    let mut base_loc: Vec<Option<(usize, u64)>> = vec![None; blocks];
+    let mut paths = Vec::new();
+    let mut parent: Option<ImageRef> = None;
+    let mut full: Option<ImageRef> = None;
+    for layer in 0..depth {
+        let kind = if layer == 0 { Kind::Full } else { Kind::Incremental };
+        let h = header(layer as u64 + 1, kind, parent, full, size);
+        let this = ImageRef { version: h.version, image_id: h.image_id };
+        let name = crate::repo::image_file_name(h.version);
+        let mut w = ImageWriter::create(&dir.join(name), h).unwrap();
+        let mut entries = 0u64;
+        for b in 0..blocks {
+            let block = b * bs..(b + 1) * bs;
+            let choice = if layer == 0 { [0, 2][next(2) as usize] } else { next(5) };
+            match choice {
+                1 => {
+                    w.append_zero(b as u64, zero_block_hash(BS)).unwrap();
+                    disk[block].fill(0);
+                    base_bytes[b].fill(0);
+                    (masks[b], newest[b], bases[b], base_loc[b]) = (0, None, None, None);
+                }
+                2 => {
+                    for x in &mut disk[block.clone()] {
+                        *x = next(256) as u8;
+                    }
+                    let enc = if next(2) == 0 { Encoding::Raw } else { Encoding::Zstd };
+                    let bytes = match enc {
+                        Encoding::Raw => disk[block.clone()].to_vec(),
+                        _ => zstd::bulk::compress(&disk[block.clone()], 1).unwrap(),
+                    };
+                    let enc = if bytes.len() >= bs { Encoding::Raw } else { enc };
+                    let bytes = if enc == Encoding::Raw { disk[block.clone()].to_vec() } else { bytes };
+                    w.append_block(b as u64, enc, &bytes, hash_block(&disk[block.clone()])).unwrap();
+                    base_bytes[b].copy_from_slice(&disk[block]);
+                    newest[b] = Some((layer, entries));
+                    (masks[b], bases[b], base_loc[b]) = (0, None, newest[b]);
+                }
+                3 | 4 if layer > 0 => {
+                    let changed = 1u16 << next(16);
+                    let p = changed.trailing_zeros() as usize;
+                    disk[b * bs + p * part..b * bs + (p + 1) * part].fill(1 + next(255) as u8);
+                    let differs = (0..16)
+                        .filter(|&i| {
+                            disk[b * bs + i * part..b * bs + (i + 1) * part] != base_bytes[b][i * part..(i + 1) * part]
+                        })
+                        .fold(0u16, |m, i| m | 1 << i);
+                    let mask = differs | masks[b] | changed;
+                    append_patch(&mut w, &disk, b, mask);
+                    bases[b] = Some(base_loc[b]);
+                    masks[b] = mask;
+                    newest[b] = Some((layer, entries));
+                }
+                _ => continue,
+            }
+            entries += 1;
+        }
+        let present = newest.iter().filter(|n| n.is_some()).count() as u64;
+        let mut digest = SourceDigest::new(size, BS);
+        disk.chunks(bs).for_each(|b| digest.push(&hash_block(b)));
+        paths.push(w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap());
+        parent = Some(this);
+        full = full.or(Some(this));
+    }
+    RandomChain { paths, disk, newest, bases }
+}
+
+#[test]
+fn dense_and_sparse_maps_read_random_chains_like_the_model() {
+    use crate::block_map::Form;
+    use crate::BlockLocation;
+    for seed in 1..=24u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let (blocks, depth) = (1 + (seed as usize * 7) % 23, 1 + (seed as usize * 5) % 9);
+        let chain = random_chain(dir.path(), seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), blocks, depth);
+        let layers: Vec<Arc<ImageFile>> = chain.paths.iter().map(|p| Arc::new(ImageFile::open(p).unwrap())).collect();
+        let entry_of = |at: Option<(usize, u64)>, b: u64| at.map(|(l, e)| layers[l].read_entry(e, b).unwrap());
+        for form in [Form::Dense, Form::Sparse] {
+            let r = VersionReader::open(layers.clone(), Some(form)).unwrap();
+            assert_eq!(r.map_form(), form);
+            let what = format!("seed {seed}, {form:?}");
+            for b in 0..blocks as u64 {
+                let want = match chain.newest[b as usize] {
+                    None => BlockLocation::Zero,
+                    Some((layer, entry)) => BlockLocation::Stored { layer, entry },
+                };
+                assert_eq!(r.locate(b), want, "{what}: block {b}");
+                let got = r.entry(b).unwrap().map(|(_, e)| e);
+                assert_eq!(got, entry_of(chain.newest[b as usize], b), "{what}: entry of block {b}");
+                match chain.bases[b as usize] {
+                    None => assert!(r.patch_base(b).is_err(), "{what}: block {b} is no patch"),
+                    Some(base) => {
+                        let got = r.patch_base(b).unwrap().map(|(_, e)| e);
+                        assert_eq!(got, entry_of(base, b), "{what}: base of block {b}");
+                    }
+                }
+            }
+            assert!(read_all(&r) == chain.disk, "{what}: bytes differ from the model");
+            assert_eq!(r.digest_from_index().unwrap(), r.top().footer.source_digest, "{what}");
+        }
+    }
 }

@@ -1,14 +1,17 @@
-//! A version: its chain of images (full first) and the block map that answers, in one array
-//! look-up whatever the chain's depth, which image holds block b. Built once at open by streaming
-//! each layer's index oldest first, so that newer layers overwrite older ones; then reads cost one
-//! entry read and one block read from exactly one image, or, for a block whose newest entry is a
-//! patch, two: the patch's and its base's (patches never stack, so never more). Memory: 8 bytes
-//! per source block, plus a word per patched block naming its base.
+//! A version: its chain of images (full first) and the block map (`block_map`) that answers,
+//! whatever the chain's depth, which image holds block b. Built once at open by streaming each
+//! layer's index oldest first, newer layers overriding older ones; then reads cost one entry
+//! read and one block read from exactly one image, or, for a block whose newest entry is a
+//! patch, two: the patch's and its base's (patches never stack, so never more). Memory is
+//! bounded by the index entries the chain's files hold, not by the source size their headers
+//! declare; so is the work of walking the version's blocks (`stored_blocks`), apart from the
+//! whole-source digest's 32 bytes of hashing per block.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+pub use crate::block_map::{BlockLocation, StoredBlock};
+use crate::block_map::{BlockMap, Builder, Form, MAX_ENTRIES};
 use crate::digest::{zero_block_hash, SourceDigest};
 use crate::error::{FormatError, Loc, Result};
 use crate::header::Kind;
@@ -16,38 +19,11 @@ use crate::image::{ImageFile, ReadScratch};
 use crate::index::{Encoding, IndexEntry};
 use crate::layout::MAX_CHAIN_LEN;
 
-/// Where block b of a version lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockLocation {
-    /// All zeros: never stored, or zeroed by a later delta.
-    Zero,
-    /// Entry number `entry` of chain layer `layer` (0 = the full).
-    Stored { layer: usize, entry: u64 },
-}
-
-const LAYER_SHIFT: u32 = 48;
-const ENTRY_MASK: u64 = (1 << LAYER_SHIFT) - 1;
-
-fn pack(layer: usize, entry: u64) -> u64 {
-    ((layer as u64 + 1) << LAYER_SHIFT) | entry
-}
-
-fn unpack(v: u64) -> BlockLocation {
-    if v == 0 {
-        BlockLocation::Zero
-    } else {
-        BlockLocation::Stored { layer: ((v >> LAYER_SHIFT) - 1) as usize, entry: v & ENTRY_MASK }
-    }
-}
-
 /// One version opened for reading. Shareable between threads; each thread brings its own
 /// `ReadScratch`.
 pub struct VersionReader {
     layers: Vec<Arc<ImageFile>>,
-    map: Vec<u64>,
-    /// For each block whose newest entry is a patch: its base, the newest entry of the block
-    /// below the patch that is not a patch (packed like `map`; 0 for a zero base).
-    bases: HashMap<u64, u64>,
+    map: BlockMap,
     block_size: u32,
     source_size: u64,
     /// The blocks `prime_from` looked at last: a reader going forward looks only at the blocks
@@ -59,16 +35,6 @@ impl std::fmt::Debug for VersionReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VersionReader").field("version", &self.id()).field("layers", &self.layers.len()).finish()
     }
-}
-
-/// Bytes of physical memory (or u64::MAX when unknown).
-fn physical_memory() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-    if pages <= 0 || page <= 0 {
-        return u64::MAX;
-    }
-    (pages as u64).saturating_mul(page as u64)
 }
 
 /// Checks that `layers` form one chain, full first, each image a delta of the one before (for a
@@ -106,27 +72,32 @@ pub fn check_chain(layers: &[Arc<ImageFile>]) -> Result<()> {
 impl VersionReader {
     /// Opens the version at the top of `layers` (full first). Reads every layer's index once.
     pub fn from_chain(layers: Vec<Arc<ImageFile>>) -> Result<VersionReader> {
+        VersionReader::open(layers, None)
+    }
+
+    /// `from_chain` with the block map's form chosen by the caller (tests of both forms).
+    pub(crate) fn open(layers: Vec<Arc<ImageFile>>, form: Option<Form>) -> Result<VersionReader> {
         check_chain(&layers)?;
-        let top = &layers[layers.len() - 1].header;
-        let (block_size, source_size) = (top.block_size, top.source_size);
-        let block_count = usize::try_from(top.block_count())
-            .map_err(|_| FormatError::Invalid(format!("source of {source_size} bytes is too large")))?;
-        // The map is 8 bytes per block of the size the header claims: check it against the
-        // machine before allocating, so a hostile header cannot make us ask for terabytes.
-        let map_bytes = (block_count as u64).saturating_mul(8);
-        let mut map = Vec::new();
-        if map_bytes > physical_memory() / 2 || map.try_reserve_exact(block_count).is_err() {
+        let top = &layers[layers.len() - 1];
+        let (block_size, source_size, block_count) =
+            (top.header.block_size, top.header.source_size, top.header.block_count());
+        // Entry counts are bounded by the files' lengths (checked when each was opened), and
+        // they bound what the map holds: the declared size alone decides no allocation.
+        if let Some(image) = layers.iter().find(|i| i.entry_count() >= MAX_ENTRIES) {
             return Err(FormatError::Corrupt {
-                loc: layers[layers.len() - 1].loc(),
-                what: "header",
-                detail: format!(
-                    "a source of {source_size} bytes needs a block map of {map_bytes} bytes, more than half of \
-                     this machine's memory"
-                ),
+                loc: image.loc(),
+                what: "footer",
+                detail: format!("{} index entries, more than a block map can name", image.entry_count()),
             });
         }
-        map.resize(block_count, 0u64);
-        let mut bases = HashMap::new();
+        let entries: u64 = layers.iter().map(|i| i.entry_count()).sum();
+        let form = form.unwrap_or_else(|| Form::choose(block_count, entries, top.footer.present_blocks));
+        let mut map = Builder::new(form, block_count, entries).map_err(|e| {
+            FormatError::Invalid(format!(
+                "{}: no memory for the block map of {entries} index entries over {block_count} blocks ({e})",
+                top.path().display()
+            ))
+        })?;
         // The indexes of the next few layers are read from the disk while one is streamed.
         const INDEXES_AHEAD: usize = 16;
         for image in layers.iter().take(INDEXES_AHEAD) {
@@ -138,31 +109,15 @@ impl VersionReader {
             }
             for (entry_index, entry) in image.stream_entries().enumerate() {
                 let entry = entry?;
-                let (b, word) = (entry.block, pack(layer, entry_index as u64));
-                match entry.encoding {
-                    // A patch on a patch keeps the older one's base (patches never stack).
-                    Encoding::Patch => {
-                        bases.entry(b).or_insert(map[b as usize]);
-                    }
-                    _ if !bases.is_empty() => {
-                        bases.remove(&b);
-                    }
-                    _ => {}
-                }
-                map[b as usize] = if entry.encoding == Encoding::Zero { 0 } else { word };
+                map.push(layer, entry_index as u64, entry.block, entry.encoding);
             }
         }
-        let mut live = vec![0u64; layers.len()];
-        for &word in map.iter().chain(bases.values()) {
-            if let BlockLocation::Stored { layer, .. } = unpack(word) {
-                live[layer] += 1;
-            }
-        }
-        for (image, live) in layers.iter().zip(live) {
+        let map = map.finish();
+        for (image, live) in layers.iter().zip(map.live_per_layer(layers.len())) {
             image.note_live_entries(live);
         }
-        let reader = VersionReader { layers, map, bases, block_size, source_size, primed_window: Mutex::new(0..0) };
-        let present = reader.map.iter().filter(|&&v| v != 0).count() as u64;
+        let reader = VersionReader { layers, map, block_size, source_size, primed_window: Mutex::new(0..0) };
+        let present = reader.map.stored_blocks();
         let top = reader.top();
         if present != top.footer.present_blocks {
             return Err(FormatError::Corrupt {
@@ -199,11 +154,32 @@ impl VersionReader {
     }
 
     pub fn block_count(&self) -> u64 {
-        self.map.len() as u64
+        self.map.block_count()
     }
 
+    #[inline]
     pub fn locate(&self, block: u64) -> BlockLocation {
-        unpack(self.map[block as usize])
+        self.map.locate(block)
+    }
+
+    /// The first block at or after `from` that is not zero.
+    pub fn next_stored(&self, from: u64) -> Option<u64> {
+        self.map.next_stored(from)
+    }
+
+    /// The blocks that are not zero, from `from` on, in order (zero runs cost nothing).
+    pub fn stored_blocks(&self, from: u64) -> impl Iterator<Item = StoredBlock> + '_ {
+        self.map.stored(from)
+    }
+
+    /// Bytes of memory the block map holds.
+    pub fn map_bytes(&self) -> usize {
+        self.map.heap_bytes()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn map_form(&self) -> Form {
+        self.map.form()
     }
 
     /// The index entry of `block`, or `None` when the block is zero.
@@ -233,13 +209,11 @@ impl VersionReader {
             *last = block..end;
             from
         };
-        for block in from..end {
-            if let BlockLocation::Stored { layer, entry } = self.locate(block) {
-                let image = &self.layers[layer];
-                if !image.primed() {
-                    if let Ok(entry) = image.read_entry(entry, block) {
-                        image.prime(&entry);
-                    }
+        for StoredBlock { block, layer, entry } in self.stored_blocks(from).take_while(|s| s.block < end) {
+            let image = &self.layers[layer];
+            if !image.primed() {
+                if let Ok(entry) = image.read_entry(entry, block) {
+                    image.prime(&entry);
                 }
             }
         }
@@ -248,10 +222,10 @@ impl VersionReader {
     /// The base of `block`, whose newest entry is a patch: the entry the patch's parts are laid
     /// over, or `None` when the base is a zero block.
     pub fn patch_base(&self, block: u64) -> Result<Option<(&ImageFile, IndexEntry)>> {
-        let word = *self.bases.get(&block).ok_or_else(|| {
+        let base = self.map.base(block).ok_or_else(|| {
             FormatError::Invalid(format!("{}: block {block} is not a patch", self.top().path().display()))
         })?;
-        match unpack(word) {
+        match base {
             BlockLocation::Zero => Ok(None),
             BlockLocation::Stored { layer, entry } => {
                 let image = &self.layers[layer];
@@ -316,9 +290,13 @@ impl VersionReader {
         let zero = zero_block_hash(self.block_size);
         let mut digest = SourceDigest::new(self.source_size, self.block_size);
         let mut hashes = HashCursor::new(self);
-        for block in 0..self.block_count() {
-            digest.push(&hashes.hash(block)?.unwrap_or(zero));
+        let mut next = 0;
+        for stored in self.stored_blocks(0) {
+            digest.push_repeated(&zero, stored.block - next);
+            digest.push(&hashes.stored_hash(stored)?);
+            next = stored.block + 1;
         }
+        digest.push_repeated(&zero, self.block_count() - next);
         Ok(digest.finish())
     }
 
@@ -352,6 +330,11 @@ impl<'a> HashCursor<'a> {
         let BlockLocation::Stored { layer, entry } = self.version.locate(block) else {
             return Ok(None);
         };
+        self.stored_hash(StoredBlock { block, layer, entry }).map(Some)
+    }
+
+    /// The content hash of a stored block met by a walk of the version.
+    fn stored_hash(&mut self, StoredBlock { block, layer, entry }: StoredBlock) -> Result<[u8; 32]> {
         let window = self.windows[layer].get_or_insert_with(|| Window { first: 0, entries: Vec::new() });
         let inside = entry >= window.first && entry < window.first + window.entries.len() as u64;
         if !inside {
@@ -366,6 +349,6 @@ impl<'a> HashCursor<'a> {
                 detail: format!("entry {entry} describes block {}, expected block {block}", found.block),
             });
         }
-        Ok(Some(found.hash))
+        Ok(found.hash)
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
 use strata_format::block::hash_block;
-use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
+use strata_format::{Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 
 /// (serial of the opened image holding the frame, the frame's data offset in it).
 type Key = (u64, u64);
@@ -251,10 +251,8 @@ impl BlockCache {
         let (cache, version) = (self.clone(), version.clone());
         rayon::spawn(move || {
             let mut last = None;
-            for block in blocks.start..blocks.end.min(version.block_count()) {
-                if version.locate(block) == BlockLocation::Zero {
-                    continue;
-                }
+            let end = blocks.end.min(version.block_count());
+            for block in version.stored_blocks(blocks.start).map(|s| s.block).take_while(|&b| b < end) {
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
                 let patch = entry.encoding == Encoding::Patch;
                 let base = if patch { version.patch_base(block).ok().flatten() } else { None };

@@ -106,7 +106,7 @@ pub fn read_window(
 /// answered from a shared zero buffer, with nothing to fill.
 pub fn all_zero(reader: &VersionReader, pos: u64, n: usize) -> bool {
     let bs = u64::from(reader.block_size());
-    (pos / bs..=(pos + n as u64 - 1) / bs).all(|b| reader.locate(b) == BlockLocation::Zero)
+    reader.next_stored(pos / bs).is_none_or(|b| b > (pos + n as u64 - 1) / bs)
 }
 
 /// Cuts `n` bytes at disk position `pos` into units, in order.
@@ -116,8 +116,16 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result
     let mut left = n;
     while left > 0 {
         let (block, within) = (pos / bs, (pos % bs) as usize);
-        let len = (bs as usize - within).min(left);
-        match (reader.locate(block), units.last_mut()) {
+        let location = reader.locate(block);
+        let len = match location {
+            // A zero block: the run of them up to the next stored block, or the read's end.
+            BlockLocation::Zero => {
+                let end = reader.next_stored(block).map_or(u64::MAX, |b| b.saturating_mul(bs));
+                (end - pos).min(left as u64) as usize
+            }
+            BlockLocation::Stored { .. } => (bs as usize - within).min(left),
+        };
+        match (location, units.last_mut()) {
             (BlockLocation::Zero, Some(Unit::Zero { len: run })) => *run += len,
             (BlockLocation::Zero, _) => units.push(Unit::Zero { len }),
             (BlockLocation::Stored { .. }, _) => {

@@ -73,7 +73,7 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
                 writer.append_block(block, entry.encoding, &copier.stored, entry.hash)?;
                 block + 1
             }
-            None => block + 1,
+            None => reader.next_stored(block).unwrap_or(reader.block_count()),
         };
         progress.advance((next - block) * u64::from(reader.block_size()));
         block = next;

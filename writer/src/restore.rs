@@ -195,16 +195,42 @@ fn write_version(
         let full_tx = full_tx; // dropped on every way out, which ends the writer's loop
         let writer = scope.spawn(move || -> Result<bool> {
             let mut out = TargetWriter::new(file);
+            let mut zeros = AlignedBuf::default();
             for batch in full_rx {
-                write_batch(&mut out, &batch, bs, size, device).with_context(|| {
+                let written = match batch.zeros {
+                    0 => write_batch(&mut out, &batch, bs, size, device),
+                    n => write_zeros(
+                        &mut out,
+                        &mut zeros,
+                        batch.start * bs as u64,
+                        ((batch.start + n) * bs as u64).min(size),
+                    ),
+                };
+                written.with_context(|| {
                     format!("{}: write error at offset {}", target.display(), batch.start * bs as u64)
                 })?;
-                let _ = free_tx.try_send(batch.buf);
+                if batch.zeros == 0 {
+                    let _ = free_tx.try_send(batch.buf);
+                }
             }
             Ok(out.bypassed_cache())
         });
         let mut start = 0u64;
         while start < reader.block_count() {
+            // A run of zero blocks: holes in a file (sized above), zeros written on a device.
+            let stored = reader.next_stored(start).unwrap_or(reader.block_count());
+            if stored > start {
+                let n = stored - start;
+                digest.push_repeated(&zero_hash, n);
+                progress.advance((n * bs as u64).min(size - start * bs as u64));
+                if device
+                    && full_tx.send(Batch { start, buf: AlignedBuf::default(), hashes: Vec::new(), zeros: n }).is_err()
+                {
+                    break;
+                }
+                start = stored;
+                continue;
+            }
             let n = batch_blocks.min(reader.block_count() - start);
             reader.prime_from(start);
             let mut buf = free_rx.try_recv().unwrap_or_default();
@@ -217,7 +243,7 @@ fn write_version(
                 }
             }
             progress.advance((n * bs as u64).min(size - start * bs as u64));
-            if full_tx.send(Batch { start, buf, hashes }).is_err() {
+            if full_tx.send(Batch { start, buf, hashes, zeros: 0 }).is_err() {
                 break; // the writer failed; its error is reported below
             }
             start += n;
@@ -230,11 +256,13 @@ fn write_version(
     Ok((digest.finish(), direct_io))
 }
 
-/// Blocks `start..` of a version, decoded, with the hash of each non-zero one.
+/// Blocks `start..` of a version, decoded, with the hash of each non-zero one; or, when
+/// `zeros` is not 0, that many zero blocks from `start` on (nothing decoded).
 struct Batch {
     start: u64,
     buf: AlignedBuf,
     hashes: Vec<Option<[u8; 32]>>,
+    zeros: u64,
 }
 
 /// Reads and decodes the blocks of `buf` on all cores. Each task reads a run of adjacent
@@ -284,6 +312,21 @@ fn write_batch(out: &mut TargetWriter, batch: &Batch, bs: usize, size: u64, devi
         let offset = (batch.start + run_start as u64) * bs as u64;
         let end = ((batch.start + i as u64) * bs as u64).min(size);
         out.write_all_at(&batch.buf[run_start * bs..run_start * bs + (end - offset) as usize], offset)?;
+    }
+    Ok(())
+}
+
+/// Writes zeros over `from..to` of a device from one zeroed buffer.
+fn write_zeros(out: &mut TargetWriter, zeros: &mut AlignedBuf, from: u64, to: u64) -> std::io::Result<()> {
+    if zeros.is_empty() {
+        zeros.resize(BATCH_BYTES);
+        zeros.fill(0);
+    }
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        out.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
     }
     Ok(())
 }
