@@ -111,6 +111,19 @@ impl FormatError {
         FormatError::Io { loc, action, source }
     }
 
+    /// The version whose image this error shows to be damaged: a checksum, hash or structure
+    /// that does not hold, or the storage answering EIO while reading it.
+    pub fn damaged_version(&self) -> Option<u64> {
+        match self {
+            FormatError::Checksum { loc, .. }
+            | FormatError::HashMismatch { loc, .. }
+            | FormatError::Corrupt { loc, .. }
+            | FormatError::Incomplete { loc, .. } => loc.version,
+            FormatError::Io { loc, source, .. } if source.raw_os_error() == Some(libc::EIO) => loc.version,
+            _ => None,
+        }
+    }
+
     /// The operating-system error behind this one, if any (for exit codes and ENOSPC checks).
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {

@@ -649,13 +649,28 @@ impl ImageWriter {
     /// Appends the index and the footer, then publishes: fsync the file, rename it to its final
     /// name, fsync the directory. Only after the directory fsync is the version durable.
     pub fn finish(self, finish: Finish) -> Result<PathBuf> {
-        self.finish_with(finish, || Ok(()))
+        self.publish(finish, Replace::Never, || Ok(()))
+    }
+
+    /// As `finish`, but the image takes the place of the file of the same name: a merge publishes
+    /// the full of version N over version N's delta in one rename, so that N never goes missing.
+    pub fn finish_replacing(self, finish: Finish) -> Result<PathBuf> {
+        self.publish(finish, Replace::Yes, || Ok(()))
     }
 
     /// As `finish`, running `before_rename` once the file is durable and before it is renamed
     /// into place (a backup records the version id there, so that the id is never handed out
     /// again whatever happens next).
-    pub fn finish_with(mut self, finish: Finish, before_rename: impl FnOnce() -> Result<()>) -> Result<PathBuf> {
+    pub fn finish_with(self, finish: Finish, before_rename: impl FnOnce() -> Result<()>) -> Result<PathBuf> {
+        self.publish(finish, Replace::Never, before_rename)
+    }
+
+    fn publish(
+        mut self,
+        finish: Finish,
+        replace: Replace,
+        before_rename: impl FnOnce() -> Result<()>,
+    ) -> Result<PathBuf> {
         let index_offset = self.offset;
         let mut spill = (self.index.take().expect("finish runs once"))
             .into_inner()
@@ -684,7 +699,7 @@ impl ImageWriter {
         fault::step(fault::Step::Fsync);
         before_rename()?;
         fault::point("image.before_rename");
-        self.temp.rename_into_place(Replace::Never)?;
+        self.temp.rename_into_place(replace)?;
         fault::point("image.after_rename");
         let final_path = self.temp.final_path().to_path_buf();
         publish::sync_dir(final_path.parent().unwrap_or(Path::new(".")))?;

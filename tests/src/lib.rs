@@ -32,7 +32,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn from_output(out: Output) -> Run {
         Run {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -76,7 +76,7 @@ where
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Run::from(cmd.output().expect("run strata"))
+    Run::from_output(cmd.output().expect("run strata"))
 }
 
 /// Runs a system tool (looked up in the sbin folders too) and panics on failure.
@@ -87,7 +87,9 @@ pub fn tool(name: &str, args: &[&str]) -> Run {
 }
 
 pub fn tool_status(name: &str, args: &[&str]) -> Run {
-    Run::from(Command::new(tool_path(name)).args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}")))
+    Run::from_output(
+        Command::new(tool_path(name)).args(args).output().unwrap_or_else(|e| panic!("cannot run {name}: {e}")),
+    )
 }
 
 pub fn tool_path(name: &str) -> PathBuf {

@@ -288,3 +288,61 @@ fn prune_while_mounted_keeps_open_files_readable_and_two_mounts_coexist() {
     assert_eq!(first, std::fs::read(&models[1]).unwrap(), "an open file keeps reading its version after prune");
     assert!(same_file(&b.path("2/disk.img"), &models[1]), "the second mount still serves version 2");
 }
+
+/// Starts a backup, stops it (SIGSTOP) as soon as its unfinished image appears, truncates the
+/// source to 1 MiB, lets it go on and returns what it printed and its exit status.
+fn backup_with_source_truncated_midway(src: &Path, repo: &Path) -> Run {
+    let child = std::process::Command::new(strata_bin())
+        .args(["backup", &p(src), &p(repo)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    let pid = child.id() as i32;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let unfinished = || {
+        std::fs::read_dir(repo)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-v")))
+            .unwrap_or(false)
+    };
+    while !unfinished() {
+        assert!(std::time::Instant::now() < deadline, "the backup never started its image");
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    // SAFETY: signals the child this test started, by its pid, before reaping it.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::fs::OpenOptions::new().write(true).open(src).unwrap().set_len(1 << 20).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    Run::from_output(child.wait_with_output().expect("reap strata"))
+}
+
+#[test]
+fn a_source_truncated_during_a_backup_fails_it_and_publishes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk.img"), t.path().join("repo"));
+    random_file(&src, 64 << 20, 7);
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    random_file(&src, 256 << 20, 8);
+    let run = backup_with_source_truncated_midway(&src, &repo).expect_code(1);
+    assert!(
+        run.stderr.contains("changed size during the backup") || run.stderr.contains("it shrank during the backup"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("no version was written"), "{}", run.stderr);
+    let ids: Vec<u64> = list_json(&repo).iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [1], "only the version written before");
+    let names: Vec<String> =
+        std::fs::read_dir(&repo).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.starts_with(".tmp-")), "unfinished image left behind: {names:?}");
+
+    // a first backup that fails this way leaves no repository behind
+    let fresh = t.path().join("fresh");
+    random_file(&src, 256 << 20, 9);
+    backup_with_source_truncated_midway(&src, &fresh).expect_code(1);
+    let left: Vec<String> = std::fs::read_dir(&fresh)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!fresh.exists() || left.is_empty(), "a failed first backup left {left:?}");
+}

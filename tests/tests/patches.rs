@@ -157,3 +157,33 @@ fn a_patch_laid_over_the_wrong_parts_is_found_by_verify() {
     let restorable: Vec<bool> = v["versions"].as_array().unwrap().iter().map(|r| r["restorable"] == true).collect();
     assert_eq!(restorable, [true, false], "{v}");
 }
+
+#[test]
+fn a_rotted_parent_block_is_marked_damaged_and_later_backups_go_on() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = noise_repo(t.path(), 5);
+    let block_5 = 5 * 16 * PAGE;
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.write_all_at(&noise(50, 16 * PAGE as usize), block_5).unwrap();
+    let v2 = backup_json(&src, &repo);
+    assert_eq!((v2["id"].as_u64(), v2["changed_blocks"].as_u64()), (Some(2), Some(1)));
+    // v2 holds one frame, block 5 whole (noise does not compress), right after its header: rot it
+    flip_byte(&repo.join("v00000002.strata"), 512 + 20);
+    // the next backup patches one page of block 5 over that frame, so it must read it
+    f.write_all_at(&noise(51, PAGE as usize), block_5 + 3 * PAGE).unwrap();
+    let run = strata(["backup", "--json", &p(&src), &p(&repo)]).ok();
+    assert!(run.stderr.contains("version 2 is damaged"), "{}", run.stderr);
+    let v3 = run.json();
+    assert_eq!(v3["id"], 3);
+    assert_eq!(v3["parent"], 1, "v3 builds on the sound version 1: {v3}");
+    assert!(v3["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("version 2 is damaged")));
+    assert_restores_to(&repo, "3", &src, t.path());
+    // and the backups after it go on as usual
+    write_pages(&src, 52, 10);
+    let v4 = backup_json(&src, &repo);
+    assert_eq!((v4["id"].as_u64(), v4["parent"].as_u64()), (Some(4), Some(3)));
+    assert_restores_to(&repo, "4", &src, t.path());
+    let verify = strata(["verify", &p(&repo)]).expect_code(1);
+    assert!(verify.stdout.contains("version 2: NOT restorable"), "{}", verify.stdout);
+    assert!(verify.stdout.contains("version 4: restorable"), "{}", verify.stdout);
+}

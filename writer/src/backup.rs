@@ -13,8 +13,8 @@ use rayon::prelude::*;
 use strata_format::block::{hash_block, is_zero};
 use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::new_id;
-use strata_format::layout::{DEFAULT_BLOCK_SIZE, TEMP_PREFIX};
-use strata_format::repo::image_file_name;
+use strata_format::layout::{DEFAULT_BLOCK_SIZE, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
+use strata_format::repo::{image_file_name, parse_image_file_name};
 use strata_format::{Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader};
 
 use crate::config::{Scheme, TaskConfig};
@@ -63,7 +63,8 @@ pub struct BackupSummary {
 }
 
 /// Opens the repository at `path`, creating it when the folder is missing or empty.
-pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<Repository> {
+/// Says whether it created it.
+pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<(Repository, bool)> {
     // Empty, or holding only what an interrupted creation left (`.tmp-*`).
     let only_leftovers = |p: &Path| {
         p.read_dir()
@@ -74,7 +75,7 @@ pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<Repos
     if fresh {
         let repo = Repository::create(path, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
         log::info!("created repository {} (block size {})", path.display(), repo.block_size);
-        return Ok(repo);
+        return Ok((repo, true));
     }
     let repo = Repository::open(path)?;
     if let Some(bs) = block_size {
@@ -86,7 +87,13 @@ pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<Repos
             );
         }
     }
-    Ok(repo)
+    Ok((repo, false))
+}
+
+/// The version of the parent chain whose damage `error` reports, if it reports one.
+fn damaged_parent(error: &anyhow::Error, plan: &crate::plan::Plan) -> Option<u64> {
+    let version = error.chain().find_map(|c| c.downcast_ref::<strata_format::FormatError>())?.damaged_version()?;
+    plan.parent_chain.iter().any(|image| image.header.version == version).then_some(version)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +113,54 @@ struct BlockResult {
 }
 
 pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSummary> {
+    let folder_existed = req.repo.exists();
+    let mut created = false;
+    let result = backup_into(req, progress, folder_existed, &mut created);
+    if result.is_err() && created {
+        forget_new_repository(&req.repo, !folder_existed);
+    }
+    result
+}
+
+/// After a failed first backup: removes the repository that backup created (its identity,
+/// task and lock files, and the folder when the backup made it), so that a failed start leaves
+/// nothing behind. Anything else in the folder (an image, a file of the user's) keeps it.
+fn forget_new_repository(path: &Path, remove_folder: bool) {
+    let holds_images = path
+        .read_dir()
+        .map(|d| d.flatten().any(|e| parse_image_file_name(&e.file_name().to_string_lossy()).is_some()))
+        .unwrap_or(true);
+    if holds_images {
+        return;
+    }
+    for file in new_repository_files(path) {
+        if file.symlink_metadata().is_ok() {
+            if let Err(e) = strata_format::publish::remove(&file) {
+                log::warn!("{e}");
+            }
+        }
+    }
+    if remove_folder {
+        match std::fs::remove_dir(path) {
+            Ok(()) => log::info!("removed {}, which this failed first backup had created", path.display()),
+            Err(e) => log::warn!("{}: could not remove the folder this failed backup created: {e}", path.display()),
+        }
+    } else {
+        log::info!("removed the repository files this failed first backup had created in {}", path.display());
+    }
+}
+
+/// The files a new repository holds before its first version.
+fn new_repository_files(path: &Path) -> [PathBuf; 3] {
+    [crate::config::CONFIG_FILE, LOCK_FILE, REPO_FILE].map(|name| path.join(name))
+}
+
+fn backup_into(
+    req: &BackupRequest,
+    progress: &dyn Progress,
+    folder_existed: bool,
+    created: &mut bool,
+) -> Result<BackupSummary> {
     let started = Instant::now();
     // The source is opened before anything is created, so a bad source leaves no repository.
     let existing = Repository::open(&req.repo).ok();
@@ -127,7 +182,8 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
             bail!("{}: the source lies inside the repository", source_path.display());
         }
     }
-    let mut repo = open_or_create_repo(&req.repo, req.block_size)?;
+    let (mut repo, fresh) = open_or_create_repo(&req.repo, req.block_size)?;
+    *created = fresh;
     let level = match req.level {
         Some(l) => l,
         None => crate::config::compression_level(&config.compression)?,
@@ -147,43 +203,69 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     let mut state = repo.scan()?;
     state.check_indexes();
     let (now_secs, now_nanos) = crate::config::now()?;
-    let plan = plan(req.kind, &state, source.size(), &config, now_secs, repo.last_source_full);
+    let mut damage_notes = Vec::new();
+    // A parent block that turns out damaged while this backup reads it marks its image damaged
+    // and the backup starts again on what is still sound, so that one rotted block never stops
+    // every later backup.
+    let (mut plan, parent, id, parent_ref, total_blocks, writer, outcome) = loop {
+        let plan = plan(req.kind, &state, source.size(), &config, now_secs, repo.last_source_full);
+        let parent = if plan.parent_chain.is_empty() {
+            None
+        } else {
+            Some(VersionReader::from_chain(plan.parent_chain.clone()).context("opening the parent version")?)
+        };
+        let id = repo.next_version_id(&state)?;
+        let image_id = new_id();
+        let (parent_ref, full_ref) = match &parent {
+            None => (None, ImageRef { version: id, image_id }),
+            Some(p) => {
+                let top = &p.top().header;
+                (Some(ImageRef { version: top.version, image_id: top.image_id }), p.layers()[0].header.full)
+            }
+        };
+        let header = ImageHeader {
+            repo_id: repo.repo_id,
+            image_id,
+            version: id,
+            kind: plan.kind,
+            rule: plan.rule,
+            parent: parent_ref,
+            full: full_ref,
+            block_size: repo.block_size,
+            compression_level: level,
+            source_size: source.size(),
+            created_secs: now_secs,
+            created_nanos: now_nanos,
+            label: req.label.clone(),
+            source: source_path.display().to_string(),
+        };
+        let total_blocks = header.block_count();
+        let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
+        let mut on_fault = vec![writer.temp_path().to_path_buf()];
+        if *created {
+            on_fault.extend(new_repository_files(repo.path()));
+        }
+        crate::source_map::remove_on_fault(&on_fault, (*created && !folder_existed).then_some(repo.path()));
+        match copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress) {
+            Ok(outcome) => break (plan, parent, id, parent_ref, total_blocks, writer, outcome),
+            Err(e) => {
+                let Some(damaged) = damaged_parent(&e, &plan) else { return Err(e) };
+                drop(writer);
+                let note = format!(
+                    "version {damaged} is damaged ({e:#}); this backup does not build on it, and neither do \
+                     the versions that need it (`strata verify {}` shows which)",
+                    repo.path().display()
+                );
+                log::warn!("{note}");
+                state.mark_damaged(damaged, format!("{e:#}"));
+                damage_notes.push(note);
+            }
+        }
+    };
     for note in &plan.notes {
         log::warn!("{note}");
     }
-    let parent = if plan.parent_chain.is_empty() {
-        None
-    } else {
-        Some(VersionReader::from_chain(plan.parent_chain.clone()).context("opening the parent version")?)
-    };
-    let id = repo.next_version_id(&state)?;
-    let image_id = new_id();
-    let (parent_ref, full_ref) = match &parent {
-        None => (None, ImageRef { version: id, image_id }),
-        Some(p) => {
-            let top = &p.top().header;
-            (Some(ImageRef { version: top.version, image_id: top.image_id }), p.layers()[0].header.full)
-        }
-    };
-    let header = ImageHeader {
-        repo_id: repo.repo_id,
-        image_id,
-        version: id,
-        kind: plan.kind,
-        rule: plan.rule,
-        parent: parent_ref,
-        full: full_ref,
-        block_size: repo.block_size,
-        compression_level: level,
-        source_size: source.size(),
-        created_secs: now_secs,
-        created_nanos: now_nanos,
-        label: req.label.clone(),
-        source: source_path.display().to_string(),
-    };
-    let total_blocks = header.block_count();
-    let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
-    let outcome = copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress)?;
+    plan.notes.extend(damage_notes);
     let changed_blocks = writer.entry_count();
     let stored_bytes = writer.stored_bytes();
     let finish = Finish { present_blocks: outcome.present_blocks, source_digest: outcome.digest };
@@ -342,6 +424,7 @@ fn copy_blocks(
     });
     progress.end();
     result?;
+    source.check_size()?;
     Ok(Outcome { present_blocks, digest: digest.finish() })
 }
 

@@ -81,7 +81,7 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
     progress.end();
     let blocks = writer.entry_count();
     let path = writer
-        .finish(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
+        .finish_replacing(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
         .with_context(|| format!("publishing the merged version {id}"))?;
     let new_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     log::info!("merged version {id} into a full ({blocks} blocks)");

@@ -116,6 +116,26 @@ impl Source {
         self.size
     }
 
+    /// Fails when the source's size is no longer the one it had when opened: a file truncated
+    /// while it was read answers "no more data" where its old end was, which must never be
+    /// stored as zeros. Called where SEEK_DATA finds no data, and once after the last read.
+    pub fn check_size(&self) -> Result<()> {
+        let now = if self.is_block_device {
+            block_device_size(&self.file, &self.path)?
+        } else {
+            self.file.metadata().with_context(|| format!("{}: cannot stat the source", self.path.display()))?.len()
+        };
+        if now != self.size {
+            bail!(
+                "{}: the source changed size during the backup (from {} to {now} bytes); no version was written. \
+                 Back up a source that nothing writes to (unmount it, or take a snapshot) and run the backup again",
+                self.path.display(),
+                self.size
+            );
+        }
+        Ok(())
+    }
+
     pub fn bytes_read(&self) -> u64 {
         self.bytes_read.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -165,7 +185,10 @@ impl Source {
         if data < 0 {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
-                Some(libc::ENXIO) => Ok((end, end)),
+                Some(libc::ENXIO) => {
+                    self.check_size()?;
+                    Ok((end, end))
+                }
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((pos, end)),
                 _ => Err(err).with_context(|| format!("{}: seeking data at offset {pos}", self.path.display())),
             };
@@ -182,11 +205,14 @@ impl Source {
         while done < buf.len() {
             let at = offset + done as u64;
             match self.file.read_at(&mut buf[done..], at) {
-                Ok(0) => bail!(
-                    "{}: the source ended at offset {at}, before its size {}; did it change during the backup?",
-                    self.path.display(),
-                    self.size
-                ),
+                Ok(0) => {
+                    self.check_size()?;
+                    bail!(
+                        "{}: the source ended at offset {at}, before its size {}; did it change during the backup?",
+                        self.path.display(),
+                        self.size
+                    )
+                }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).with_context(|| format!("{}: read error at offset {at}", self.path.display())),
@@ -194,5 +220,38 @@ impl Source {
         }
         self.bytes_read.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_truncated_after_open_fails_instead_of_reading_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        let source = Source::open(&path).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(256 << 10).unwrap();
+        let err = source.fills(128, 64, 4096).unwrap_err().to_string();
+        assert!(err.contains("changed size during the backup (from 1048576 to 262144 bytes)"), "{err}");
+        let mut buf = vec![0u8; 4096];
+        assert!(source.read_into(768 << 10, &mut buf).is_err());
+        assert!(source.check_size().is_err());
+    }
+
+    #[test]
+    fn holes_at_the_end_of_an_unchanged_source_read_as_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let file = std::fs::File::create(&path).unwrap();
+        file.write_all_at(&[9u8; 4096], 0).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let source = Source::open(&path).unwrap();
+        let fills = source.fills(0, 256, 4096).unwrap();
+        assert_eq!(fills[0], Fill::Data);
+        assert!(fills[1..].iter().all(|f| *f == Fill::Hole));
+        source.check_size().unwrap();
     }
 }

@@ -2,14 +2,16 @@
 //! place instead of copying every byte into a buffer first, and what happens when a mapped page
 //! cannot be read. A read through a map that fails (the source file shrank during the backup, or
 //! the device reported an I/O error) raises SIGBUS instead of returning an error; the handler
-//! installed here reports the source and the offset on one line and exits with status 1, before
-//! anything is published, so the repository is left as an interrupted backup leaves it.
+//! installed here reports the source and the offset on one line, removes the unfinished image
+//! (`remove_on_fault`) and exits with status 1, before anything is published.
 
 use std::ffi::c_void;
+use std::ffi::CString;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// A read-only shared map of `len` bytes of the source at `offset`; unmapped on drop. At most
@@ -41,6 +43,14 @@ static MAP_LEN: AtomicUsize = AtomicUsize::new(0);
 static MAP_OFFSET: AtomicU64 = AtomicU64::new(0);
 /// "strata: PATH: cannot read the source at offset ", written by the handler.
 static MESSAGE_HEAD: OnceLock<Vec<u8>> = OnceLock::new();
+/// What the handler removes (leaked, never freed), or null.
+static ON_FAULT: AtomicPtr<Removals> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Files to unlink, then a folder to remove, as C strings made before any fault.
+struct Removals {
+    files: Vec<CString>,
+    folder: Option<CString>,
+}
 const MESSAGE_TAIL: &[u8] = b" (it shrank during the backup, or the device reported an I/O error); \
 no version was written: check the source and run the backup again\n";
 
@@ -91,6 +101,17 @@ impl Drop for SourceMap {
     }
 }
 
+/// Names what a failed read of a map removes before the process exits: the unfinished image,
+/// and the files and folder of a repository that this backup created (the unwinding that
+/// removes them otherwise does not happen in a signal handler).
+pub fn remove_on_fault(files: &[PathBuf], folder: Option<&Path>) {
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
+    let removals = Removals { files: files.iter().filter_map(|f| c(f)).collect(), folder: folder.and_then(c) };
+    // A few bytes per backup attempt, kept for the process's life: the handler may read them at
+    // any moment, so they are never freed.
+    ON_FAULT.store(Box::into_raw(Box::new(removals)), Ordering::SeqCst);
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
@@ -130,6 +151,17 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
         // SAFETY: write(2) on stderr is async-signal-safe.
         unsafe { libc::write(2, part.as_ptr() as *const c_void, part.len()) };
     }
+    // SAFETY: the pointer is null or a leaked, never-freed `Removals`, only read here.
+    if let Some(removals) = unsafe { ON_FAULT.load(Ordering::SeqCst).as_ref() } {
+        for file in &removals.files {
+            // SAFETY: unlink(2) is async-signal-safe.
+            unsafe { libc::unlink(file.as_ptr()) };
+        }
+        if let Some(folder) = &removals.folder {
+            // SAFETY: rmdir(2) is async-signal-safe; it removes only an empty folder.
+            unsafe { libc::rmdir(folder.as_ptr()) };
+        }
+    }
     // SAFETY: _exit is async-signal-safe and skips destructors, as a crash would.
     unsafe { libc::_exit(1) };
 }
@@ -162,10 +194,11 @@ mod tests {
     /// Runs in a child process (the test re-executes itself): maps a file, truncates it and
     /// reads past the new end, which must end the process with status 1 and the one-line report.
     #[test]
-    fn reading_a_map_past_a_shrunk_source_exits_with_a_report() {
+    fn reading_a_map_past_a_shrunk_source_exits_with_a_report_and_removes_the_unfinished_image() {
         if let Ok(path) = std::env::var("STRATA_SIGBUS_CHILD") {
             let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
             let map = SourceMap::new(&file, Path::new(&path), 0, 1 << 20).expect("map");
+            remove_on_fault(&[Path::new(&path).with_file_name("unfinished")], None);
             file.set_len(4096).unwrap();
             let byte = std::hint::black_box(map.bytes()[300_000]);
             panic!("read {byte} past the end without SIGBUS");
@@ -174,18 +207,21 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("source.img");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(dir.join("unfinished"), b"half an image").unwrap();
         let no_locks = crate::LOCKS_AND_SPAWNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "source_map::tests::reading_a_map_past_a_shrunk_source_exits_with_a_report",
+                "source_map::tests::reading_a_map_past_a_shrunk_source_exits_with_a_report_and_removes_the_unfinished_image",
                 "--nocapture",
             ])
             .env("STRATA_SIGBUS_CHILD", &path)
             .output()
             .unwrap();
         drop(no_locks);
+        let unfinished_left = dir.join("unfinished").exists();
         std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!unfinished_left, "the handler removes the unfinished image");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
         let expected = format!("strata: {}: cannot read the source at offset 300000 (it shrank", path.display());
