@@ -465,3 +465,46 @@ fn a_forged_block_whose_crcs_match_reads_eio_unless_hash_checks_are_turned_off()
     assert_eq!(&served[..100 * 4096], &src_bytes[..100 * 4096]);
     assert_eq!(&served[101 * 4096..], &src_bytes[101 * 4096..]);
 }
+
+/// The pids of processes whose command line names `needle`.
+fn processes_naming(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if state.contains(") Z ") {
+            continue; // a zombie that PID 1 does not reap is not a driver
+        }
+        if String::from_utf8_lossy(&cmdline).split('\0').any(|arg| arg == needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver() {
+    let test = "a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (_, repo) = one_version_repo(t, &[]);
+    let mut interrupted = 0;
+    for (round, delay_ms) in [2u64, 5, 10, 20, 40].into_iter().enumerate() {
+        let dir = t.join(format!("mnt{round}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _guard = StrataMount { dir: dir.clone(), driver_pid: None };
+        if !strata_killed_after(&["mount".to_string(), p(&repo), p(&dir)], delay_ms) {
+            continue; // it was ready and done before the kill: nothing to show
+        }
+        interrupted += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} ", p(&dir)));
+        let drivers = processes_naming(&p(&dir));
+        assert!(!mounted && drivers.is_empty(), "killed after {delay_ms} ms: mounted {mounted}, drivers {drivers:?}");
+    }
+    assert!(interrupted > 0, "every mount was ready before its caller was killed; nothing was tested");
+}

@@ -133,3 +133,33 @@ fn restore_writes_its_target_past_the_page_cache() {
     }
     assert!(same_file(&out, &src), "the restored file differs from its source");
 }
+
+#[test]
+fn restore_to_a_pipe_streams_every_byte_in_order() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk"), t.path().join("repo"));
+    sparse_source(&src, 21);
+    backup(&src, &repo);
+    let out = std::process::Command::new(strata_bin())
+        .args(["restore", &p(&repo), "1", "/dev/stdout"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout.len() as u64, SIZE);
+    assert!(out.stdout == std::fs::read(&src).unwrap(), "the stream differs from the source");
+    // and through a shell pipeline into a reader that takes its time
+    let piped = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' restore -q '{}' 1 /dev/stdout | (sleep 0.2; cat) > '{}'",
+            p(&strata_bin()),
+            p(&repo),
+            p(&t.path().join("copy"))
+        ))
+        .status()
+        .unwrap();
+    assert!(piped.success());
+    assert!(same_file(&src, &t.path().join("copy")));
+}

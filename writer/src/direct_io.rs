@@ -4,8 +4,9 @@
 //! flush of gigabytes of dirty pages waited for the final fsync, and the cache the machine had
 //! was evicted for pages nobody reads. Direct writes need their buffer, offset and length
 //! aligned to [`ALIGN`]; the one piece that cannot be (the tail of a disk whose size is not a
-//! multiple of it) and targets that refuse `O_DIRECT` (pipes, character devices, some file
-//! systems) are written through the page cache. The fsync at the end stays the durability point.
+//! multiple of it) and targets that refuse `O_DIRECT` (character devices, some file systems)
+//! are written through the page cache. Targets that cannot seek (a pipe, a terminal) are
+//! written in order, as a stream. The fsync at the end stays the durability point.
 
 use std::fs::File;
 use std::io;
@@ -24,14 +25,21 @@ pub struct TargetWriter<'f> {
     /// The target takes no direct writes: it refused `O_DIRECT`, or a direct write that met
     /// the alignment rules (`EINVAL`).
     refused: bool,
+    /// For a target that cannot seek: where the next write must start.
+    stream_at: Option<u64>,
 }
 
 impl<'f> TargetWriter<'f> {
     /// Turns `O_DIRECT` on for `file` when it supports it; otherwise writes go through the page
     /// cache.
     pub fn new(file: &'f File) -> Self {
+        // SAFETY: lseek on a descriptor we borrow; SEEK_CUR by 0 moves nothing.
+        let seekable = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_CUR) } >= 0;
+        if !seekable {
+            return TargetWriter { file, direct: false, refused: true, stream_at: Some(0) };
+        }
         let direct = set_direct(file, true).is_ok();
-        TargetWriter { file, direct, refused: !direct }
+        TargetWriter { file, direct, refused: !direct, stream_at: None }
     }
 
     /// Whether the aligned writes so far bypassed the page cache.
@@ -41,7 +49,19 @@ impl<'f> TargetWriter<'f> {
 
     /// Writes all of `buf` at `offset`: its aligned head directly, the rest through the cache
     /// (after which every write does: only the tail of the disk is unaligned).
+    /// On a stream, writes must come in order, without gaps.
     pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(at) = self.stream_at.as_mut() {
+            if offset != *at {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a stream takes writes in order: offset {offset} after {at} bytes"),
+                ));
+            }
+            io::Write::write_all(&mut &*self.file, buf)?;
+            *at += buf.len() as u64;
+            return Ok(());
+        }
         if !self.direct {
             return self.file.write_all_at(buf, offset);
         }
@@ -206,5 +226,20 @@ mod tests {
             assert_eq!(buf.len(), len);
             assert!((buf.as_ptr() as usize).is_multiple_of(ALIGN));
         }
+    }
+
+    #[test]
+    fn a_pipe_takes_writes_in_order_and_refuses_a_jump() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let file = File::from(write_end);
+        let mut w = TargetWriter::new(&file);
+        w.write_all_at(b"abc", 0).unwrap();
+        w.write_all_at(b"def", 3).unwrap();
+        assert_eq!(w.write_all_at(b"x", 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        drop(w);
+        drop(file);
+        let mut got = String::new();
+        io::Read::read_to_string(&mut File::from(read_end), &mut got).unwrap();
+        assert_eq!(got, "abcdef");
     }
 }

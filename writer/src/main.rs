@@ -126,6 +126,23 @@ fn is_no_space(err: &anyhow::Error) -> bool {
     })
 }
 
+/// The error and its causes on one line, leaving out a cause whose text an outer message
+/// already holds (a format error quotes the OS error it wraps, which is also its cause).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text += ": ";
+        }
+        text += &part;
+    }
+    text
+}
+
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
@@ -146,14 +163,32 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if is_no_space(&e) => {
             eprintln!(
-                "strata: error: no space left: {e:#}; nothing was published and earlier versions are intact \
-                 (free space, or prune old versions, and run the command again)"
+                "strata: error: no space left: {}; nothing was published and earlier versions are intact \
+                 (free space, or prune old versions, and run the command again)",
+                one_line(&e)
             );
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("strata: error: {e:#}");
+            eprintln!("strata: error: {}", one_line(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use strata_format::{FormatError, Loc};
+
+    #[test]
+    fn a_cause_quoted_by_its_error_is_printed_once() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let err = anyhow::Error::new(FormatError::io(Loc::file(Path::new("/r/v1.strata")), "write", io))
+            .context("publishing version 1");
+        let text = super::one_line(&err);
+        assert_eq!(text.matches("os error 28").count(), 1, "{text}");
+        assert!(text.starts_with("publishing version 1: /r/v1.strata: write: No space left"), "{text}");
     }
 }

@@ -54,6 +54,14 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             Some(state.resolve_name(v)?)
         }
     };
+    if args.allow_other && args.ready_fd.is_none() {
+        log::warn!(
+            "--allow-other: every local user can read the whole disk of every version under {} \
+             (every file on it, whatever its permissions on the source said); mount without it \
+             unless that is what you want",
+            args.mountpoint.display()
+        );
+    }
     if !args.foreground {
         return detach(&args, global);
     }
@@ -75,8 +83,11 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// In the detached driver: let go of the caller's stderr, log to syslog, say "ready".
+/// In the detached driver: outlive the caller from now on, let go of its stderr, log to
+/// syslog, say "ready".
 fn report_ready(fd: i32) {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number, 0 for none.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     crate::logging::switch_to_syslog();
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         // SAFETY: dup2 onto our own stderr descriptor.
@@ -111,9 +122,16 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
     cmd.arg(&args.repo).arg(&args.mountpoint);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let write_fd = ready_w.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+    let caller = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid, setsid, dup2) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // Until it reports ready, the driver dies with the caller (a `timeout strata mount`
+            // that gives up must not leave a driver behind); `report_ready` lifts this.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if libc::getppid() as u32 != caller {
+                return Err(std::io::Error::other("the caller exited"));
+            }
             libc::setsid();
             if libc::dup2(write_fd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());

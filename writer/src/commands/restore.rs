@@ -24,13 +24,25 @@ pub struct Args {
     pub json: bool,
 }
 
+/// Whether `target` is this process's standard output (`/dev/stdout`, or the file it names).
+fn is_stdout(target: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(target) else { return false };
+    let Ok(stdout) = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&std::io::stdout())) else { return false };
+    target.dev() == stdout.st_dev && target.ino() == stdout.st_ino
+}
+
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let progress = crate::progress::for_terminal(global.quiet || args.json);
+    // Restored onto standard output, the disk is the output: the summary goes to stderr.
+    let onto_stdout = is_stdout(&args.target);
     let s = restore(&args.repo, &args.version, &args.target, args.force, progress.as_ref())?;
-    if args.json {
+    if args.json && onto_stdout {
+        eprintln!("{}", serde_json::to_string_pretty(&s)?);
+    } else if args.json {
         super::print_json(&s)?;
     } else if !global.quiet {
-        println!(
+        let line = format!(
             "restored version {} to {}: {}, {:.2} s, {:.1} MB/s; every block's crc32c and the whole-source digest verified",
             s.id,
             s.target.display(),
@@ -38,6 +50,11 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             s.seconds,
             s.mb_per_s
         );
+        if onto_stdout {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
     }
     Ok(Outcome::Success)
 }
