@@ -231,13 +231,13 @@ mod tests {
     #[test]
     fn a_pipe_takes_writes_in_order_and_refuses_a_jump() {
         let (read_end, write_end) = nix::unistd::pipe().unwrap();
-        let file = File::from(write_end);
-        let mut w = TargetWriter::new(&file);
-        w.write_all_at(b"abc", 0).unwrap();
-        w.write_all_at(b"def", 3).unwrap();
-        assert_eq!(w.write_all_at(b"x", 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        drop(w);
-        drop(file);
+        {
+            let file = File::from(write_end);
+            let mut w = TargetWriter::new(&file);
+            w.write_all_at(b"abc", 0).unwrap();
+            w.write_all_at(b"def", 3).unwrap();
+            assert_eq!(w.write_all_at(b"x", 10).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        }
         let mut got = String::new();
         io::Read::read_to_string(&mut File::from(read_end), &mut got).unwrap();
         assert_eq!(got, "abcdef");
