@@ -131,6 +131,7 @@ impl Repository {
         if !path.is_dir() {
             return Err(not_repo(if path.exists() { "not a folder".into() } else { "no such folder".into() }));
         }
+        warn_about_folder_access(path);
         let id_path = path.join(REPO_FILE);
         let damage = match repo_file::read_text(&id_path, IDENTITY_MAX) {
             Ok(text) => match Identity::parse(&text) {
@@ -373,6 +374,33 @@ fn image_names(path: &Path) -> Result<Vec<(u64, PathBuf)>> {
     }
     found.sort_unstable();
     Ok(found)
+}
+
+/// Warns when others could plant or swap files in the repository folder: strata never follows
+/// their links or writes through them, but they could still remove or replace images.
+fn warn_about_folder_access(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 { "every user" } else { "its group" };
+        log::warn!(
+            "{}: the repository folder is writable by {who} (mode {mode:04o}): they can add, remove or \
+             replace images; `chmod 700 {}` makes it private",
+            path.display(),
+            path.display()
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        log::warn!(
+            "{}: the repository folder belongs to user {}, not to the user running strata ({me}): that user \
+             can add, remove or replace images",
+            path.display(),
+            meta.uid()
+        );
+    }
 }
 
 /// The sound headers (checksum verified, named for the version they hold) of the images at

@@ -346,3 +346,51 @@ fn a_source_truncated_during_a_backup_fails_it_and_publishes_nothing() {
         .unwrap_or_default();
     assert!(!fresh.exists() || left.is_empty(), "a failed first backup left {left:?}");
 }
+
+/// Fills the file system holding `dir` to the last byte with a file there.
+fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&chunk[..4096]).is_ok() {}
+    while f.write_all(&[1]).is_ok() {}
+}
+
+#[test]
+fn prune_relieves_a_full_disk_deleting_what_nothing_needs_before_merging() {
+    let test = "prune_relieves_a_full_disk_deleting_what_nothing_needs_before_merging";
+    if !capable(test, "root (tmpfs mounts)", is_root()) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let small = t.join("small");
+    let _fs = Mounted::mount(&["-t", "tmpfs", "-o", "size=16m", "tmpfs"], &small);
+    let (src, repo) = (t.join("disk.img"), small.join("repo"));
+    random_file(&src, 4 << 20, 3);
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    for (round, full) in [(1u64, false), (2, false), (3, true), (4, false)] {
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![round as u8; 256 << 10], round << 20).unwrap();
+        let kind = if full { "--full" } else { "--incremental" };
+        strata(["backup", "-q", kind, &p(&src), &p(&repo)]).ok();
+    }
+    // versions: 1 full, 2 and 3 incrementals, 4 full, 5 incremental of 4; no byte free
+    fill_up(&small);
+    let pruned = strata(["prune", "--keep-last", "1", &p(&repo)]).ok();
+    let rows = list_json(&repo);
+    assert_eq!(rows.len(), 1, "{}", pruned.stdout);
+    assert_eq!((rows[0]["id"].as_u64(), rows[0]["kind"].as_str()), (Some(5), Some("full")), "{}", pruned.stdout);
+    assert_restores_to(&repo, "5", &src, t);
+
+    // a merge that cannot have its space says so, and loses nothing
+    strata(["backup", "-q", "--incremental", &p(&src), &p(&repo)]).ok();
+    std::fs::remove_file(small.join("filler")).unwrap();
+    fill_up(&small);
+    let r = strata(["prune", "--keep-last", "1", &p(&repo)]).expect_code(1);
+    assert!(r.stderr.contains("no space left") && r.stderr.contains("merging version 6 into a full"), "{}", r.stderr);
+    assert_eq!(r.stderr.matches("os error 28").count(), 1, "{}", r.stderr);
+    assert_eq!(list_json(&repo).len(), 2);
+    assert_restores_to(&repo, "6", &src, t);
+}

@@ -435,3 +435,19 @@ fn identical_blocks_are_stored_once_per_image_and_survive_merge() {
     assert_restores_to(&repo, "2", &src, tmp.path());
     strata(["verify", "-q", &p(&repo)]).ok();
 }
+
+#[test]
+fn a_repository_folder_others_can_write_is_named_in_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = five_versions(tmp.path());
+    let quiet = strata(["list", &p(&repo)]).ok();
+    assert!(!quiet.stderr.contains("writable by"), "a fresh repository is private: {}", quiet.stderr);
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listed = strata(["list", &p(&repo)]).ok();
+    assert!(listed.stderr.contains("writable by every user (mode 0777)"), "{}", listed.stderr);
+    let backed = strata(["backup", &p(&src), &p(&repo)]).ok();
+    assert!(backed.stderr.contains(&format!("chmod 700 {}", p(&repo))), "{}", backed.stderr);
+    std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o770)).unwrap();
+    assert!(strata(["list", &p(&repo)]).ok().stderr.contains("writable by its group"));
+}

@@ -163,8 +163,8 @@ fn main() -> ExitCode {
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) if is_no_space(&e) => {
             eprintln!(
-                "strata: error: no space left: {}; nothing was published and earlier versions are intact \
-                 (free space, or prune old versions, and run the command again)",
+                "strata: error: no space left: {}; nothing was published and earlier versions are intact; \
+                 free space (`strata prune` deletes old versions) and run the command again",
                 one_line(&e)
             );
             ExitCode::from(1)

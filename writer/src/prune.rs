@@ -1,8 +1,10 @@
 //! Retention: which versions to keep (the N newest; the newest of each of the last N days,
 //! weeks, months with backups), and how to drop the others without breaking a kept one. A kept
-//! version whose chain goes through a version that is not kept is first merged into a full
-//! (merge forward); then the unkept versions are deleted newest first, so that a crash never
-//! leaves a version whose parent was deleted before it.
+//! version whose chain goes through a version that is not kept is merged into a full (merge
+//! forward). The unkept versions that no kept version needs are deleted first, so that a full
+//! disk gets the space the merges need; then the merges run; then the rest of the unkept
+//! versions go. Each deletion pass goes newest first, so that a crash never leaves a version
+//! whose parent was deleted before it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -178,13 +180,36 @@ pub fn prune_locked(
         return Ok(PruneReport { dry_run, decisions, freed_bytes: freed });
     }
     let before = images_bytes(repo)?;
+    let needed: BTreeSet<u64> = state
+        .statuses()
+        .iter()
+        .filter(|s| decisions.iter().any(|d| d.id == s.id && matches!(d.action, Action::Keep | Action::Merge)))
+        .flat_map(|s| s.chain.clone())
+        .collect();
+    let unneeded = |d: &&Decision| d.action == Action::Delete && !needed.contains(&d.id);
+    delete_newest_first(repo, decisions.iter().filter(unneeded))?;
     for d in decisions.iter().filter(|d| d.action == Action::Merge) {
-        merge_version(&state, lock, d.id, progress)?;
+        merge_version(&state, lock, d.id, progress).map_err(|e| {
+            let freed = before.saturating_sub(images_bytes(repo).unwrap_or(before));
+            e.context(format!(
+                "merging version {} into a full, so that the versions it needs can go (the versions no kept \
+                 version needs were deleted first, freeing {}; a rule that also keeps its full needs no merge)",
+                d.id,
+                crate::units::bytes(freed)
+            ))
+        })?;
         state = repo.scan()?;
         state.check_indexes();
     }
+    delete_newest_first(repo, decisions.iter().filter(|d| d.action == Action::Delete && needed.contains(&d.id)))?;
+    let after = images_bytes(repo)?;
+    Ok(PruneReport { dry_run, decisions, freed_bytes: before as i64 - after as i64 })
+}
+
+/// Deletes the images of `decisions` (in id order), newest first, then syncs the folder.
+fn delete_newest_first<'d>(repo: &Repository, decisions: impl DoubleEndedIterator<Item = &'d Decision>) -> Result<()> {
     let mut deleted = false;
-    for d in decisions.iter().rev().filter(|d| d.action == Action::Delete) {
+    for d in decisions.rev() {
         let path = repo.image_path(d.id);
         strata_format::fault::point("prune.before_delete");
         strata_format::publish::remove(&path)?;
@@ -194,8 +219,7 @@ pub fn prune_locked(
     if deleted {
         strata_format::publish::sync_dir(repo.path())?;
     }
-    let after = images_bytes(repo)?;
-    Ok(PruneReport { dry_run, decisions, freed_bytes: before as i64 - after as i64 })
+    Ok(())
 }
 
 pub fn prune(repo_path: &Path, policy: &Retention, dry_run: bool, progress: &dyn Progress) -> Result<PruneReport> {
