@@ -210,7 +210,9 @@ fn truncated_or_foreign_or_future_images_are_named_and_never_versions() {
     // an image of another repository copied in under a free name
     let other = tmp.path().join("other");
     backup(&src, &other, None);
-    std::fs::copy(other.join("v00000001.strata"), repo.join("v00000009.strata")).unwrap();
+    for name in ["v00000004.strata", "v00000005.strata"] {
+        std::fs::copy(other.join(name), repo.join(name)).unwrap();
+    }
     let rows = list_json(&repo);
     assert!(row(&rows, 9)["problem"].as_str().unwrap().contains("belongs to another repository"), "{rows:?}");
 
@@ -450,4 +452,64 @@ fn a_repository_folder_others_can_write_is_named_in_a_warning() {
     assert!(backed.stderr.contains(&format!("chmod 700 {}", p(&repo))), "{}", backed.stderr);
     std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o770)).unwrap();
     assert!(strata(["list", &p(&repo)]).ok().stderr.contains("writable by its group"));
+}
+
+#[test]
+fn repair_rewrites_a_missing_or_damaged_identity_from_the_images_and_touches_no_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, repo) = five_versions(tmp.path());
+    let ident = std::fs::read_to_string(repo.join("strata.repo")).unwrap();
+    let images = |repo: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(repo)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".strata"))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = images(&repo);
+    let sound = strata(["repair", "--json", &p(&repo)]).ok().json();
+    assert!(sound["identity_rewritten"].is_null(), "{sound}");
+
+    std::fs::remove_file(repo.join("strata.repo")).unwrap();
+    std::fs::write(repo.join(".tmp-v00000006.strata.1.0"), b"half").unwrap();
+    std::fs::create_dir(repo.join(".tmp-folder")).unwrap();
+    let r = strata(["repair", "--json", &p(&repo)]).ok().json();
+    assert!(r["identity_rewritten"].as_str().unwrap().contains("strata.repo is missing"), "{r}");
+    assert_eq!(r["versions"], 5);
+    assert_eq!(r["not_restorable"].as_array().unwrap().len(), 0);
+    assert_eq!(r["removed"].as_array().unwrap().len(), 1, "{r}");
+    assert!(repo.join(".tmp-folder").is_dir(), "a folder is not strata's to remove");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("strata.repo")).unwrap(),
+        ident,
+        "the same identity, checksum included"
+    );
+
+    // one changed digit of the repository id: damaged, rebuilt, and no advice to move images
+    let digit = ident.find("repo_id = \"").unwrap() + 11;
+    let mut bad = ident.clone().into_bytes();
+    bad[digit] = if bad[digit] == b'0' { b'1' } else { b'0' };
+    std::fs::write(repo.join("strata.repo"), &bad).unwrap();
+    let listed = strata(["list", &p(&repo)]).ok();
+    assert!(listed.stderr.contains("strata.repo is damaged") && !listed.stderr.contains("move"), "{}", listed.stderr);
+    let text = strata(["repair", &p(&repo)]).ok();
+    assert!(text.stdout.contains("rewrote strata.repo from the image headers"), "{}", text.stdout);
+    assert!(text.stdout.contains("5 version(s), 5 restorable"), "{}", text.stdout);
+    assert_eq!(std::fs::read_to_string(repo.join("strata.repo")).unwrap(), ident);
+    assert!(strata(["list", &p(&repo)]).ok().stderr.is_empty());
+    assert_eq!(images(&repo), before, "repair changes no image");
+
+    // images of two repositories in one folder: nothing to choose from, said plainly
+    std::fs::create_dir(tmp.path().join("other")).unwrap();
+    let (_, other) = five_versions(&tmp.path().join("other"));
+    for name in ["v00000004.strata", "v00000005.strata"] {
+        std::fs::copy(other.join(name), repo.join(name)).unwrap();
+    }
+    std::fs::remove_file(repo.join("strata.repo")).unwrap();
+    let two = strata(["repair", &p(&repo)]).expect_code(1);
+    assert!(two.stderr.contains("belong to 2 repositories"), "{}", two.stderr);
+    assert_eq!(two.stderr.lines().count(), 1, "{}", two.stderr);
 }

@@ -14,6 +14,7 @@ mod patch_check;
 mod plan;
 mod progress;
 mod prune;
+mod repair;
 mod restore;
 mod schedule;
 mod source;
@@ -67,6 +68,8 @@ enum Command {
     Merge(commands::merge::Args),
     /// Delete versions no retention rule keeps, merging forward what kept versions need.
     Prune(commands::prune::Args),
+    /// Rewrite a missing or damaged strata.repo from the image headers; clear leftovers.
+    Repair(commands::repair::Args),
     /// Run `strata backup REPO` on a timer (systemd), or print the crontab line.
     #[command(subcommand)]
     Schedule(commands::schedule::Args),
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Backup(a) => commands::backup::run(a, &global),
         Command::Merge(a) => commands::merge::run(a, &global),
         Command::Prune(a) => commands::prune::run(a, &global),
+        Command::Repair(a) => commands::repair::run(a, &global),
         Command::Schedule(a) => commands::schedule::run(a, &global),
         Command::List(a) => commands::list::run(a, &global),
         Command::Info(a) => commands::info::run(a, &global),

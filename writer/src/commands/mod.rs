@@ -8,6 +8,7 @@ pub mod list;
 pub mod merge;
 pub mod mount;
 pub mod prune;
+pub mod repair;
 pub mod restore;
 pub mod schedule;
 pub mod task;
