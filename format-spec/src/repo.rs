@@ -135,8 +135,7 @@ impl Repository {
         let id_path = path.join(REPO_FILE);
         let damage = match repo_file::read_text(&id_path, IDENTITY_MAX) {
             Ok(text) => match Identity::parse(&text) {
-                Ok(identity) if identity.checksummed => return Ok(identity.into_repository(path, None)),
-                Ok(identity) => match legacy_identity_mismatch(path, &identity)? {
+                Ok(identity) => match identity_mismatch(path, &identity)? {
                     None => return Ok(identity.into_repository(path, None)),
                     Some(why) => why,
                 },
@@ -406,34 +405,37 @@ fn warn_about_folder_access(path: &Path) {
 /// The sound headers (checksum verified, named for the version they hold) of the images at
 /// `path`, in id order.
 fn image_headers(path: &Path) -> Result<Vec<(u64, ImageHeader)>> {
-    use std::os::unix::fs::FileExt;
-    let mut headers = Vec::new();
-    for (id, image) in image_names(path)? {
-        let Ok(file) = repo_file::open_read(&image) else { continue };
-        let mut hb = [0u8; HEADER_SIZE];
-        if file.read_exact_at(&mut hb, 0).is_err() {
-            continue;
-        }
-        if let Ok(h) = ImageHeader::decode(&hb, &Loc::file(&image)) {
-            if h.version == id {
-                headers.push((id, h));
-            }
-        }
-    }
-    Ok(headers)
+    Ok(image_names(path)?.into_iter().filter_map(|(id, image)| sound_header(id, &image).map(|h| (id, h))).collect())
 }
 
-/// For an identity file written before it had a checksum: why it cannot be right, when sound
-/// images exist and none of them belongs to the repository it names.
-fn legacy_identity_mismatch(path: &Path, identity: &Identity) -> Result<Option<String>> {
-    let headers = image_headers(path)?;
+/// The header of the image file `image`, when its checksum holds and it names version `id`.
+fn sound_header(id: u64, image: &Path) -> Option<ImageHeader> {
+    use std::os::unix::fs::FileExt;
+    let file = repo_file::open_read(image).ok()?;
+    let mut hb = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut hb, 0).ok()?;
+    ImageHeader::decode(&hb, &Loc::file(image)).ok().filter(|h| h.version == id)
+}
+
+/// Why the identity file cannot be right, when sound images exist and none of them belongs to
+/// the repository it names (an identity file copied from another repository, or edited with its
+/// checksum made to match, or written before it had one). A checksummed file is first checked
+/// against the newest sound header alone, so that opening costs one header read.
+fn identity_mismatch(path: &Path, identity: &Identity) -> Result<Option<String>> {
     let ours = |h: &ImageHeader| h.repo_id == identity.repo_id && h.block_size == identity.block_size;
+    if identity.checksummed {
+        let names = image_names(path)?;
+        if names.iter().rev().find_map(|(id, image)| sound_header(*id, image)).is_none_or(|h| ours(&h)) {
+            return Ok(None);
+        }
+    }
+    let headers = image_headers(path)?;
     if headers.is_empty() || headers.iter().any(|(_, h)| ours(h)) {
         return Ok(None);
     }
     Ok(Some(format!(
-        "{REPO_FILE} (written without a checksum) names repository {} with block size {}, which none of the \
-         {} image(s) carries",
+        "{REPO_FILE}{} names repository {} with block size {}, which none of the {} image(s) carries",
+        if identity.checksummed { "" } else { " (written without a checksum)" },
         hex_id(&identity.repo_id),
         identity.block_size,
         headers.len()
