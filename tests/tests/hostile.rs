@@ -239,11 +239,34 @@ impl Drop for Mount {
                 let _ = tool_status("umount", &["-l", &p(&self.dir)]);
             }
         }
-        if let Some(pid) = self.driver.filter(|&pid| !process_gone(pid)) {
-            // SAFETY: signals the mount driver this test started, by its pid.
+        // a mount command killed before it printed its driver's pid leaves the driver (in its
+        // own session) behind: it is found by this test's own mount point among its arguments
+        let mut drivers = drivers_of(&self.dir);
+        drivers.extend(self.driver);
+        for pid in drivers.into_iter().filter(|&pid| !process_gone(pid)) {
+            // SAFETY: signals a mount driver this test started, by its pid.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// The pids of `strata mount` processes serving the mount point `dir`.
+fn drivers_of(dir: &Path) -> Vec<i32> {
+    let (bin, dir) = (p(&strata_bin()), p(dir));
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let argv: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            argv.first() == Some(&bin) && argv.iter().any(|a| a == "mount") && argv.last() == Some(&dir)
+        })
+        .collect()
 }
 
 /// Reads `file` to the end in a child process (`cmp` against `model`), so that a hanging FUSE
