@@ -189,8 +189,16 @@ fn backup_into(
         None => crate::config::compression_level(&config.compression)?,
     };
     let lock = repo.lock()?;
-    for leftover in repo.remove_leftovers(&lock)? {
-        log::warn!("removed {} left by an interrupted backup", leftover.display());
+    match repo.remove_leftovers(&lock)?.as_slice() {
+        [] => {}
+        [one] => log::warn!("removed {}, left by an interrupted command", one.display()),
+        [first, rest @ ..] => log::warn!(
+            "removed {} temporary files or links left in the repository (by interrupted commands, or planted), {} and \
+             {} more",
+            rest.len() + 1,
+            first.display(),
+            rest.len()
+        ),
     }
     if existing.is_some() {
         config = TaskConfig::load(repo.path())?; // what `strata config` may have changed meanwhile
