@@ -262,6 +262,8 @@ fn schedule_writes_systemd_units_that_verify() {
     let (_, repo) = task(t, &[]);
     let units = t.join("units");
     let run = strata(["schedule", "install", &p(&repo), "--every", "daily", "--unit-dir", &p(&units)]).ok();
+    // the binary under test lies in target/: the unit would break when the tree is cleaned
+    assert!(run.stderr.contains("lies in a build tree") && run.stderr.contains("cargo install"), "{}", run.stderr);
     assert!(run.stdout.contains(".timer"), "{}", run.stdout);
     let files: Vec<PathBuf> = std::fs::read_dir(&units).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 2);

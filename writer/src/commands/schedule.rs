@@ -60,6 +60,15 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             std::fs::create_dir_all(&dir.dir).with_context(|| format!("{}", dir.dir.display()))?;
             let base = unit_base(&repo);
             let strata = std::env::current_exe().context("finding the strata binary")?;
+            if strata.components().any(|c| c.as_os_str() == "target") {
+                log::warn!(
+                    "the unit runs {}, which lies in a build tree and goes when it is cleaned; install strata \
+                     (`cargo install --path writer --locked`, or `install -m 755 {} /usr/local/bin/`) and run \
+                     `strata schedule install` again from there",
+                    strata.display(),
+                    strata.display()
+                );
+            }
             let service = dir.dir.join(format!("{base}.service"));
             let timer = dir.dir.join(format!("{base}.timer"));
             std::fs::write(&service, service_text(&strata, &repo)).with_context(|| format!("{}", service.display()))?;
