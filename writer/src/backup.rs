@@ -257,6 +257,9 @@ fn backup_into(
         match copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress) {
             Ok(outcome) => break (plan, parent, id, parent_ref, total_blocks, writer, outcome),
             Err(e) => {
+                if e.downcast_ref::<crate::interrupt::Interrupted>().is_some() {
+                    return Err(e.context("backup stopped: no version was written, the unfinished image was removed"));
+                }
                 let Some(damaged) = damaged_parent(&e, &plan) else { return Err(e) };
                 drop(writer);
                 let note = format!(
@@ -392,6 +395,7 @@ fn copy_blocks(
         scope.spawn(move || pack_batches(parent, bs, level, scanned_rx, packed_tx));
         for packed in packed_rx {
             let Packed { scanned: Scanned { start, buf, results }, decisions, units, patches } = packed?;
+            crate::interrupt::check()?;
             let hashes: Vec<[u8; 32]> = results.iter().map(|r| r.hash).collect();
             let mut units = units.into_iter().peekable();
             let mut written = Vec::new();

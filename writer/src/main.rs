@@ -6,6 +6,7 @@ mod commands;
 mod config;
 mod dedup;
 mod direct_io;
+mod interrupt;
 mod logging;
 mod merge;
 mod pack;
@@ -98,15 +99,24 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Init(a) => commands::task::init(a, &global),
         Command::Config(a) => commands::task::config(a, &global),
-        Command::Backup(a) => commands::backup::run(a, &global),
-        Command::Merge(a) => commands::merge::run(a, &global),
+        Command::Backup(a) => {
+            interrupt::watch();
+            commands::backup::run(a, &global)
+        }
+        Command::Merge(a) => {
+            interrupt::watch();
+            commands::merge::run(a, &global)
+        }
         Command::Prune(a) => commands::prune::run(a, &global),
         Command::Repair(a) => commands::repair::run(a, &global),
         Command::Schedule(a) => commands::schedule::run(a, &global),
         Command::List(a) => commands::list::run(a, &global),
         Command::Info(a) => commands::info::run(a, &global),
         Command::Verify(a) => commands::verify::run(a, &global),
-        Command::Restore(a) => commands::restore::run(a, &global),
+        Command::Restore(a) => {
+            interrupt::watch();
+            commands::restore::run(a, &global)
+        }
         Command::Mount(a) => commands::mount::run(a, &global),
         Command::Umount(a) => commands::umount::run(a, &global),
         Command::Demo(a) => commands::demo::run(a, &global),
@@ -147,6 +157,10 @@ fn one_line(err: &anyhow::Error) -> String {
     text
 }
 
+fn interrupted(err: &anyhow::Error) -> Option<&interrupt::Interrupted> {
+    err.chain().find_map(|e| e.downcast_ref::<interrupt::Interrupted>())
+}
+
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
@@ -165,6 +179,14 @@ fn main() -> ExitCode {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failure) => ExitCode::from(1),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if interrupted(&e).is_some() => {
+            let signal = interrupted(&e).expect("checked above");
+            match e.chain().next().filter(|outer| outer.to_string() != signal.to_string()) {
+                Some(outer) => eprintln!("strata: {signal}; {outer}"),
+                None => eprintln!("strata: {signal}"),
+            }
+            ExitCode::from(signal.exit_code())
+        }
         Err(e) if is_no_space(&e) => {
             eprintln!(
                 "strata: error: no space left: {}; nothing was published and earlier versions are intact; \

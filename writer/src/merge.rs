@@ -58,6 +58,8 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
     progress.begin("merge", reader.source_size());
     let mut block = 0;
     while block < reader.block_count() {
+        crate::interrupt::check()
+            .with_context(|| format!("merge of version {id} stopped: version {id} is as it was"))?;
         let next = match reader.entry(block)? {
             Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
                 copier.copy_group(&reader, &mut writer, block, image, entry)?

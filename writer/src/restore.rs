@@ -137,8 +137,91 @@ pub fn restore(
     let state = repo.scan()?;
     let id = state.resolve_name(version)?;
     let reader = state.open_version(id)?;
+    refuse_a_target_in_a_repository(target)?;
+    let before = target.metadata().ok();
     let (file, kind) = open_target(target, reader.source_size(), force)?;
-    let (digest, direct_io) = write_version(&reader, &file, &kind, target, progress)?;
+    let written = write_and_check(&reader, &file, &kind, target, progress, repo_path, id);
+    let (digest, direct_io) = match written {
+        Ok(done) => done,
+        Err(e) => return Err(undo_partial_target(e, target, before.as_ref(), &kind, id)),
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(RestoreSummary {
+        id,
+        target: target.to_path_buf(),
+        bytes: reader.source_size(),
+        seconds,
+        mb_per_s: crate::units::mb_per_s(reader.source_size(), seconds),
+        digest: hex(&digest),
+        digest_verified: true,
+        direct_io,
+    })
+}
+
+/// Refuses a target inside a repository folder (an image, or a new file there): restoring over
+/// an image destroys that version and every version that needs it.
+fn refuse_a_target_in_a_repository(target: &Path) -> Result<()> {
+    let folder = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(folder) = folder.canonicalize() else { return Ok(()) };
+    if let Some(repo) = folder.ancestors().find(|a| a.join(strata_format::layout::REPO_FILE).exists()) {
+        bail!(
+            "{}: the target lies inside the repository {}; restore to a file or device outside it",
+            target.display(),
+            repo.display()
+        );
+    }
+    Ok(())
+}
+
+/// After a failed restore: removes a target file that restore created, empties one that was
+/// empty, and otherwise says plainly that the target now holds part of the version.
+fn undo_partial_target(
+    e: anyhow::Error,
+    target: &Path,
+    before: Option<&std::fs::Metadata>,
+    kind: &TargetKind,
+    id: u64,
+) -> anyhow::Error {
+    let regular = matches!(kind, TargetKind::File);
+    match before {
+        None if regular => match std::fs::remove_file(target) {
+            Ok(()) => e.context(format!("restore of version {id} failed; {} was removed", target.display())),
+            Err(why) => {
+                e.context(format!("restore of version {id} failed; {} is incomplete ({why})", target.display()))
+            }
+        },
+        Some(m) if regular && m.len() == 0 => {
+            let emptied = OpenOptions::new().write(true).open(target).and_then(|f| f.set_len(0));
+            e.context(match emptied {
+                Ok(()) => format!("restore of version {id} failed; {} is empty again", target.display()),
+                Err(why) => format!("restore of version {id} failed; {} is incomplete ({why})", target.display()),
+            })
+        }
+        _ if matches!(kind, TargetKind::Device) && before.is_some_and(|m| m.file_type().is_fifo()) => {
+            e.context(format!("restore of version {id} failed; the stream to {} is incomplete", target.display()))
+        }
+        _ => e.context(format!(
+            "restore of version {id} failed; {} is now INCOMPLETE: it holds part of the version over what it \
+             held before; restore again before using it",
+            target.display()
+        )),
+    }
+}
+
+/// Writes the version, syncs the target and checks the whole-source digest.
+fn write_and_check(
+    reader: &VersionReader,
+    file: &File,
+    kind: &TargetKind,
+    target: &Path,
+    progress: &dyn Progress,
+    repo_path: &Path,
+    id: u64,
+) -> Result<([u8; 32], bool)> {
+    let (digest, direct_io) = write_version(reader, file, kind, target, progress)?;
     match file.sync_all() {
         // Character devices and pipes (e.g. /dev/null) have nothing to sync.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -155,17 +238,7 @@ pub fn restore(
             repo_path.display()
         );
     }
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(RestoreSummary {
-        id,
-        target: target.to_path_buf(),
-        bytes: reader.source_size(),
-        seconds,
-        mb_per_s: crate::units::mb_per_s(reader.source_size(), seconds),
-        digest: hex(&digest),
-        digest_verified: true,
-        direct_io,
-    })
+    Ok((digest, direct_io))
 }
 
 /// Writes every block of `reader` into `file`; returns the digest of what was written and
@@ -231,6 +304,7 @@ fn write_version(
                 start = stored;
                 continue;
             }
+            crate::interrupt::check()?;
             let n = batch_blocks.min(reader.block_count() - start);
             reader.prime_from(start);
             let mut buf = free_rx.try_recv().unwrap_or_default();
