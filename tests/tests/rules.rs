@@ -363,13 +363,21 @@ fn bad_input_gets_a_one_line_error_and_the_right_exit_code() {
     std::fs::write(&src, b"").unwrap();
     one_line(strata(["backup", &p(&src), &p(&repo)]).expect_code(1));
     disk(&src, 1);
-    one_line(strata(["backup", "--block-size", "3K", &p(&src), &p(&repo)]).expect_code(1));
     backup(&src, &repo, None);
     one_line(strata(["backup", "--block-size", "64K", &p(&src), &p(&repo)]).expect_code(1));
     one_line(strata(["restore", &p(&repo), "42", &p(&t.join("o"))]).expect_code(1));
-    one_line(strata(["restore", &p(&repo), "banana", &p(&t.join("o"))]).expect_code(1));
-    one_line(strata(["info", &p(&repo), "0"]).expect_code(1));
-    // usage errors exit 2
+    // usage errors exit 2, whether clap or a value check finds them
+    for bad in [
+        vec!["restore", &p(&repo), "banana", &p(&t.join("o"))],
+        vec!["info", &p(&repo), "0"],
+        vec!["backup", "--block-size", "3K", &p(&src), &p(&repo)],
+        vec!["init", &p(&t.join("new")), "--compression", "zstd:99"],
+        vec!["mount", "--cache-size", "lots", &p(&repo), &p(t)],
+        vec!["verify", &p(&repo), "latest", "x"],
+    ] {
+        let r = strata(&bad).expect_code(2);
+        assert!(r.stderr.contains("invalid value"), "{bad:?}: {}", r.stderr);
+    }
     strata(["backup"]).expect_code(2);
     strata(["frobnicate"]).expect_code(2);
     strata(["backup", "--full", "--differential", &p(&src), &p(&repo)]).expect_code(2);

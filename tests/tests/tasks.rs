@@ -126,7 +126,7 @@ fn backup_of_a_repo_uses_the_recorded_source_and_records_it_on_first_use() {
     assert_eq!((s["id"].as_u64(), s["kind"].as_str()), (Some(2), Some("incremental")));
     // config changes are validated and kept
     strata(["config", "-q", &p(&repo), "--scheme", "differential", "--keep-last", "5"]).ok();
-    let r = strata(["config", &p(&repo), "--compression", "zstd:99"]).expect_code(1);
+    let r = strata(["config", &p(&repo), "--compression", "zstd:99"]).expect_code(2);
     assert!(r.stderr.contains("zstd:LEVEL"), "{}", r.stderr);
     let text = std::fs::read_to_string(repo.join("strata.toml")).unwrap();
     assert!(text.contains("scheme = \"differential\"") && text.contains("keep_last = 5"), "{text}");

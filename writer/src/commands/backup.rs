@@ -6,7 +6,7 @@ use anyhow::Result;
 use strata_format::Kind;
 
 use crate::backup::{backup, BackupRequest};
-use crate::units::{bytes, parse_size};
+use crate::units::bytes;
 use crate::{Global, Outcome};
 
 #[derive(clap::Args)]
@@ -25,8 +25,8 @@ pub struct Args {
     #[arg(long, group = "kind")]
     pub differential: bool,
     /// Block size of a new repository (power of two, 4K to 4M; fixed per repository).
-    #[arg(long, value_name = "SIZE")]
-    pub block_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = super::block_size_arg)]
+    pub block_size: Option<u32>,
     /// zstd compression level (1-19; default: the repository's, zstd:3).
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: Option<i32>,
@@ -48,15 +48,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     } else {
         None
     };
-    let block_size = match &args.block_size {
-        None => None,
-        Some(s) => {
-            let n = parse_size(s)?;
-            let n = u32::try_from(n).map_err(|_| anyhow::anyhow!("block size {s} is too large"))?;
-            strata_format::header::check_block_size(n)?;
-            Some(n)
-        }
-    };
+    let block_size = args.block_size;
     let (source, repo) = match args.paths.as_slice() {
         [repo] => (None, repo.clone()),
         [source, repo] => (Some(source.clone()), repo.clone()),

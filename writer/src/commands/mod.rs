@@ -21,10 +21,38 @@ pub struct VersionArgs {
     /// The repository folder.
     pub repo: std::path::PathBuf,
     /// The version: an id, or `latest`.
+    #[arg(value_parser = version_arg)]
     pub version: String,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--block-size`: a size (4096, 64K, 1M) that is a power of two from 4K to 4M. Parsed by clap,
+/// so that a bad value is a usage error (exit 2) like every other.
+pub fn block_size_arg(s: &str) -> Result<u32, String> {
+    let n = crate::units::parse_size(s).map_err(|e| e.to_string())?;
+    let n = u32::try_from(n).map_err(|_| format!("{s} is larger than 4M"))?;
+    strata_format::header::check_block_size(n).map_err(|_| format!("{s} is not a power of two from 4K to 4M"))?;
+    Ok(n)
+}
+
+/// A size such as 128M.
+pub fn size_arg(s: &str) -> Result<String, String> {
+    crate::units::parse_size(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A version: an id (a number such as 3) or `latest`.
+pub fn version_arg(s: &str) -> Result<String, String> {
+    match s == "latest" || s.parse::<u64>().is_ok_and(|id| id > 0) {
+        true => Ok(s.to_string()),
+        false => Err("a version is an id (a number such as 3) or `latest`".into()),
+    }
+}
+
+/// `--compression zstd:LEVEL`.
+pub fn compression_arg(s: &str) -> Result<String, String> {
+    crate::config::compression_level(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// Prints `value` as one JSON document on stdout.

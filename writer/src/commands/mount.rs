@@ -21,13 +21,13 @@ pub struct Args {
     /// An empty folder to mount on.
     pub mountpoint: PathBuf,
     /// Show only this version (an id or `latest`); the layout stays MOUNTPOINT/<id>/...
-    #[arg(long, value_name = "VERSION")]
+    #[arg(long, value_name = "VERSION", value_parser = super::version_arg)]
     pub version: Option<String>,
     /// Stay attached and log to stderr; SIGINT/SIGTERM unmount.
     #[arg(long, short = 'f')]
     pub foreground: bool,
     /// Memory for decompressed blocks.
-    #[arg(long, default_value = "128M", value_name = "SIZE")]
+    #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = super::size_arg)]
     pub cache_size: String,
     /// Let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf).
     #[arg(long)]

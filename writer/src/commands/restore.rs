@@ -13,6 +13,7 @@ pub struct Args {
     /// The repository folder.
     pub repo: PathBuf,
     /// The version id, or `latest`.
+    #[arg(value_parser = super::version_arg)]
     pub version: String,
     /// A block device or a file (created sparse).
     pub target: PathBuf,

@@ -7,7 +7,6 @@ use anyhow::{bail, Result};
 use strata_format::Repository;
 
 use crate::config::{Retention, Scheme, TaskConfig};
-use crate::units::parse_size;
 use crate::{Global, Outcome};
 
 #[derive(clap::Args, Debug, Default)]
@@ -54,7 +53,7 @@ pub struct TaskOptions {
     #[arg(long)]
     pub source: Option<PathBuf>,
     /// Compression, zstd:LEVEL with LEVEL 1-19.
-    #[arg(long, value_name = "zstd:LEVEL")]
+    #[arg(long, value_name = "zstd:LEVEL", value_parser = super::compression_arg)]
     pub compression: Option<String>,
     /// What an ordinary `strata backup` makes.
     #[arg(long, value_enum)]
@@ -108,8 +107,8 @@ pub struct InitArgs {
     /// The repository folder to create (missing or empty).
     pub repo: PathBuf,
     /// Block size (power of two, 4K to 4M; fixed for the repository's life).
-    #[arg(long, default_value = "64K", value_name = "SIZE")]
-    pub block_size: String,
+    #[arg(long, default_value = "64K", value_name = "SIZE", value_parser = super::block_size_arg)]
+    pub block_size: u32,
     #[command(flatten)]
     pub task: TaskOptions,
 }
@@ -126,8 +125,7 @@ pub struct ConfigArgs {
 }
 
 pub fn init(args: InitArgs, global: &Global) -> Result<Outcome> {
-    let block_size =
-        u32::try_from(parse_size(&args.block_size)?).map_err(|_| anyhow::anyhow!("block size too large"))?;
+    let block_size = args.block_size;
     if args.repo.exists() && args.repo.read_dir().map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{}: not an empty folder; `strata init` creates a new repository", args.repo.display());
     }

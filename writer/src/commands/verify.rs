@@ -12,6 +12,7 @@ pub struct Args {
     /// The repository folder.
     pub repo: PathBuf,
     /// Versions to check (ids or `latest`), with the images they need; all when none given.
+    #[arg(value_parser = super::version_arg)]
     pub versions: Vec<String>,
     /// Check headers, indexes and digests only, without reading block data.
     #[arg(long)]
