@@ -1,7 +1,8 @@
 //! The mistakes a careless user makes and what strata does about them: a restore aimed into a
 //! repository is refused, a restore that fails leaves no partial file it created (and says when
 //! it overwrote something), and Ctrl-C or SIGTERM during a backup or restore stops cleanly,
-//! removing what was half written and saying so, with the shell's exit status for the signal.
+//! removing what was half written and saying so, with the shell's exit status for the signal;
+//! backup arguments in the wrong order are named as such.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -118,4 +119,24 @@ fn ctrl_c_during_a_restore_removes_the_target_it_created() {
         .expect_code(130);
     assert!(r.stderr.contains("interrupted by SIGINT") && r.stderr.contains("was removed"), "{}", r.stderr);
     assert!(!target.exists());
+}
+
+#[test]
+fn backup_arguments_in_the_wrong_order_are_named() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = (t.path().join("disk.img"), t.path().join("repo"));
+    write_disk(&src, 1 << 20, 7, |_| true);
+    let forgot = strata(["backup", &p(&src)]).expect_code(1);
+    assert!(
+        forgot.stderr.contains("a disk, not a repository; the order is `strata backup SOURCE REPO`"),
+        "{}",
+        forgot.stderr
+    );
+    strata(["backup", "-q", &p(&src), &p(&repo)]).ok();
+    let before = std::fs::read(&src).unwrap();
+    let swapped = strata(["backup", &p(&repo), &p(&src)]).expect_code(1);
+    assert!(swapped.stderr.contains(&format!("here `strata backup {} {}`", p(&src), p(&repo))), "{}", swapped.stderr);
+    assert_eq!(swapped.stderr.lines().count(), 1, "{}", swapped.stderr);
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+    assert_eq!(list_json(&repo).len(), 1);
 }

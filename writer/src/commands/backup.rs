@@ -38,6 +38,30 @@ pub struct Args {
     pub json: bool,
 }
 
+/// A disk where the repository goes, or a repository where the source goes, is a mistake in
+/// the order of the arguments (or a forgotten one): say so instead of failing further on.
+fn check_argument_order(source: Option<&std::path::Path>, repo: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_disk =
+        |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
+    let is_repo = |p: &std::path::Path| p.join(strata_format::layout::REPO_FILE).exists();
+    match source {
+        None if is_disk(repo) => anyhow::bail!(
+            "{}: a disk, not a repository; the order is `strata backup SOURCE REPO` (REPO alone backs up the \
+             source recorded there)",
+            repo.display()
+        ),
+        Some(source) if is_repo(source) && is_disk(repo) => anyhow::bail!(
+            "{} is a repository and {} a disk: the order is `strata backup SOURCE REPO`, here `strata backup {} {}`",
+            source.display(),
+            repo.display(),
+            repo.display(),
+            source.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let kind = if args.full {
         Some(Kind::Full)
@@ -54,6 +78,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         [source, repo] => (Some(source.clone()), repo.clone()),
         _ => unreachable!("clap allows one or two paths"),
     };
+    check_argument_order(source.as_deref(), &repo)?;
     let req = BackupRequest { source, repo, kind, block_size, level: args.compression_level, label: args.label };
     let progress = crate::progress::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
