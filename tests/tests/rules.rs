@@ -519,3 +519,19 @@ fn repair_rewrites_a_missing_or_damaged_identity_from_the_images_and_touches_no_
     assert!(two.stderr.contains("belong to 2 repositories"), "{}", two.stderr);
     assert_eq!(two.stderr.lines().count(), 1, "{}", two.stderr);
 }
+
+#[test]
+fn quick_verify_says_what_it_did_not_read_and_info_shows_the_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, repo) = five_versions(tmp.path());
+    let quick = strata(["verify", "--quick", &p(&repo)]).ok();
+    assert!(quick.stdout.contains("header, index and footer checked"), "{}", quick.stdout);
+    assert!(quick.stdout.contains("digest verified from the index"), "{}", quick.stdout);
+    assert!(quick.stdout.contains("quick: no block data was read"), "{}", quick.stdout);
+    assert!(!quick.stdout.contains("blocks checked"), "{}", quick.stdout);
+    let full = strata(["verify", &p(&repo)]).ok();
+    assert!(full.stdout.contains("blocks checked") && !full.stdout.contains("quick"), "{}", full.stdout);
+    let info = strata(["info", &p(&repo), "4"]).ok();
+    assert!(info.stdout.contains("rule           requested"), "{}", info.stdout);
+    assert_eq!(strata(["info", "--json", &p(&repo), "1"]).ok().json()["rule"], "first backup");
+}

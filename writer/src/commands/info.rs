@@ -14,6 +14,8 @@ pub use super::VersionArgs as Args;
 struct Info {
     id: u64,
     kind: &'static str,
+    /// Why this kind (as `list` shows it).
+    rule: &'static str,
     parent: Option<u64>,
     full: u64,
     chain: Vec<u64>,
@@ -48,6 +50,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     let info = Info {
         id,
         kind: h.kind.as_str(),
+        rule: h.rule.as_str(),
         parent: h.parent.map(|p| p.version),
         full: h.full.version,
         chain: status.chain.clone(),
@@ -75,6 +78,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     let chain: Vec<String> = info.chain.iter().map(u64::to_string).collect();
     println!("version        {}", info.id);
     println!("kind           {}", info.kind);
+    println!("rule           {}", info.rule);
     println!("parent         {}", info.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
     println!("full           {}", info.full);
     println!("chain          {}", chain.join(" <- "));

@@ -31,7 +31,10 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     } else {
         for img in &report.images {
             if img.sound {
-                if !global.quiet {
+                if global.quiet {
+                } else if args.quick {
+                    println!("ok       {} (version {}): header, index and footer checked", img.file, img.version);
+                } else {
                     println!("ok       {} (version {}): {} blocks checked", img.file, img.version, img.blocks_checked);
                 }
             } else {
@@ -43,13 +46,19 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         }
         for v in &report.versions {
             match &v.problem {
-                None if !global.quiet => println!("version {}: restorable, digest verified", v.id),
-                None => {}
+                None if global.quiet => {}
+                None if args.quick => println!("version {}: restorable, digest verified from the index", v.id),
+                None => println!("version {}: restorable, digest verified", v.id),
                 Some(p) => println!("version {}: NOT restorable: {p}", v.id),
             }
         }
         if !global.quiet {
             println!("{}", if report.ok { "verify: everything checked is sound" } else { "verify: damage found" });
+            if args.quick {
+                println!(
+                    "verify: quick: no block data was read (crc32c, decompression and hashes of the data unchecked)"
+                );
+            }
         }
     }
     Ok(if report.ok { Outcome::Success } else { Outcome::Failure })
