@@ -62,22 +62,26 @@ pub struct BackupSummary {
     pub deleted: Vec<u64>,
 }
 
-/// Opens the repository at `path`, creating it when the folder is missing or empty.
-/// Says whether it created it.
-pub fn open_or_create_repo(path: &Path, block_size: Option<u32>) -> Result<(Repository, bool)> {
+/// Opens the repository at `path` (unless `opened` is it already), creating it when the folder
+/// is missing or empty. Says whether it created it.
+fn open_or_create_repo(path: &Path, block_size: Option<u32>, opened: Option<Repository>) -> Result<(Repository, bool)> {
     // Empty, or holding only what an interrupted creation left (`.tmp-*`).
     let only_leftovers = |p: &Path| {
         p.read_dir()
             .map(|d| d.flatten().all(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)))
             .unwrap_or(false)
     };
-    let fresh = !path.exists() || (!path.join(strata_format::layout::REPO_FILE).exists() && only_leftovers(path));
+    let fresh = opened.is_none()
+        && (!path.exists() || (!path.join(strata_format::layout::REPO_FILE).exists() && only_leftovers(path)));
     if fresh {
         let repo = Repository::create(path, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
         log::info!("created repository {} (block size {})", path.display(), repo.block_size);
         return Ok((repo, true));
     }
-    let repo = Repository::open(path)?;
+    let repo = match opened {
+        Some(repo) => repo,
+        None => Repository::open(path)?,
+    };
     if let Some(bs) = block_size {
         if bs != repo.block_size {
             bail!(
@@ -182,7 +186,8 @@ fn backup_into(
             bail!("{}: the source lies inside the repository", source_path.display());
         }
     }
-    let (mut repo, fresh) = open_or_create_repo(&req.repo, req.block_size)?;
+    let had_repo = existing.is_some();
+    let (mut repo, fresh) = open_or_create_repo(&req.repo, req.block_size, existing)?;
     *created = fresh;
     let level = match req.level {
         Some(l) => l,
@@ -200,7 +205,7 @@ fn backup_into(
             rest.len()
         ),
     }
-    if existing.is_some() {
+    if had_repo {
         config = TaskConfig::load(repo.path())?; // what `strata config` may have changed meanwhile
     }
     if config.source.is_none() {
@@ -255,7 +260,10 @@ fn backup_into(
         }
         crate::source_map::remove_on_fault(&on_fault, (*created && !folder_existed).then_some(repo.path()));
         match copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress) {
-            Ok(outcome) => break (plan, parent, id, parent_ref, total_blocks, writer, outcome),
+            Ok(outcome) => {
+                crate::source_map::remove_on_fault(&[], None);
+                break (plan, parent, id, parent_ref, total_blocks, writer, outcome);
+            }
             Err(e) => {
                 if e.downcast_ref::<crate::interrupt::Interrupted>().is_some() {
                     return Err(e.context("backup stopped: no version was written, the unfinished image was removed"));

@@ -103,7 +103,7 @@ impl Drop for SourceMap {
 
 /// Names what a failed read of a map removes before the process exits: the unfinished image,
 /// and the files and folder of a repository that this backup created (the unwinding that
-/// removes them otherwise does not happen in a signal handler).
+/// removes them otherwise does not happen in a signal handler). Nothing given: nothing removed.
 pub fn remove_on_fault(files: &[PathBuf], folder: Option<&Path>) {
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
     let removals = Removals { files: files.iter().filter_map(|f| c(f)).collect(), folder: folder.and_then(c) };
