@@ -51,7 +51,7 @@ fn loop_device_backs_up_and_restores_onto_another_device() {
     std::fs::File::create(&small_file).unwrap().set_len(8 << 20).unwrap();
     let small = LoopDevice::attach(&small_file);
     let r = strata(["restore", "--force", &p(&repo), "2", &p(&small.path)]).expect_code(1);
-    assert!(r.stderr.contains("fewer than the version's"), "{}", r.stderr);
+    assert!(r.stderr.contains("less than the version's"), "{}", r.stderr);
 
     // a mounted device
     let mounted_file = t.join("mounted.img");

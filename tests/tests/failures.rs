@@ -269,7 +269,7 @@ fn prune_while_mounted_keeps_open_files_readable_and_two_mounts_coexist() {
     let t = tmp.path();
     let (src, repo, models) = four_kinds(t);
     let a = StrataMount::new(&repo, &t.join("a"), &[]);
-    let b = StrataMount::new(&repo, &t.join("b"), &["--version", "2"]);
+    let b = StrataMount::new(&repo, &t.join("b"), &["--only", "2"]);
     let mut open = std::fs::File::open(a.path("2/disk.img")).unwrap();
     let mut first = vec![0u8; 1000];
     open.read_exact(&mut first).unwrap();

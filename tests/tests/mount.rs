@@ -302,7 +302,7 @@ fn mount_errors_are_clear_and_version_option_shows_one_version() {
     let r = strata(["umount", &p(&empty)]).expect_code(1);
     assert!(r.stderr.contains("nothing is mounted"), "{}", r.stderr);
 
-    let m = StrataMount::new(&repo, &t.join("v1"), &["--version", "1"]);
+    let m = StrataMount::new(&repo, &t.join("v1"), &["--only", "1"]);
     let names: Vec<_> = std::fs::read_dir(&m.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(names.contains(&"1".into()) && !names.contains(&"2".into()), "{names:?}");
     // mounting again on a mount point in use is refused

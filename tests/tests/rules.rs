@@ -403,6 +403,47 @@ fn quiet_prints_nothing_and_json_is_machine_readable() {
     assert_eq!(r.stdout, "");
     let v = strata(["verify", "--json", &p(&repo)]).ok().json();
     assert_eq!(v["ok"], true);
+    // with --json a failure is a JSON object on stdout too, besides the line on stderr
+    let missing = tmp.path().join("nope");
+    for (args, code) in [
+        (vec!["list".to_string(), "--json".into(), p(&missing)], 1),
+        (vec!["restore".into(), "--json".into(), p(&repo), "9".into(), p(&tmp.path().join("o"))], 1),
+        (vec!["backup".into(), "--json".into(), "--block-size".into(), "3K".into(), p(&src), p(&repo)], 2),
+    ] {
+        let r = strata(&args).expect_code(code);
+        let doc = r.json();
+        assert_eq!(doc["exit_code"], code, "{args:?}: {doc}");
+        let message = doc["error"].as_str().unwrap();
+        assert!(!message.is_empty() && r.stderr.contains(message), "{args:?}: {message} vs {}", r.stderr);
+    }
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line_definitions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let man = tmp.path().join("man1");
+    strata(["man", "-q", &p(&man)]).ok();
+    for sub in ["", "-backup", "-restore", "-mount", "-schedule-install", "-verify"] {
+        let page = std::fs::read_to_string(man.join(format!("strata{sub}.1"))).unwrap();
+        assert!(page.starts_with(".ie") || page.contains(".TH"), "strata{sub}.1: {page}");
+    }
+    let backup = std::fs::read_to_string(man.join("strata-backup.1")).unwrap();
+    assert!(backup.contains("compression") && backup.contains("differential"), "{backup}");
+    if has_tool("man") {
+        let r = tool("man", &["-l", &p(&man.join("strata-restore.1"))]);
+        assert!(r.stdout.contains("strata-restore"), "{}", r.stdout);
+    }
+    let bash = strata(["completions", "bash"]).ok().stdout;
+    assert!(bash.contains("complete -F _strata") && bash.contains("--differential"), "{bash}");
+    if has_tool("bash") {
+        let script = tmp.path().join("strata.bash");
+        std::fs::write(&script, &bash).unwrap();
+        tool("bash", &["-n", &p(&script)]);
+    }
+    for shell in ["zsh", "fish"] {
+        assert!(strata(["completions", shell]).ok().stdout.contains("restore"), "{shell}");
+    }
+    strata(["completions", "tcsh"]).expect_code(2);
 }
 
 #[test]
@@ -534,4 +575,34 @@ fn quick_verify_says_what_it_did_not_read_and_info_shows_the_rule() {
     let info = strata(["info", &p(&repo), "4"]).ok();
     assert!(info.stdout.contains("rule           requested"), "{}", info.stdout);
     assert_eq!(strata(["info", "--json", &p(&repo), "1"]).ok().json()["rule"], "first backup");
+}
+
+#[test]
+fn rates_count_what_was_read_and_messages_give_sizes_in_binary_units() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, repo) = (tmp.path().join("sparse.img"), tmp.path().join("repo"));
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(64 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&noise(3, 4 << 20), 1 << 30).unwrap();
+    let s = strata(["backup", "--json", &p(&src), &p(&repo)]).ok().json();
+    let (read, seconds, rate) =
+        (s["bytes_read"].as_u64().unwrap(), s["seconds"].as_f64().unwrap(), s["mib_per_s"].as_f64().unwrap());
+    assert!(read < 64 << 20, "holes are not read: {s}");
+    let expected = read as f64 / (1 << 20) as f64 / seconds;
+    assert!((rate - expected).abs() <= expected * 0.01 + 0.01, "the rate is of the bytes read: {s}");
+    let line = strata(["backup", "--full", &p(&src), &p(&repo)]).ok().stdout;
+    assert!(line.contains(" MiB/s") && !line.contains("MB/s"), "{line}");
+
+    let out = tmp.path().join("out.img");
+    std::fs::write(&out, vec![1u8; 3 << 10]).unwrap();
+    let r = strata(["restore", &p(&repo), "1", &p(&out)]).expect_code(1);
+    assert!(r.stderr.contains("is not empty (3 KiB)"), "{}", r.stderr);
+    let r = strata(["restore", "--json", "--force", &p(&repo), "1", &p(&out)]).ok().json();
+    assert_eq!(r["bytes"], 64u64 << 30);
+    assert!(r["bytes_written"].as_u64().unwrap() < 64 << 20, "{r}");
+    assert_eq!(r["digest_verified"], true);
+    let mut data = vec![0u8; 4 << 20];
+    std::fs::File::open(&out).unwrap().read_exact_at(&mut data, 1 << 30).unwrap();
+    assert!(data == noise(3, 4 << 20), "the data is back where it was");
 }

@@ -356,17 +356,31 @@ fn a_chain_of_1000_incrementals_works_with_memory_bounded_as_for_a_short_chain()
 }
 
 #[test]
-fn a_zero_count_in_the_retention_config_is_refused_not_obeyed() {
+fn a_zero_count_means_that_rule_off_in_the_file_in_config_and_in_prune() {
     let tmp = tempfile::tempdir().unwrap();
-    let (src, repo) = task(tmp.path(), &[]);
+    let (src, repo) = task(tmp.path(), &["--keep-last", "2"]);
     strata(["backup", "-q", &p(&repo)]).ok();
     let cfg = repo.join("strata.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("# keep_last = N", "keep_last = 0");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("keep_last = 2", "keep_last = 0");
     std::fs::write(&cfg, text).unwrap();
-    change(&src, 1, 1);
-    let r = strata(["backup", &p(&repo)]).expect_code(1);
-    assert!(r.stderr.contains("retention.keep_last must be at least 1"), "{}", r.stderr);
-    assert_eq!(list_json(&repo).len(), 1, "nothing deleted");
+    for i in 0..3 {
+        change(&src, i, i + 1);
+        strata(["backup", "-q", &p(&repo)]).ok();
+    }
+    assert_eq!(list_json(&repo).len(), 4, "keep_last = 0 written by hand is off: nothing deleted, no backup fails");
+    let shown = strata(["config", "--json", &p(&repo)]).ok().json();
+    assert!(shown["retention"]["keep_last"].is_null(), "{shown}");
+
+    strata(["config", "-q", &p(&repo), "--keep-last", "3"]).ok();
+    strata(["config", "-q", &p(&repo), "--keep-last", "0"]).ok();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("# keep_last = N") && text.contains("(off: left out or 0)"), "{text}");
+
+    let r = strata(["prune", &p(&repo), "--keep-last", "0"]).expect_code(1);
+    assert!(r.stderr.contains("a count of 0 turns its rule off"), "{}", r.stderr);
+    assert_eq!(list_json(&repo).len(), 4, "nothing deleted");
+    let help = strata(["prune", "--help"]).ok().stdout;
+    assert!(help.contains("(0: this rule off)"), "{help}");
 }
 
 #[test]

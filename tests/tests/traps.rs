@@ -140,3 +140,69 @@ fn backup_arguments_in_the_wrong_order_are_named() {
     assert_eq!(std::fs::read(&src).unwrap(), before);
     assert_eq!(list_json(&repo).len(), 1);
 }
+
+/// Starts `strata backup SOURCE REPO`, stops it (SIGSTOP) once its unfinished image appears, runs
+/// `during`, lets the backup go on and returns its result.
+fn during_a_paused_backup(source: &Path, repo: &Path, during: impl FnOnce()) -> Run {
+    let child = Command::new(strata_bin())
+        .args(["backup", "-q", &p(source), &p(repo)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run strata");
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !names(repo).iter().any(|n| n.starts_with(".tmp-v")) {
+        assert!(Instant::now() < deadline, "the backup never started its image");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // SAFETY: signals the child this test started, by its pid, before reaping it.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(during));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let run = Run::from_output(child.wait_with_output().expect("reap strata"));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    run
+}
+
+#[test]
+fn a_restore_onto_the_source_of_a_running_backup_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (small, other) = (t.path().join("small.img"), t.path().join("other"));
+    std::fs::write(&small, noise(21, 1 << 20)).unwrap();
+    strata(["backup", "-q", &p(&small), &p(&other)]).ok();
+    let (src, repo) = (t.path().join("disk.img"), t.path().join("repo"));
+    std::fs::write(&src, noise(22, 256 << 20)).unwrap();
+    let model = t.path().join("model.img");
+    std::fs::copy(&src, &model).unwrap();
+
+    let backup = during_a_paused_backup(&src, &repo, || {
+        let r = strata(["restore", "--force", &p(&other), "1", &p(&src)]).expect_code(1);
+        assert!(r.stderr.contains("the source of a running `strata backup`"), "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    });
+    backup.ok();
+    assert!(same_file(&src, &model), "the source was not touched");
+    assert_restores_to(&repo, "latest", &model, t.path());
+    // once the backup is over the same restore goes through
+    strata(["restore", "-q", "--force", &p(&other), "1", &p(&src)]).ok();
+    assert!(same_file(&src, &small));
+
+    let test = "a_restore_onto_the_source_of_a_running_backup_is_refused";
+    if !capable(test, "root and loop devices", is_root() && has_tool("losetup")) {
+        return;
+    }
+    std::fs::copy(&model, &src).unwrap();
+    let dev = LoopDevice::attach(&src);
+    let dev_repo = t.path().join("dev-repo");
+    let backup = during_a_paused_backup(&dev.path, &dev_repo, || {
+        let r = strata(["restore", "--force", &p(&other), "1", &p(&dev.path)]).expect_code(1);
+        assert!(r.stderr.contains("the source of a running `strata backup`"), "{}", r.stderr);
+    });
+    backup.ok();
+    drop(dev);
+    assert!(same_file(&src, &model), "the device was not touched");
+}

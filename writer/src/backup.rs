@@ -54,7 +54,8 @@ pub struct BackupSummary {
     pub stored_bytes: u64,
     pub source_size: u64,
     pub seconds: f64,
-    pub mb_per_s: f64,
+    /// Bytes read from the source (holes are not read) per second, in MiB.
+    pub mib_per_s: f64,
     pub notes: Vec<String>,
     /// Versions merged into a full after the backup (incremental-forever's max_chain).
     pub merged: Vec<u64>,
@@ -323,7 +324,7 @@ fn backup_into(
         stored_bytes,
         source_size: source.size(),
         seconds,
-        mb_per_s: crate::units::mb_per_s(source.size(), seconds),
+        mib_per_s: crate::units::mib_per_s(source.bytes_read(), seconds),
         notes: plan.notes,
         merged,
         deleted,

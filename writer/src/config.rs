@@ -98,11 +98,30 @@ fn toml_string(s: &str) -> String {
 fn opt_line(key: &str, v: Option<u32>, help: &str) -> String {
     match v {
         Some(n) => format!("{key} = {n}            # {help}\n"),
-        None => format!("# {key} = N          # {help}\n"),
+        None => format!("# {key} = N          # {help} (off: left out or 0)\n"),
     }
 }
 
 impl TaskConfig {
+    /// Reads a count of 0 as "this rule off", the one meaning 0 has on the command line and in
+    /// strata.toml alike.
+    fn normalize(&mut self) {
+        let r = &mut self.retention;
+        for slot in [
+            &mut self.full_every,
+            &mut self.full_every_days,
+            &mut self.max_chain,
+            &mut r.keep_last,
+            &mut r.keep_daily,
+            &mut r.keep_weekly,
+            &mut r.keep_monthly,
+        ] {
+            if *slot == Some(0) {
+                *slot = None;
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         compression_level(&self.compression)?;
         let r = &self.retention;
@@ -115,9 +134,7 @@ impl TaskConfig {
             ("retention.keep_weekly", r.keep_weekly),
             ("retention.keep_monthly", r.keep_monthly),
         ] {
-            if v == Some(0) {
-                bail!("{name} must be at least 1 (leave it out to turn it off)");
-            }
+            debug_assert!(v != Some(0), "{name} = 0 is read as off by `normalize`");
         }
         if self.max_chain.is_some() && self.scheme != Scheme::IncrementalForever {
             bail!("max_chain applies to the incremental-forever scheme only");
@@ -143,19 +160,23 @@ impl TaskConfig {
         t += &opt_line(
             "full_every_days",
             self.full_every_days,
-            "incremental/differential: a full when the last is D days old",
+            "incremental/differential: a full when the last full is N days old",
         );
         t += &opt_line(
             "max_chain",
             self.max_chain,
-            "incremental-forever: merge the oldest incremental into the full beyond K",
+            "incremental-forever: chains at most N images long, merging the oldest incremental into the full",
         );
         t += "\n# Run after every backup when any is set (see `strata prune`).\n[retention]\n";
         let r = &self.retention;
         t += &opt_line("keep_last", r.keep_last, "the N newest versions");
         t += &opt_line("keep_daily", r.keep_daily, "the newest version of each of the last N days with backups");
-        t += &opt_line("keep_weekly", r.keep_weekly, "... of each of the last N ISO weeks");
-        t += &opt_line("keep_monthly", r.keep_monthly, "... of each of the last N months");
+        t += &opt_line(
+            "keep_weekly",
+            r.keep_weekly,
+            "... of each of the last N weeks, Monday to Sunday UTC, with backups",
+        );
+        t += &opt_line("keep_monthly", r.keep_monthly, "... of each of the last N calendar months (UTC) with backups");
         t
     }
 
@@ -171,16 +192,19 @@ impl TaskConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TaskConfig::default()),
             Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
         };
-        let config: TaskConfig = toml::from_str(&text)
+        let mut config: TaskConfig = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ")))?;
+        config.normalize();
         config.validate().with_context(|| format!("{}", path.display()))?;
         Ok(config)
     }
 
     /// Writes the configuration durably (`publish::write_file_durably`).
     pub fn save(&self, repo: &Path) -> Result<()> {
-        self.validate()?;
-        strata_format::publish::write_file_durably(repo, CONFIG_FILE, self.to_toml().as_bytes())?;
+        let mut config = self.clone();
+        config.normalize();
+        config.validate()?;
+        strata_format::publish::write_file_durably(repo, CONFIG_FILE, config.to_toml().as_bytes())?;
         Ok(())
     }
 }
@@ -226,6 +250,16 @@ mod tests {
         assert_eq!(back, c);
         let d: TaskConfig = toml::from_str(&TaskConfig::default().to_toml()).unwrap();
         assert_eq!(d, TaskConfig::default());
+    }
+
+    #[test]
+    fn zero_turns_a_rule_off_in_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "full_every = 0\n[retention]\nkeep_last = 0\nkeep_daily = 2\n")
+            .unwrap();
+        let c = TaskConfig::load(dir.path()).unwrap();
+        assert_eq!(c.full_every, None);
+        assert_eq!(c.retention, Retention { keep_daily: Some(2), ..Retention::default() });
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! error chain on one line and map the outcome to an exit code (0 success, 1 failure, 2 usage).
 
 mod backup;
+mod claim;
 mod commands;
 mod config;
 mod dedup;
@@ -56,6 +57,7 @@ enum Command {
     /// Show or change a repository's task configuration.
     Config(commands::task::ConfigArgs),
     /// Back up a block device or raw disk image into a repository.
+    #[command(override_usage = "strata backup [OPTIONS] [SOURCE] REPO")]
     Backup(commands::backup::Args),
     /// List the versions of a repository.
     List(commands::list::Args),
@@ -81,6 +83,10 @@ enum Command {
     /// Run the whole job on a built-in sample: a small ext4 disk, full/incremental/differential
     /// backups, verify and restore.
     Demo(commands::demo::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(commands::shell_docs::CompletionArgs),
+    /// Write the man pages (strata.1, strata-backup.1, ...) into a folder.
+    Man(commands::shell_docs::ManArgs),
 }
 
 /// What a command's run ended with, short of an error.
@@ -120,6 +126,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Mount(a) => commands::mount::run(a, &global),
         Command::Umount(a) => commands::umount::run(a, &global),
         Command::Demo(a) => commands::demo::run(a, &global),
+        Command::Completions(a) => commands::shell_docs::completions(a, <Cli as clap::CommandFactory>::command()),
+        Command::Man(a) => commands::shell_docs::man(a, <Cli as clap::CommandFactory>::command(), &global),
     }
 }
 
@@ -165,39 +173,82 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().filter_map(|e| e.downcast_ref::<std::io::Error>()).any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
+impl Command {
+    /// Whether the command was asked for JSON on stdout.
+    fn json(&self) -> bool {
+        match self {
+            Command::Backup(a) => a.json,
+            Command::List(a) => a.json,
+            Command::Info(a) | Command::Merge(a) => a.json,
+            Command::Verify(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Prune(a) => a.json,
+            Command::Repair(a) => a.json,
+            Command::Config(a) => a.json,
+            _ => false,
+        }
+    }
+}
+
+/// With `--json`, a failure is also one JSON object on stdout, so that a script reading stdout
+/// always gets a document: `{"error": "...", "exit_code": N}`.
+fn print_json_error(message: &str, exit_code: u8) {
+    let doc = serde_json::json!({ "error": message, "exit_code": exit_code });
+    println!("{doc}");
+}
+
+/// The line printed on stderr for a failed run, and its exit code.
+fn failure(e: &anyhow::Error) -> (String, u8) {
+    if let Some(signal) = interrupted(e) {
+        let line = match e.chain().next().filter(|outer| outer.to_string() != signal.to_string()) {
+            Some(outer) => format!("{signal}; {outer}"),
+            None => signal.to_string(),
+        };
+        return (line, signal.exit_code());
+    }
+    if is_no_space(e) {
+        let line = format!(
+            "error: no space left: {}; nothing was published and earlier versions are intact; free space \
+             (`strata prune` deletes old versions) and run the command again",
+            one_line(e)
+        );
+        return (line, 1);
+    }
+    (format!("error: {}", one_line(e)), 1)
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS;
+            }
+            if std::env::args_os().any(|a| a == "--json") {
+                let text = e.render().to_string();
+                let message = text.split("\n\nUsage:").next().unwrap_or_default();
+                let message = message.split("\n\nFor more information").next().unwrap_or_default();
+                let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+                print_json_error(message.trim_start_matches("error: "), 2);
+            }
+            return ExitCode::from(2);
         }
     };
     logging::init(cli.verbose);
     raise_open_file_limit();
+    let json = cli.command.json();
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Failure) => ExitCode::from(1),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
-        Err(e) if interrupted(&e).is_some() => {
-            let signal = interrupted(&e).expect("checked above");
-            match e.chain().next().filter(|outer| outer.to_string() != signal.to_string()) {
-                Some(outer) => eprintln!("strata: {signal}; {outer}"),
-                None => eprintln!("strata: {signal}"),
-            }
-            ExitCode::from(signal.exit_code())
-        }
-        Err(e) if is_no_space(&e) => {
-            eprintln!(
-                "strata: error: no space left: {}; nothing was published and earlier versions are intact; \
-                 free space (`strata prune` deletes old versions) and run the command again",
-                one_line(&e)
-            );
-            ExitCode::from(1)
-        }
         Err(e) => {
-            eprintln!("strata: error: {}", one_line(&e));
-            ExitCode::from(1)
+            let (line, code) = failure(&e);
+            eprintln!("strata: {line}");
+            if json {
+                print_json_error(line.trim_start_matches("error: "), code);
+            }
+            ExitCode::from(code)
         }
     }
 }

@@ -52,9 +52,9 @@ pub fn plan(
     let chain_full = &chain[0].header;
     if chain_full.source_size != source_size {
         notes.push(format!(
-            "the source is {source_size} bytes but the chain of version {base_id} is {} bytes \
-             (resized or replaced volume): making a full",
-            chain_full.source_size
+            "the source is {} but the chain of version {base_id} is {} (resized or replaced volume): making a full",
+            crate::units::size(source_size),
+            crate::units::size(chain_full.source_size)
         ));
         return full(Rule::SourceResized, notes);
     }

@@ -27,8 +27,12 @@ pub struct RestoreSummary {
     pub id: u64,
     pub target: PathBuf,
     pub bytes: u64,
+    /// Bytes written onto the target: all of them on a device; on a file, the runs that are not
+    /// zero (the rest are left as holes).
+    pub bytes_written: u64,
     pub seconds: f64,
-    pub mb_per_s: f64,
+    /// `bytes_written` per second, in MiB.
+    pub mib_per_s: f64,
     pub digest: String,
     pub digest_verified: bool,
     /// The restored bytes were written past the page cache (`O_DIRECT`); false for targets
@@ -55,22 +59,24 @@ fn open_target(target: &Path, size: u64, force: bool) -> Result<(File, TargetKin
                 .mode(0o600)
                 .open(target)
                 .with_context(|| format!("{}: cannot create the restore target", target.display()))?;
+            crate::claim::claim_target(&f, target)?;
             Ok((f, TargetKind::File))
         }
         Err(e) => Err(e).with_context(|| format!("{}: cannot stat the restore target", target.display())),
         Ok(m) if m.file_type().is_file() => {
             if m.len() > 0 && !force {
                 bail!(
-                    "{}: the target exists and is not empty ({} bytes); add --force to overwrite it",
+                    "{}: the target exists and is not empty ({}); add --force to overwrite it",
                     target.display(),
-                    m.len()
+                    crate::units::size(m.len())
                 );
             }
             let f = OpenOptions::new()
                 .write(true)
-                .truncate(true)
                 .open(target)
                 .with_context(|| format!("{}: cannot open the restore target", target.display()))?;
+            crate::claim::claim_target(&f, target)?;
+            f.set_len(0).with_context(|| format!("{}: cannot empty the restore target", target.display()))?;
             Ok((f, TargetKind::File))
         }
         Ok(m) if m.file_type().is_block_device() => {
@@ -87,11 +93,14 @@ fn open_target(target: &Path, size: u64, force: bool) -> Result<(File, TargetKin
                     anyhow::Error::new(e).context(format!("{}: cannot open the device", target.display()))
                 }
             })?;
+            crate::claim::claim_target(&f, target)?;
             let dev_size = block_device_size(&f, target)?;
             if dev_size < size {
                 bail!(
-                    "{}: the device holds {dev_size} bytes, fewer than the version's {size}; choose a larger device",
-                    target.display()
+                    "{}: the device holds {}, less than the version's {}; choose a larger device",
+                    target.display(),
+                    crate::units::size(dev_size),
+                    crate::units::size(size)
                 );
             }
             if !force && !starts_empty(&f)? {
@@ -141,7 +150,7 @@ pub fn restore(
     let before = target.metadata().ok();
     let (file, kind) = open_target(target, reader.source_size(), force)?;
     let written = write_and_check(&reader, &file, &kind, target, progress, repo_path, id);
-    let (digest, direct_io) = match written {
+    let (digest, direct_io, bytes_written) = match written {
         Ok(done) => done,
         Err(e) => return Err(undo_partial_target(e, target, before.as_ref(), &kind, id)),
     };
@@ -150,8 +159,9 @@ pub fn restore(
         id,
         target: target.to_path_buf(),
         bytes: reader.source_size(),
+        bytes_written,
         seconds,
-        mb_per_s: crate::units::mb_per_s(reader.source_size(), seconds),
+        mib_per_s: crate::units::mib_per_s(bytes_written, seconds),
         digest: hex(&digest),
         digest_verified: true,
         direct_io,
@@ -220,8 +230,8 @@ fn write_and_check(
     progress: &dyn Progress,
     repo_path: &Path,
     id: u64,
-) -> Result<([u8; 32], bool)> {
-    let (digest, direct_io) = write_version(reader, file, kind, target, progress)?;
+) -> Result<([u8; 32], bool, u64)> {
+    let (digest, direct_io, bytes_written) = write_version(reader, file, kind, target, progress)?;
     match file.sync_all() {
         // Character devices and pipes (e.g. /dev/null) have nothing to sync.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -238,11 +248,11 @@ fn write_and_check(
             repo_path.display()
         );
     }
-    Ok((digest, direct_io))
+    Ok((digest, direct_io, bytes_written))
 }
 
-/// Writes every block of `reader` into `file`; returns the digest of what was written and
-/// whether the writes bypassed the page cache (`direct_io`). Blocks are read and decoded on all
+/// Writes every block of `reader` into `file`; returns the digest of what was written, whether
+/// the writes bypassed the page cache (`direct_io`) and how many bytes were written. Blocks are read and decoded on all
 /// cores a batch at a time while a writer thread writes the batch before (two batch buffers in
 /// flight).
 fn write_version(
@@ -251,11 +261,12 @@ fn write_version(
     kind: &TargetKind,
     target: &Path,
     progress: &dyn Progress,
-) -> Result<([u8; 32], bool)> {
+) -> Result<([u8; 32], bool, u64)> {
     let bs = reader.block_size() as usize;
     let size = reader.source_size();
     if let TargetKind::File = kind {
-        file.set_len(size).with_context(|| format!("{}: cannot size the target to {size} bytes", target.display()))?;
+        file.set_len(size)
+            .with_context(|| format!("{}: cannot size the target to {}", target.display(), crate::units::size(size)))?;
     }
     let device = matches!(kind, TargetKind::Device);
     let zero_hash = zero_block_hash(reader.block_size());
@@ -264,12 +275,16 @@ fn write_version(
     progress.begin("restore", size);
     let (full_tx, full_rx) = sync_channel::<Batch>(1);
     let (free_tx, free_rx) = sync_channel::<AlignedBuf>(2);
-    let result = std::thread::scope(|scope| -> Result<bool> {
+    let result = std::thread::scope(|scope| -> Result<(bool, u64)> {
         let full_tx = full_tx; // dropped on every way out, which ends the writer's loop
-        let writer = scope.spawn(move || -> Result<bool> {
+        let writer = scope.spawn(move || -> Result<(bool, u64)> {
             let mut out = TargetWriter::new(file);
             let mut zeros = AlignedBuf::default();
+            let mut bytes_written = 0u64;
             for batch in full_rx {
+                let blocks = if batch.zeros > 0 { batch.zeros } else { (batch.buf.len() / bs) as u64 };
+                let end = ((batch.start + blocks) * bs as u64).min(size);
+                bytes_written += end - batch.start * bs as u64;
                 let written = match batch.zeros {
                     0 => write_batch(&mut out, &batch, bs, size, device),
                     n => write_zeros(
@@ -286,7 +301,7 @@ fn write_version(
                     let _ = free_tx.try_send(batch.buf);
                 }
             }
-            Ok(out.bypassed_cache())
+            Ok((out.bypassed_cache(), bytes_written))
         });
         let mut start = 0u64;
         while start < reader.block_count() {
@@ -326,8 +341,8 @@ fn write_version(
         writer.join().expect("restore writer thread")
     });
     progress.end();
-    let direct_io = result?;
-    Ok((digest.finish(), direct_io))
+    let (direct_io, bytes_written) = result?;
+    Ok((digest.finish(), direct_io, bytes_written))
 }
 
 /// Blocks `start..` of a version, decoded, with the hash of each non-zero one; or, when

@@ -57,6 +57,7 @@ impl Source {
         if size == 0 {
             bail!("{}: the source is empty (0 bytes); nothing to back up", path.display());
         }
+        crate::claim::claim_source(&file, path)?;
         // SAFETY: advisory call on a descriptor we own.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into() })
@@ -127,10 +128,11 @@ impl Source {
         };
         if now != self.size {
             bail!(
-                "{}: the source changed size during the backup (from {} to {now} bytes); no version was written. \
+                "{}: the source changed size during the backup (from {} to {}); no version was written. \
                  Back up a source that nothing writes to (unmount it, or take a snapshot) and run the backup again",
                 self.path.display(),
-                self.size
+                crate::units::size(self.size),
+                crate::units::size(now)
             );
         }
         Ok(())
@@ -235,7 +237,7 @@ mod tests {
         let source = Source::open(&path).unwrap();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(256 << 10).unwrap();
         let err = source.fills(128, 64, 4096).unwrap_err().to_string();
-        assert!(err.contains("changed size during the backup (from 1048576 to 262144 bytes)"), "{err}");
+        assert!(err.contains("changed size during the backup (from 1 MiB to 256 KiB)"), "{err}");
         let mut buf = vec![0u8; 4096];
         assert!(source.read_into(768 << 10, &mut buf).is_err());
         assert!(source.check_size().is_err());

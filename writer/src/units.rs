@@ -17,12 +17,24 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Decimal megabytes per second.
-pub fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+/// MiB per second: sizes and rates are binary everywhere strata prints them.
+pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     if seconds <= 0.0 {
         0.0
     } else {
-        bytes as f64 / 1e6 / seconds
+        bytes as f64 / (1u64 << 20) as f64 / seconds
+    }
+}
+
+/// A size for a message: `256 MiB` when that is exact, else `255.9 MiB (268435455 bytes)`, so
+/// that two sizes that differ are never printed alike.
+pub fn size(n: u64) -> String {
+    let unit = (0..6).rev().find(|&u| n >= 1u64 << (10 * u)).unwrap_or(0);
+    if unit == 0 || n % (1u64 << (10 * unit)) == 0 {
+        let names = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+        format!("{} {}", n >> (10 * unit), names[unit])
+    } else {
+        format!("{} ({n} bytes)", bytes(n))
     }
 }
 
@@ -65,6 +77,16 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(253_402_300_800, 0), "@253402300800");
         assert_eq!(rfc3339(-5, 0), "@-5");
+    }
+
+    #[test]
+    fn sizes_in_messages_are_exact() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(3072), "3 KiB");
+        assert_eq!(size(256 << 20), "256 MiB");
+        assert_eq!(size((256 << 20) - 1), "256.0 MiB (268435455 bytes)");
+        assert_eq!(size(2 << 40), "2 TiB");
+        assert_eq!(mib_per_s(3 << 20, 2.0), 1.5);
     }
 
     #[test]

@@ -11,14 +11,15 @@ use crate::{Global, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// [SOURCE] REPO: the block device or raw disk image to back up (default: the source
-    /// recorded in REPO's strata.toml), and the repository folder (created on the first backup).
-    #[arg(num_args = 1..=2, required = true, value_name = "[SOURCE] REPO")]
+    /// SOURCE, then REPO: the block device or raw disk image to back up (left out: the source
+    /// recorded in REPO's strata.toml), and the repository folder (created by the first backup).
+    #[arg(num_args = 1..=2, required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// Make a full image.
     #[arg(long, group = "kind")]
     pub full: bool,
-    /// Make an incremental: the blocks changed since the previous version (the default).
+    /// Make an incremental: the blocks changed since the previous version. Without --full,
+    /// --incremental or --differential the task's scheme decides (`strata config REPO`).
     #[arg(long, group = "kind")]
     pub incremental: bool,
     /// Make a differential: the blocks changed since the chain's full.
@@ -27,12 +28,15 @@ pub struct Args {
     /// Block size of a new repository (power of two, 4K to 4M; fixed per repository).
     #[arg(long, value_name = "SIZE", value_parser = super::block_size_arg)]
     pub block_size: Option<u32>,
-    /// zstd compression level (1-19; default: the repository's, zstd:3).
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+    /// Compression of this image, zstd:LEVEL with LEVEL 1-19 (default: the task's, zstd:3).
+    #[arg(long, value_name = "zstd:LEVEL", value_parser = super::compression_arg)]
+    pub compression: Option<String>,
+    /// The same as --compression zstd:N (kept for scripts written for strata 0.3).
+    #[arg(long, hide = true, conflicts_with = "compression", value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: Option<i32>,
-    /// A label stored with the version.
-    #[arg(long, default_value = "")]
-    pub label: String,
+    /// A label stored with the version (none by default).
+    #[arg(long)]
+    pub label: Option<String>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -79,7 +83,12 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         _ => unreachable!("clap allows one or two paths"),
     };
     check_argument_order(source.as_deref(), &repo)?;
-    let req = BackupRequest { source, repo, kind, block_size, level: args.compression_level, label: args.label };
+    let level = match &args.compression {
+        Some(spec) => Some(crate::config::compression_level(spec)?),
+        None => args.compression_level,
+    };
+    let label = args.label.unwrap_or_default();
+    let req = BackupRequest { source, repo, kind, block_size, level, label };
     let progress = crate::progress::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
     if args.json {
@@ -87,7 +96,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     } else if !global.quiet {
         let parent = s.parent.map(|p| format!(" of version {p}")).unwrap_or_default();
         println!(
-            "version {} {}{parent} ({}): {}/{} blocks changed, read {}, stored {}, {:.2} s, {:.1} MB/s ({})",
+            "version {} {}{parent} ({}): {}/{} blocks changed, read {}, stored {}, {:.2} s, read at {:.1} MiB/s ({})",
             s.id,
             s.kind,
             s.rule,
@@ -96,7 +105,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             bytes(s.bytes_read),
             bytes(s.stored_bytes),
             s.seconds,
-            s.mb_per_s,
+            s.mib_per_s,
             s.file
         );
         if !s.merged.is_empty() || !s.deleted.is_empty() {

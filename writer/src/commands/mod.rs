@@ -11,6 +11,7 @@ pub mod prune;
 pub mod repair;
 pub mod restore;
 pub mod schedule;
+pub mod shell_docs;
 pub mod task;
 pub mod umount;
 pub mod verify;

@@ -22,7 +22,7 @@ pub struct Args {
     pub mountpoint: PathBuf,
     /// Show only this version (an id or `latest`); the layout stays MOUNTPOINT/<id>/...
     #[arg(long, value_name = "VERSION", value_parser = super::version_arg)]
-    pub version: Option<String>,
+    pub only: Option<String>,
     /// Stay attached and log to stderr; SIGINT/SIGTERM unmount.
     #[arg(long, short = 'f')]
     pub foreground: bool,
@@ -45,7 +45,7 @@ pub struct Args {
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let cache_bytes = parse_size(&args.cache_size)?;
-    let version = match &args.version {
+    let version = match &args.only {
         None => None,
         Some(v) => {
             let repo = strata_format::Repository::open(&args.repo)?;
@@ -107,8 +107,8 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg("--foreground").arg("--ready-fd").arg("3");
     cmd.arg("--cache-size").arg(&args.cache_size);
-    if let Some(v) = &args.version {
-        cmd.arg("--version").arg(v);
+    if let Some(v) = &args.only {
+        cmd.arg("--only").arg(v);
     }
     if args.allow_other {
         cmd.arg("--allow-other");

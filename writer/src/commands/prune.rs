@@ -29,6 +29,12 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     if args.keep.any() {
         policy = Default::default();
         args.keep.apply(&mut policy);
+        if policy.is_empty() {
+            anyhow::bail!(
+                "no retention rule left: a count of 0 turns its rule off, the same as in `strata config` and \
+                 strata.toml; give a count of 1 or more (prune never deletes every version)"
+            );
+        }
     }
     let progress = crate::progress::for_terminal(global.quiet || args.json);
     let report = prune(&args.repo, &policy, args.dry_run, progress.as_ref())?;

@@ -43,13 +43,18 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     } else if args.json {
         super::print_json(&s)?;
     } else if !global.quiet {
+        let holes = match s.bytes_written < s.bytes {
+            true => format!(" ({} written, the rest left as holes)", bytes(s.bytes_written)),
+            false => String::new(),
+        };
         let line = format!(
-            "restored version {} to {}: {}, {:.2} s, {:.1} MB/s; every block's crc32c and the whole-source digest verified",
+            "restored version {} to {}: {}{holes}, {:.2} s, {:.1} MiB/s; every block's crc32c and the whole-source \
+             digest verified",
             s.id,
             s.target.display(),
             bytes(s.bytes),
             s.seconds,
-            s.mb_per_s
+            s.mib_per_s
         );
         if onto_stdout {
             eprintln!("{line}");

@@ -13,6 +13,7 @@ use crate::{Global, Outcome};
 pub enum Args {
     /// Write (and enable, where systemd runs) a service and timer for the repository.
     Install {
+        /// The repository whose task (source, scheme, retention in strata.toml) the timer runs.
         repo: PathBuf,
         /// hourly, daily, weekly, monthly, or a systemd OnCalendar expression.
         #[arg(long)]
@@ -26,13 +27,17 @@ pub enum Args {
     },
     /// Show the units of the repository's schedule.
     Show {
+        /// The repository the schedule was installed for.
         repo: PathBuf,
+        /// The folder the units were written into with `install --unit-dir`.
         #[arg(long)]
         unit_dir: Option<PathBuf>,
     },
     /// Disable and delete the repository's schedule.
     Remove {
+        /// The repository the schedule was installed for.
         repo: PathBuf,
+        /// The folder the units were written into with `install --unit-dir`.
         #[arg(long)]
         unit_dir: Option<PathBuf>,
     },

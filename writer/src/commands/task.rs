@@ -11,16 +11,18 @@ use crate::{Global, Outcome};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct KeepOptions {
-    /// Keep the N newest versions.
+    /// Keep the N newest versions (0: this rule off).
     #[arg(long, value_name = "N")]
     pub keep_last: Option<u32>,
-    /// Keep the newest version of each of the last N days that have backups.
+    /// Keep the newest version of each of the last N days that have backups (0: this rule off).
     #[arg(long, value_name = "N")]
     pub keep_daily: Option<u32>,
-    /// Keep the newest version of each of the last N weeks (Monday to Sunday, UTC).
+    /// Keep the newest version of each of the last N weeks, Monday to Sunday UTC, that have
+    /// backups (0: this rule off).
     #[arg(long, value_name = "N")]
     pub keep_weekly: Option<u32>,
-    /// Keep the newest version of each of the last N months.
+    /// Keep the newest version of each of the last N calendar months (UTC) that have backups (0:
+    /// this rule off).
     #[arg(long, value_name = "N")]
     pub keep_monthly: Option<u32>,
 }
@@ -55,17 +57,18 @@ pub struct TaskOptions {
     /// Compression, zstd:LEVEL with LEVEL 1-19.
     #[arg(long, value_name = "zstd:LEVEL", value_parser = super::compression_arg)]
     pub compression: Option<String>,
-    /// What an ordinary `strata backup` makes.
+    /// What a `strata backup` without --full/--incremental/--differential makes.
     #[arg(long, value_enum)]
     pub scheme: Option<Scheme>,
     /// incremental/differential: every N-th backup is a full (0: off).
     #[arg(long, value_name = "N")]
     pub full_every: Option<u32>,
-    /// incremental/differential: a full when the last full is D days old (0: off).
-    #[arg(long, value_name = "D")]
+    /// incremental/differential: a full when the last full is N days old (0: off).
+    #[arg(long, value_name = "N")]
     pub full_every_days: Option<u32>,
-    /// incremental-forever: keep chains at most K images long by merging (0: off).
-    #[arg(long, value_name = "K")]
+    /// incremental-forever: keep chains at most N images long by merging the oldest incremental
+    /// into the full (0: off).
+    #[arg(long, value_name = "N")]
     pub max_chain: Option<u32>,
     #[command(flatten)]
     pub keep: KeepOptions,
