@@ -30,7 +30,7 @@ pub fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
 /// that two sizes that differ are never printed alike.
 pub fn size(n: u64) -> String {
     let unit = (0..6).rev().find(|&u| n >= 1u64 << (10 * u)).unwrap_or(0);
-    if unit == 0 || n % (1u64 << (10 * unit)) == 0 {
+    if unit == 0 || n.is_multiple_of(1u64 << (10 * unit)) {
         let names = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
         format!("{} {}", n >> (10 * unit), names[unit])
     } else {
