@@ -121,6 +121,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
         created_nanos: 0,
         label: String::new(),
         source: "bench".into(),
+        source_id: None,
     }
 }
 

@@ -5,6 +5,7 @@
 use crate::error::{FormatError, Loc, Result};
 use crate::layout::{self, header as off, HEADER_SIZE};
 use crate::le::*;
+use crate::source_id::{SourceId, SourceIdKind};
 
 /// A 16-byte random identifier (of a repository or of one image file).
 pub type Id128 = [u8; 16];
@@ -82,6 +83,9 @@ pub enum Rule {
     Merged,
     /// A full because the chain reached the longest a chain may be.
     ChainLimit,
+    /// A full because the source's identity (its stable name, or the id its content carries)
+    /// differs from that of the version the backup would build on: another disk.
+    SourceReplaced,
     /// A value this strata does not know (written by a newer one).
     Other(u8),
 }
@@ -99,6 +103,7 @@ impl Rule {
             Rule::SourceResized => "source resized",
             Rule::Merged => "synthetic full (merged)",
             Rule::ChainLimit => "chain limit",
+            Rule::SourceReplaced => "source replaced",
             Rule::Other(_) => "unknown",
         }
     }
@@ -115,6 +120,7 @@ impl Rule {
             Rule::SourceResized => layout::RULE_SOURCE_RESIZED,
             Rule::Merged => layout::RULE_MERGED,
             Rule::ChainLimit => layout::RULE_CHAIN_LIMIT,
+            Rule::SourceReplaced => layout::RULE_SOURCE_REPLACED,
             Rule::Other(b) => b,
         }
     }
@@ -131,6 +137,7 @@ impl Rule {
             layout::RULE_SOURCE_RESIZED => Rule::SourceResized,
             layout::RULE_MERGED => Rule::Merged,
             layout::RULE_CHAIN_LIMIT => Rule::ChainLimit,
+            layout::RULE_SOURCE_REPLACED => Rule::SourceReplaced,
             other => Rule::Other(other),
         }
     }
@@ -161,6 +168,8 @@ pub struct ImageHeader {
     pub created_nanos: u32,
     pub label: String,
     pub source: String,
+    /// The id the source's content carried (`None`: not recorded, an image older than 0.4).
+    pub source_id: Option<SourceId>,
 }
 
 /// Checks that a block size is a power of two between the format's limits.
@@ -218,6 +227,10 @@ impl ImageHeader {
         put_u16(&mut b, off::SOURCE_LEN, source.len() as u16);
         put_bytes(&mut b, off::LABEL, label);
         put_bytes(&mut b, off::SOURCE, source);
+        if let Some(id) = &self.source_id {
+            b[off::SOURCE_ID_KIND] = id.kind.to_byte();
+            put_bytes(&mut b, off::SOURCE_ID, &id.bytes);
+        }
         let crc = crc32c::crc32c(&b[..off::CRC]);
         put_u32(&mut b, off::CRC, crc);
         b
@@ -310,6 +323,8 @@ impl ImageHeader {
             created_nanos,
             label: text(off::LABEL, label_len),
             source: text(off::SOURCE, source_len),
+            source_id: SourceIdKind::from_byte(b[off::SOURCE_ID_KIND])
+                .map(|kind| SourceId { kind, bytes: get_array(b, off::SOURCE_ID) }),
         })
     }
 }

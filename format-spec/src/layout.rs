@@ -60,7 +60,9 @@ pub mod header {
     pub const SOURCE_LEN: usize = 142;
     pub const LABEL: usize = 144;
     pub const SOURCE: usize = 272;
-    pub const RESERVED: usize = 472;
+    pub const SOURCE_ID_KIND: usize = 472;
+    pub const SOURCE_ID: usize = 473;
+    pub const RESERVED: usize = 489;
     pub const CRC: usize = 508;
 }
 
@@ -113,6 +115,7 @@ pub const RULE_NO_USABLE_FULL: u8 = 6;
 pub const RULE_SOURCE_RESIZED: u8 = 7;
 pub const RULE_MERGED: u8 = 8;
 pub const RULE_CHAIN_LIMIT: u8 = 9;
+pub const RULE_SOURCE_REPLACED: u8 = 10;
 
 /// Block encodings as stored in an index entry's `encoding` byte.
 pub const ENCODING_ZERO: u8 = 0;
@@ -141,7 +144,8 @@ pub const REPO_FILE: &str = "strata.repo";
 pub const LOCK_FILE: &str = "lock";
 
 const _: () = assert!(header::CRC + 4 == HEADER_SIZE);
-const _: () = assert!(header::SOURCE + SOURCE_MAX == header::RESERVED);
+const _: () = assert!(header::SOURCE + SOURCE_MAX == header::SOURCE_ID_KIND);
+const _: () = assert!(header::SOURCE_ID + 16 == header::RESERVED);
 const _: () = assert!(header::LABEL + LABEL_MAX == header::SOURCE);
 const _: () = assert!(footer::CRC + 4 == FOOTER_SIZE);
 const _: () = assert!(footer::SOURCE_DIGEST + 32 == footer::RESERVED1);

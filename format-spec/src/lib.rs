@@ -18,6 +18,7 @@ pub mod publish;
 mod read_ahead;
 pub mod repo;
 pub mod repo_file;
+pub mod source_id;
 pub mod version;
 
 pub use error::{FormatError, Loc, Result};
@@ -25,6 +26,7 @@ pub use header::{ImageHeader, ImageRef, Kind, Rule};
 pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
 pub use index::{Encoding, IndexEntry};
 pub use repo::{RepoLock, RepoState, Repository, VersionStatus};
+pub use source_id::{SourceId, SourceIdKind};
 pub use version::{BlockLocation, HashCursor, StoredBlock, VersionReader};
 
 #[cfg(test)]

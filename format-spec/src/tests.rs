@@ -36,6 +36,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
         created_nanos: 123,
         label: "läbel".into(),
         source: "/dev/sdz1".into(),
+        source_id: Some(crate::SourceId::PATH_ONLY),
     }
 }
 
@@ -744,6 +745,8 @@ fn constants_match_spec() {
         h::SOURCE_LEN,
         h::LABEL,
         h::SOURCE,
+        h::SOURCE_ID_KIND,
+        h::SOURCE_ID,
         h::RESERVED,
         h::CRC,
     ];

@@ -73,6 +73,7 @@ fn write_forged_version(dir: &Path, disk: &[u8], forged: &[u64]) -> VersionReade
         created_nanos: 0,
         label: String::new(),
         source: "test".into(),
+        source_id: None,
     };
     let final_path = dir.join(strata_format::repo::image_file_name(1));
     let mut w = ImageWriter::create(&final_path, header).unwrap();

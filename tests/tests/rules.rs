@@ -91,6 +91,57 @@ fn resized_source_forces_a_full_and_says_why() {
 }
 
 #[test]
+fn another_source_in_the_same_repository_makes_a_full_named_source_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Same size, other content, no content id: the name decides.
+    let (odd, other, repo) = (t.join("odd.img"), t.join("other.img"), t.join("repo"));
+    disk(&odd, 1);
+    std::fs::write(&other, noise(77, 1 << 20)).unwrap();
+    backup(&odd, &repo, None);
+    let run = strata(["backup", "--json", &p(&other), &p(&repo)]).ok();
+    let s = run.json();
+    assert_eq!((s["kind"].as_str(), s["rule"].as_str()), (Some("full"), Some("source replaced")), "{s}");
+    assert!(run.stderr.contains(&format!("the source is {}", p(&other.canonicalize().unwrap()))), "{}", run.stderr);
+    assert!(run.stderr.contains("another disk or image: making a full"), "{}", run.stderr);
+    let again = backup(&other, &repo, None);
+    assert_eq!((again["kind"].as_str(), again["rule"].as_str()), (Some("incremental"), Some("scheme")));
+    // asked for explicitly, the kind asked for is made, with the warning
+    let run = strata(["backup", "--json", "--differential", &p(&odd), &p(&repo)]).ok();
+    assert_eq!(run.json()["kind"], "differential");
+    assert!(run.stderr.contains("making the differential asked for"), "{}", run.stderr);
+    assert_restores_to(&repo, "latest", &odd, t);
+
+    if !have_e2fsprogs("another_source_in_the_same_repository_makes_a_full_named_source_replaced") {
+        return;
+    }
+    // With a file system UUID the content decides: a moved or copied image is the same source,
+    // a new file system is not.
+    let (fs, moved, repo) = (t.join("fs.img"), t.join("moved.img"), t.join("fs-repo"));
+    let files = t.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("a"), noise(5, 100_000)).unwrap();
+    mkfs_ext4(&fs, "16M", &files);
+    backup(&fs, &repo, None);
+    let info = strata(["info", "--json", &p(&repo), "1"]).ok().json();
+    assert!(info["source_id"].as_str().unwrap().starts_with("ext2/3/4 UUID "), "{info}");
+    std::fs::rename(&fs, &moved).unwrap();
+    let s = backup(&moved, &repo, None);
+    assert_eq!((s["kind"].as_str(), s["changed_blocks"].as_u64()), (Some("incremental"), Some(0)), "{s}");
+    tool("tune2fs", &["-U", "random", &p(&moved)]);
+    let run = strata(["backup", "--json", &p(&moved), &p(&repo)]).ok();
+    assert_eq!(run.json()["rule"], "source replaced");
+    assert!(run.stderr.contains("another disk or a new file system"), "{}", run.stderr);
+    let test = "another_source_in_the_same_repository_makes_a_full_named_source_replaced";
+    if capable(test, "root and loop devices", is_root() && has_tool("losetup")) {
+        // the same file system through a loop device: another name, the same source
+        let dev = LoopDevice::attach(&moved);
+        let s = backup(&dev.path, &repo, None);
+        assert_eq!((s["kind"].as_str(), s["changed_blocks"].as_u64()), (Some("incremental"), Some(0)), "{s}");
+    }
+}
+
+#[test]
 fn deleted_incremental_makes_exactly_its_successors_unrestorable() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, repo) = five_versions(tmp.path());

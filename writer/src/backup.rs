@@ -86,9 +86,10 @@ fn open_or_create_repo(path: &Path, block_size: Option<u32>, opened: Option<Repo
     if let Some(bs) = block_size {
         if bs != repo.block_size {
             bail!(
-                "{}: the repository's block size is {}; it is fixed per repository (use a new repository for {bs})",
+                "{}: the repository's block size is {}; it is fixed per repository (use a new repository for {})",
                 path.display(),
-                repo.block_size
+                crate::units::size(repo.block_size.into()),
+                crate::units::size(bs.into())
             );
         }
     }
@@ -182,6 +183,7 @@ fn backup_into(
         ),
     };
     let source = Source::open(&source_path)?;
+    let identity = source.identity(&source_path)?;
     if let (Ok(canon), Ok(repo_canon)) = (source_path.canonicalize(), req.repo.canonicalize()) {
         if canon.starts_with(&repo_canon) {
             bail!("{}: the source lies inside the repository", source_path.display());
@@ -210,7 +212,7 @@ fn backup_into(
         config = TaskConfig::load(repo.path())?; // what `strata config` may have changed meanwhile
     }
     if config.source.is_none() {
-        config.source = Some(source_path.canonicalize().unwrap_or_else(|_| source_path.clone()));
+        config.source = Some(identity.name.clone());
         config.save(repo.path())?;
         log::info!("recorded the source {} in {}", source_path.display(), crate::config::CONFIG_FILE);
     }
@@ -222,7 +224,7 @@ fn backup_into(
     // and the backup starts again on what is still sound, so that one rotted block never stops
     // every later backup.
     let (mut plan, parent, id, parent_ref, total_blocks, writer, outcome) = loop {
-        let plan = plan(req.kind, &state, source.size(), &config, now_secs, repo.last_source_full);
+        let plan = plan(req.kind, &state, source.size(), &identity, &config, now_secs, repo.last_source_full);
         let parent = if plan.parent_chain.is_empty() {
             None
         } else {
@@ -251,7 +253,8 @@ fn backup_into(
             created_secs: now_secs,
             created_nanos: now_nanos,
             label: req.label.clone(),
-            source: source_path.display().to_string(),
+            source: identity.name.display().to_string(),
+            source_id: Some(identity.id),
         };
         let total_blocks = header.block_count();
         let mut writer = ImageWriter::create(&repo.image_path(id), header)?;

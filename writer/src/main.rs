@@ -20,6 +20,7 @@ mod repair;
 mod restore;
 mod schedule;
 mod source;
+mod source_identity;
 mod source_map;
 mod units;
 mod verify;

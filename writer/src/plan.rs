@@ -7,6 +7,7 @@ use std::sync::Arc;
 use strata_format::{ImageFile, Kind, RepoState, Rule};
 
 use crate::config::{Scheme, TaskConfig};
+use crate::source_identity::{replaced, SourceIdentity};
 
 /// What the next backup will be.
 #[derive(Debug)]
@@ -25,6 +26,7 @@ pub fn plan(
     requested: Option<Kind>,
     state: &RepoState,
     source_size: u64,
+    identity: &SourceIdentity,
     config: &TaskConfig,
     now_secs: i64,
     last_source_full: Option<(u64, i64)>,
@@ -57,6 +59,16 @@ pub fn plan(
             crate::units::size(chain_full.source_size)
         ));
         return full(Rule::SourceResized, notes);
+    }
+    let base_header = &chain.last().expect("a chain holds its version").header;
+    if let Some(why) = replaced(base_header, identity) {
+        match requested {
+            Some(k) => notes.push(format!("{why}; making the {k} asked for")),
+            None => {
+                notes.push(format!("{why}: making a full"));
+                return full(Rule::SourceReplaced, notes);
+            }
+        }
     }
     let (kind, rule) = match requested {
         Some(k) => (k, Rule::Requested),

@@ -63,6 +63,14 @@ impl Source {
         Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into() })
     }
 
+    /// Who this source is: its stable name and the id its content carries.
+    pub fn identity(&self, path: &Path) -> Result<crate::source_identity::SourceIdentity> {
+        use crate::source_identity::{content_id, stable_name, SourceIdentity, HEAD_BYTES};
+        let mut head = vec![0u8; (self.size as usize).min(HEAD_BYTES)];
+        self.read_into(0, &mut head)?;
+        Ok(SourceIdentity { name: stable_name(path), id: content_id(&head) })
+    }
+
     /// A read-only map of `[offset, offset + len)`, which must lie inside the source and start
     /// on a page boundary; `None` when the kernel refuses (read with `read_into` then).
     pub fn map(&self, offset: u64, len: usize) -> Option<SourceMap> {

@@ -22,6 +22,8 @@ struct Info {
     created: String,
     label: String,
     source: String,
+    /// The id the source's content carried (`null`: not recorded, a version older than 0.4).
+    source_id: Option<String>,
     source_size: u64,
     block_size: u32,
     block_count: u64,
@@ -57,6 +59,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
         created: rfc3339(h.created_secs, h.created_nanos),
         label: h.label.clone(),
         source: h.source.clone(),
+        source_id: h.source_id.map(|id| id.to_string()),
         source_size: h.source_size,
         block_size: h.block_size,
         block_count: h.block_count(),
@@ -85,6 +88,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     println!("created        {}", info.created);
     println!("label          {}", info.label);
     println!("source         {}", info.source);
+    println!("source id      {}", info.source_id.as_deref().unwrap_or("not recorded"));
     println!("source size    {} ({} bytes)", bytes(info.source_size), info.source_size);
     println!("block size     {}", bytes(u64::from(info.block_size)));
     println!(

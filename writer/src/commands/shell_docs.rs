@@ -40,7 +40,12 @@ pub fn man(args: ManArgs, cli: clap::Command, global: &Global) -> Result<Outcome
 
 fn write_pages(cmd: &clap::Command, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
     let cmd = cmd.clone().disable_help_subcommand(true);
-    let cmd = if cmd.get_version().is_none() { cmd.version(env!("CARGO_PKG_VERSION")) } else { cmd };
+    // The version goes into each page's footer; a subcommand gets no `--version` flag from it
+    // (`info` and `merge` have a VERSION argument of their own).
+    let cmd = match cmd.get_version() {
+        None => cmd.version(env!("CARGO_PKG_VERSION")).disable_version_flag(true),
+        Some(_) => cmd,
+    };
     let mut page = Vec::new();
     clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
     let path = dir.join(format!("{}.1", cmd.get_display_name().unwrap_or(cmd.get_name())));

@@ -87,7 +87,7 @@ impl TaskOptions {
 
     fn apply(&self, c: &mut TaskConfig) {
         if let Some(s) = &self.source {
-            c.source = Some(s.canonicalize().unwrap_or_else(|_| s.clone()));
+            c.source = Some(crate::source_identity::stable_name(s));
         }
         if let Some(comp) = &self.compression {
             c.compression = comp.clone();
