@@ -211,10 +211,15 @@ fn prune_keeps_what_kept_versions_need_merges_forward_and_frees_what_it_says() {
             .map(|e| e.metadata().unwrap().len() as i64)
             .sum()
     };
+    let estimate = strata(["prune", "--dry-run", "--json", "--keep-last", "2", &p(&repo)]).ok().json();
+    assert!(estimate["merge_bytes"].as_i64().unwrap() > 0, "a merged full is larger than its delta: {estimate}");
     let before = du(&repo);
     let report = strata(["prune", "--json", "--keep-last", "2", &p(&repo)]).ok().json();
     let after = du(&repo);
     assert_eq!(report["freed_bytes"].as_i64().unwrap(), before - after, "prune frees the space it reports");
+    eprintln!("dry run: {estimate}\nrun: {report}");
+    assert_eq!(estimate["freed_bytes"], report["freed_bytes"], "the dry run counts the merges exactly");
+    assert_eq!(estimate["merge_bytes"], report["merge_bytes"]);
     let ids: Vec<u64> = list_json(&repo).iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [6, 7]);
     assert_models(&repo, &models, t);

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use strata_format::block::compress_into;
+use strata_format::layout;
 use strata_format::{
     Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, ReadScratch, RepoLock,
     RepoState, Rule, VersionReader,
@@ -55,6 +56,25 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
     };
     let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
     let mut copier = Copier::new(top.header.compression_level, reader.block_size());
+    copy_version(&reader, &mut writer, &mut copier, progress, id)?;
+    let blocks = writer.entry_count();
+    let path = writer
+        .finish_replacing(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
+        .with_context(|| format!("publishing the merged version {id}"))?;
+    let new_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    log::info!("merged version {id} into a full ({blocks} blocks)");
+    Ok(MergeSummary { id, old_chain, blocks, old_bytes, new_bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Writes the blocks of version `id` (read through `reader`) into `sink` as a full: stored
+/// blocks and whole groups as they are, the rest decoded and stored anew.
+fn copy_version(
+    reader: &VersionReader,
+    sink: &mut dyn FullSink,
+    copier: &mut Copier,
+    progress: &dyn Progress,
+    id: u64,
+) -> Result<()> {
     progress.begin("merge", reader.source_size());
     let mut block = 0;
     while block < reader.block_count() {
@@ -62,17 +82,17 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
             .with_context(|| format!("merge of version {id} stopped: version {id} is as it was"))?;
         let next = match reader.entry(block)? {
             Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
-                copier.copy_group(&reader, &mut writer, block, image, entry)?
+                copier.copy_group(reader, sink, block, image, entry)?
             }
             Some((_, entry)) if entry.encoding == Encoding::Patch => {
                 reader.read_block(block, &mut copier.scratch, &mut copier.block)?;
-                copier.store_decoded(&mut writer, block, entry.hash)?;
+                copier.store_decoded(sink, block, entry.hash)?;
                 block + 1
             }
             Some((image, entry)) => {
                 debug_assert!(entry.encoding != Encoding::Zero);
                 image.read_stored(&entry, &mut copier.stored)?;
-                writer.append_block(block, entry.encoding, &copier.stored, entry.hash)?;
+                sink.block(block, entry.encoding, &copier.stored, entry.hash)?;
                 block + 1
             }
             None => reader.next_stored(block).unwrap_or(reader.block_count()),
@@ -81,13 +101,63 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         block = next;
     }
     progress.end();
-    let blocks = writer.entry_count();
-    let path = writer
-        .finish_replacing(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
-        .with_context(|| format!("publishing the merged version {id}"))?;
-    let new_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    log::info!("merged version {id} into a full ({blocks} blocks)");
-    Ok(MergeSummary { id, old_chain, blocks, old_bytes, new_bytes, seconds: started.elapsed().as_secs_f64() })
+    Ok(())
+}
+
+/// Where a merge puts the blocks of the full it makes: the new image, or a count of the bytes
+/// it would take (`merged_size`).
+trait FullSink {
+    fn block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()>;
+    fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()>;
+}
+
+impl FullSink for ImageWriter {
+    fn block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()> {
+        self.append_block(block, encoding, bytes, hash)?;
+        Ok(())
+    }
+
+    fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()> {
+        self.append_group(blocks, frame, &mut Vec::new())?;
+        Ok(())
+    }
+}
+
+/// Counts what a merge would write.
+#[derive(Default)]
+struct Measure {
+    data: u64,
+    entries: u64,
+}
+
+impl FullSink for Measure {
+    fn block(&mut self, _block: u64, _encoding: Encoding, bytes: &[u8], _hash: [u8; 32]) -> Result<()> {
+        self.data += bytes.len() as u64;
+        self.entries += 1;
+        Ok(())
+    }
+
+    fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()> {
+        self.data += frame.len() as u64;
+        self.entries += blocks.len() as u64;
+        Ok(())
+    }
+}
+
+/// The size of the image `merge_version` would write for version `id` (exactly: the same copy,
+/// counted instead of written), so that `prune --dry-run` can say what its merges cost. Reads
+/// the version's data as a merge does.
+pub fn merged_size(state: &RepoState, id: u64) -> Result<u64> {
+    let chain = state
+        .chain(id)
+        .map_err(|why| anyhow::anyhow!("{}: version {id} cannot be merged: {why}", state.repo.path().display()))?;
+    let level = chain[chain.len() - 1].header.compression_level;
+    let reader = VersionReader::from_chain(chain)?;
+    let mut measure = Measure::default();
+    let mut copier = Copier::new(level, reader.block_size());
+    copy_version(&reader, &mut measure, &mut copier, crate::progress::for_terminal(true).as_ref(), id)?;
+    let fixed = (layout::HEADER_SIZE + layout::FOOTER_SIZE) as u64;
+    Ok(fixed + measure.data + measure.entries * layout::INDEX_ENTRY_SIZE as u64)
 }
 
 /// Buffers for copying stored bytes, and for re-encoding the blocks of a group used in part.
@@ -116,7 +186,7 @@ impl Copier {
     fn copy_group(
         &mut self,
         reader: &VersionReader,
-        writer: &mut ImageWriter,
+        sink: &mut dyn FullSink,
         block: u64,
         image: &ImageFile,
         entry: IndexEntry,
@@ -135,21 +205,21 @@ impl Copier {
         if whole {
             image.read_stored(&entry, &mut self.stored)?;
             let blocks: Vec<(u64, [u8; 32])> = members.iter().map(|(b, e)| (*b, e.hash)).collect();
-            writer.append_group(&blocks, &self.stored, &mut Vec::new())?;
+            sink.group(&blocks, &self.stored)?;
             return Ok(next);
         }
         for (b, e) in members {
             image.read_block(&e, &mut self.scratch, &mut self.block)?;
-            self.store_decoded(writer, b, e.hash)?;
+            self.store_decoded(sink, b, e.hash)?;
         }
         Ok(next)
     }
 
     /// Stores the decoded block in `self.block` as block `b` on its own.
-    fn store_decoded(&mut self, writer: &mut ImageWriter, b: u64, hash: [u8; 32]) -> Result<()> {
+    fn store_decoded(&mut self, sink: &mut dyn FullSink, b: u64, hash: [u8; 32]) -> Result<()> {
         match compress_into(&mut self.compressor, &self.block, &mut self.frame) {
-            Encoding::Zstd => writer.append_block(b, Encoding::Zstd, &self.frame, hash)?,
-            _ => writer.append_block(b, Encoding::Raw, &self.block, hash)?,
+            Encoding::Zstd => sink.block(b, Encoding::Zstd, &self.frame, hash)?,
+            _ => sink.block(b, Encoding::Raw, &self.block, hash)?,
         };
         Ok(())
     }

@@ -40,8 +40,11 @@ pub struct PruneReport {
     pub dry_run: bool,
     pub decisions: Vec<Decision>,
     /// Bytes the repository's images took less afterwards (deleted files, minus what merges
-    /// added); for a dry run, the bytes of the images to delete.
+    /// added); for a dry run, what they would take less: the images to delete, minus what the
+    /// merges would add (each merge counted on the images as they are now).
     pub freed_bytes: i64,
+    /// Of that, what the merges add (a merged full is larger than the delta it replaces).
+    pub merge_bytes: i64,
 }
 
 const DAY: i64 = 86_400;
@@ -176,10 +179,15 @@ pub fn prune_locked(
         bail!("{}: the retention rules keep no version; refusing to delete them all", repo.path().display());
     }
     if dry_run {
-        let freed = decisions.iter().filter(|d| d.action == Action::Delete).map(|d| d.bytes as i64).sum();
-        return Ok(PruneReport { dry_run, decisions, freed_bytes: freed });
+        let deleted: i64 = decisions.iter().filter(|d| d.action == Action::Delete).map(|d| d.bytes as i64).sum();
+        let mut merge_bytes = 0i64;
+        for d in decisions.iter().filter(|d| d.action == Action::Merge) {
+            merge_bytes += crate::merge::merged_size(&state, d.id)? as i64 - d.bytes as i64;
+        }
+        return Ok(PruneReport { dry_run, decisions, freed_bytes: deleted - merge_bytes, merge_bytes });
     }
     let before = images_bytes(repo)?;
+    let before_merges: i64 = decisions.iter().filter(|d| d.action == Action::Merge).map(|d| d.bytes as i64).sum();
     let needed: BTreeSet<u64> = state
         .statuses()
         .iter()
@@ -203,7 +211,15 @@ pub fn prune_locked(
     }
     delete_newest_first(repo, decisions.iter().filter(|d| d.action == Action::Delete && needed.contains(&d.id)))?;
     let after = images_bytes(repo)?;
-    Ok(PruneReport { dry_run, decisions, freed_bytes: before as i64 - after as i64 })
+    let state = repo.scan()?;
+    let merged: i64 =
+        decisions.iter().filter(|d| d.action == Action::Merge).map(|d| file_size(&state, d.id) as i64).sum();
+    Ok(PruneReport {
+        dry_run,
+        decisions,
+        freed_bytes: before as i64 - after as i64,
+        merge_bytes: merged - before_merges,
+    })
 }
 
 /// Deletes the images of `decisions` (in id order), newest first, then syncs the folder.

@@ -24,6 +24,13 @@ pub struct Args {
     pub json: bool,
 }
 
+fn signed(n: i64) -> String {
+    match n < 0 {
+        true => format!("-{}", bytes(n.unsigned_abs())),
+        false => bytes(n as u64),
+    }
+}
+
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let mut policy = TaskConfig::load(&args.repo)?.retention;
     if args.keep.any() {
@@ -53,15 +60,20 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             };
             println!("{would}{verb} version {:>4} ({:>10}): {}", d.id, bytes(d.bytes), d.why);
         }
-        if report.dry_run {
-            println!("would free {} (merges not counted); nothing changed", bytes(report.freed_bytes.max(0) as u64));
-        } else if report.freed_bytes >= 0 {
-            println!("freed {}", bytes(report.freed_bytes as u64));
-        } else {
-            println!(
-                "the repository grew by {} (merged fulls are larger than what was deleted)",
-                bytes((-report.freed_bytes) as u64)
-            );
+        let merges = match report.merge_bytes {
+            0 => String::new(),
+            n => format!(" (the merges {} {})", if report.dry_run { "would add" } else { "added" }, signed(n)),
+        };
+        match (report.dry_run, report.freed_bytes >= 0) {
+            (true, true) => println!("would free {}{merges}; nothing changed", bytes(report.freed_bytes as u64)),
+            (true, false) => {
+                println!(
+                    "the repository would grow by {}{merges}; nothing changed",
+                    bytes(report.freed_bytes.unsigned_abs())
+                )
+            }
+            (false, true) => println!("freed {}{merges}", bytes(report.freed_bytes as u64)),
+            (false, false) => println!("the repository grew by {}{merges}", bytes(report.freed_bytes.unsigned_abs())),
         }
     }
     Ok(Outcome::Success)
