@@ -508,3 +508,28 @@ fn a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver() {
     }
     assert!(interrupted > 0, "every mount was ready before its caller was killed; nothing was tested");
 }
+
+#[test]
+fn the_demo_runs_the_whole_job_shows_the_mount_and_fits_a_terminal() {
+    let test = "the_demo_runs_the_whole_job_shows_the_mount_and_fits_a_terminal";
+    if !have_e2fsprogs(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("demo");
+    let run = strata(["demo", "--keep", &p(&work)]).ok();
+    assert_eq!(run.stdout.matches("byte-identical to the disk at its backup").count(), 6, "{}", run.stdout);
+    let table: Vec<&str> = run.stdout.lines().skip_while(|l| !l.starts_with("ID ")).take(7).collect();
+    assert_eq!(table.len(), 7, "{}", run.stdout);
+    for line in &table {
+        assert!(line.chars().count() <= 100, "{} columns: {line}", line.chars().count());
+    }
+    if have_fuse(test) {
+        assert!(run.stdout.contains("1  2  3  4  5  6  latest"), "{}", run.stdout);
+        assert!(run.stdout.contains("identical to /report.txt at backup 6"), "{}", run.stdout);
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(&p(&work.join("mnt"))), "the demo unmounted: {mounts}");
+    } else {
+        assert!(run.stdout.contains("mount: skipped"), "{}", run.stdout);
+    }
+}

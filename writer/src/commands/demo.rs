@@ -140,15 +140,15 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
     // (what to back up as, debugfs commands applied before the backup)
     let steps: Vec<(Option<Kind>, &str, String)> = vec![
         (None, "first backup", String::new()),
-        (None, "new report, one file deleted", "write {F}/new.txt /report.txt\nrm /doc03.txt\n".into()),
+        (None, "report added", "write {F}/new.txt /report.txt\nrm /doc03.txt\n".into()),
         (None, "two more files", "write {F}/new.txt /notes.txt\nwrite {F}/doc10.txt /copy10.txt\n".into()),
-        (Some(Kind::Differential), "one file replaced", "rm /doc20.txt\nwrite {F}/new.txt /doc20.txt\n".into()),
+        (Some(Kind::Differential), "a file replaced", "rm /doc20.txt\nwrite {F}/new.txt /doc20.txt\n".into()),
         (
             None,
-            "a directory of files",
+            "a new folder",
             "mkdir /archive\nwrite {F}/doc01.txt /archive/a.txt\nwrite {F}/doc02.txt /archive/b.txt\n".into(),
         ),
-        (Some(Kind::Differential), "report rewritten", "rm /report.txt\nwrite {F}/doc30.txt /report.txt\n".into()),
+        (Some(Kind::Differential), "report redone", "rm /report.txt\nwrite {F}/doc30.txt /report.txt\n".into()),
     ];
     let mut versions = Vec::new();
     for (step, (kind, what, cmds)) in steps.iter().enumerate() {
@@ -168,7 +168,7 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
         let s = backup(&req, &NoProgress)?;
         std::fs::copy(&disk, states.join(format!("v{}.img", s.id)))?;
         say(format!(
-            "step {}: {what:<28} -> version {} {:<12} {:>5}/{} blocks changed, stored {}",
+            "step {}: {what:<15} -> version {} {:<12} {:>5}/{} blocks changed, stored {}",
             step + 1,
             s.id,
             s.kind,
@@ -214,5 +214,100 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
     if !all_ok {
         bail!("a restored version differs from the disk it was backed up from");
     }
+    if let Some(&newest) = versions.last() {
+        show_mount(work, &repo, &states, newest, global)?;
+    }
     Ok(Outcome::Success)
+}
+
+/// Whether `strata mount` can work here: /dev/fuse, and root or fusermount3.
+fn fuse_usable() -> Result<(), &'static str> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err("no /dev/fuse (modprobe fuse)");
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fusermount = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("fusermount3").exists()));
+    match root || fusermount {
+        true => Ok(()),
+        false => Err("fusermount3 is missing (apt-get install fuse3)"),
+    }
+}
+
+/// Unmounts the demo's mount when the demo ends, whichever way.
+struct DemoMount<'a> {
+    exe: &'a Path,
+    dir: &'a Path,
+}
+
+impl Drop for DemoMount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.exe).arg("-q").arg("umount").arg(self.dir).status();
+    }
+}
+
+/// Mounts the repository, lists its versions and the files of the newest, reads one file back
+/// from the mounted disk.img (debugfs reads the image; no loop device, no root), compares it
+/// with the same file in the disk as it was at that backup, and unmounts.
+fn show_mount(work: &Path, repo: &Path, states: &Path, id: u64, global: &Global) -> Result<()> {
+    let say = |s: String| {
+        if !global.quiet {
+            println!("{s}");
+        }
+    };
+    if let Err(why) = fuse_usable() {
+        say(format!("mount: skipped: {why}; with FUSE the demo mounts every version read-only"));
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("finding the strata binary to mount with")?;
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let out = Command::new(&exe).arg("-q").arg("mount").arg(repo).arg(&mnt).output()?;
+    if !out.status.success() {
+        say(format!("mount: skipped: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Ok(());
+    }
+    let _mounted = DemoMount { exe: &exe, dir: &mnt };
+    let mut shown: Vec<String> =
+        std::fs::read_dir(&mnt)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    shown.sort_by_key(|n| n.parse::<u64>().unwrap_or(u64::MAX));
+    say(String::new());
+    say(format!("$ strata mount {} {}", repo.display(), mnt.display()));
+    say(format!("$ ls {}\n{}", mnt.display(), shown.join("  ")));
+    let disk = mnt.join(id.to_string()).join("disk.img");
+    let listing = debugfs_read(&disk, "ls -p /")?;
+    let listing = String::from_utf8_lossy(&listing).into_owned();
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).filter(|n| !n.is_empty() && *n != "." && *n != ".."))
+        .collect();
+    say(format!(
+        "$ debugfs -R 'ls /' {}   # the files of version {id}, read through the mount\n{} entries: {} ...",
+        disk.display(),
+        names.len(),
+        names.iter().take(6).copied().collect::<Vec<_>>().join("  ")
+    ));
+    let file = "/report.txt";
+    let through_mount = debugfs_read(&disk, &format!("cat {file}"))?;
+    let at_backup = debugfs_read(&states.join(format!("v{id}.img")), &format!("cat {file}"))?;
+    if through_mount != at_backup || through_mount.is_empty() {
+        bail!("{file} read through the mount of version {id} differs from the file at that backup");
+    }
+    say(format!(
+        "$ debugfs -R 'cat {file}' {}\n{} read back, identical to {file} at backup {id}",
+        disk.display(),
+        bytes(through_mount.len() as u64)
+    ));
+    say(format!("$ strata umount {}", mnt.display()));
+    Ok(())
+}
+
+/// Runs one read-only debugfs request on an image and returns what it printed.
+fn debugfs_read(image: &Path, request: &str) -> Result<Vec<u8>> {
+    let out = tool("debugfs").arg("-R").arg(request).arg(image).output().context("running debugfs")?;
+    if !out.status.success() {
+        bail!("debugfs -R {request:?} {}: {}", image.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out.stdout)
 }

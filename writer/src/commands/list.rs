@@ -70,29 +70,64 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// "full", "incr of 3", "diff of 1": the kind and what it is a delta of, in one narrow column.
+fn kind_cell(r: &Row) -> String {
+    let short = match r.kind.as_str() {
+        "incremental" => "incr",
+        "differential" => "diff",
+        other => other,
+    };
+    match r.parent {
+        Some(p) => format!("{short} of {p}"),
+        None => short.to_string(),
+    }
+}
+
+/// `2026-12-02 19:12` (UTC; `--json` has the full RFC 3339 time).
+fn created_cell(r: &Row) -> String {
+    match &r.created {
+        Some(t) if t.len() >= 16 && !t.starts_with('@') => t[..16].replace('T', " "),
+        Some(t) => t.clone(),
+        None => "-".into(),
+    }
+}
+
+/// The table `list` and the demo print, each column as wide as its widest cell, so that it
+/// fits a terminal of 80 to 100 columns; the label or the problem comes last.
 pub fn print_table(rows: &[Row]) {
-    println!(
-        "{:>4}  {:<12}  {:<23}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  LABEL / PROBLEM",
-        "ID", "KIND", "RULE", "PARENT", "CREATED", "SIZE", "CHANGED", "STORED", "RESTORABLE"
-    );
-    for r in rows {
-        let last = match &r.problem {
-            Some(p) => p.clone(),
-            None => r.label.clone(),
-        };
-        println!(
-            "{:>4}  {:<12}  {:<23}  {:>6}  {:<20}  {:>10}  {:>8}  {:>10}  {:<10}  {}",
-            r.id,
-            r.kind,
-            r.rule.clone().unwrap_or_else(|| "-".into()),
-            opt(r.parent),
-            r.created.clone().unwrap_or_else(|| "-".into()),
-            opt(r.source_size.map(bytes)),
-            opt(r.changed_blocks),
-            opt(r.stored_bytes.map(bytes)),
-            if r.restorable { "yes" } else { "NO" },
-            last
-        );
+    let header = ["ID", "KIND", "RULE", "CREATED (UTC)", "SIZE", "CHANGED", "STORED", "OK"];
+    let right = [true, false, false, false, true, true, true, false];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                kind_cell(r),
+                r.rule.clone().unwrap_or_else(|| "-".into()),
+                created_cell(r),
+                opt(r.source_size.map(bytes)),
+                opt(r.changed_blocks),
+                opt(r.stored_bytes.map(bytes)),
+                if r.restorable { "yes" } else { "NO" }.to_string(),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| cells.iter().map(|row| row[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |values: &[&str], last: &str| {
+        let mut out = String::new();
+        for (c, v) in values.iter().enumerate() {
+            let w = widths[c];
+            out += &if right[c] { format!("{v:>w$}  ") } else { format!("{v:<w$}  ") };
+        }
+        out += last;
+        println!("{}", out.trim_end());
+    };
+    line(&header, "LABEL / PROBLEM");
+    for (r, row) in rows.iter().zip(&cells) {
+        let last = r.problem.as_deref().unwrap_or(&r.label);
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>(), last);
     }
 }
 
