@@ -176,7 +176,7 @@ fn a_tiny_image_declaring_16_tib_is_listed_verified_and_restored_in_bounded_memo
     }
     let verify = measured(&["verify", &p(&repo)]);
     expect_small_and_ok(&verify, "verify");
-    assert!(verify.stdout.contains("version 2: restorable, digest verified"), "{}", verify.stdout);
+    assert!(verify.stdout.contains("versions 1-2: restorable, digest verified"), "{}", verify.stdout);
     let restore = measured(&["restore", "-q", &p(&repo), "2", "/dev/null"]);
     expect_small_and_ok(&restore, "restore to /dev/null");
 }
