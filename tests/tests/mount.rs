@@ -1,7 +1,8 @@
 //! The FUSE mount of a repository: every version's disk.img is byte-for-byte the disk at its
 //! backup, partitions appear as partN.img, files can be browsed through a loop mount or fuse2fs,
 //! dd from the mount equals `strata restore`, writes are refused, damage gives EIO only where it
-//! is, concurrent readers are served, and unmounting leaves nothing behind.
+//! is, concurrent readers are served, a VM can run a version with its writes in a throwaway
+//! overlay, XFS versions mount side by side, and unmounting leaves nothing behind.
 
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -532,4 +533,95 @@ fn the_demo_runs_the_whole_job_shows_the_mount_and_fits_a_terminal() {
     } else {
         assert!(run.stdout.contains("mount: skipped"), "{}", run.stdout);
     }
+}
+
+/// What `qemu -drive file=MOUNT/N/disk.img,format=raw,snapshot=on` relies on: QEMU opens the
+/// read-only image with its writes going to a temporary overlay, reads its own writes back, and
+/// the mounted version is unchanged afterwards.
+#[test]
+fn a_virtual_machine_can_run_a_version_with_its_writes_in_a_throwaway_overlay() {
+    let test = "a_virtual_machine_can_run_a_version_with_its_writes_in_a_throwaway_overlay";
+    if !have_fuse(test)
+        || !capable(test, "qemu-io and qemu-img (qemu-utils)", has_tool("qemu-io") && has_tool("qemu-img"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.img");
+    write_disk(&disk, 8 << 20, 77, |b| b % 3 != 1);
+    let repo = tmp.path().join("repo");
+    strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+    let m = StrataMount::new(&repo, &tmp.path().join("mnt"), &[]);
+    let image = p(&m.path("1/disk.img"));
+
+    let snapshot =
+        tool("qemu-io", &["-f", "raw", "-s", "-c", "write -P 0xab 0 64k", "-c", "read -P 0xab 0 64k", &image]);
+    assert!(snapshot.stdout.contains("wrote 65536/65536 bytes"), "{}{}", snapshot.stdout, snapshot.stderr);
+    assert!(!snapshot.stdout.contains("Pattern verification failed"), "{}", snapshot.stdout);
+    let after = tool_status("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0xab 0 64k", &image]);
+    assert!(after.stdout.contains("Pattern verification failed"), "the mount kept the VM's write: {}", after.stdout);
+    let compare = tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", &image, &p(&disk)]);
+    assert!(compare.stdout.contains("Images are identical"), "{}", compare.stdout);
+    let direct = tool_status("qemu-io", &["-f", "raw", "-c", "write -P 0xab 0 4k", &image]);
+    assert_ne!(direct.code, Some(0), "a write without snapshot=on is refused: {}", direct.stdout);
+}
+
+/// Two versions of one XFS file system carry the same UUID; the kernel refuses the second
+/// loop mount unless it is told `nouuid`, and a version made while it was mounted only with
+/// `norecovery`, as README.md says.
+#[test]
+fn two_versions_of_an_xfs_file_system_mount_side_by_side_with_nouuid() {
+    let test = "two_versions_of_an_xfs_file_system_mount_side_by_side_with_nouuid";
+    if !have_fuse(test)
+        || !capable(test, "root (loop mounts)", is_root())
+        || !capable(test, "mkfs.xfs (xfsprogs)", has_tool("mkfs.xfs"))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let disk = t.join("xfs.img");
+    std::fs::File::create(&disk).unwrap().set_len(320 << 20).unwrap();
+    tool("mkfs.xfs", &["-q", &p(&disk)]);
+    let repo = t.join("repo");
+    let contents = [text(901, 200_000), text(902, 300_000)];
+    for (i, content) in contents.iter().enumerate() {
+        {
+            let rw = Mounted::mount(&["-o", "loop", &p(&disk)], &t.join("rw"));
+            std::fs::write(rw.dir.join(format!("v{}.txt", i + 1)), content).unwrap();
+        }
+        strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+    }
+    {
+        // version 3 is made while the file system is mounted: its log needs replaying
+        let rw = Mounted::mount(&["-o", "loop", &p(&disk)], &t.join("rw"));
+        std::fs::write(rw.dir.join("v3.txt"), b"live").unwrap();
+        tool("sync", &[]);
+        strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+    }
+    let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
+    let first = Mounted::mount(&["-o", "loop,ro", &p(&m.path("1/disk.img"))], &t.join("x1"));
+    assert_eq!(std::fs::read(first.dir.join("v1.txt")).unwrap(), contents[0]);
+    assert!(!first.dir.join("v2.txt").exists());
+
+    let second_dir = t.join("x2");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let refused = tool_status("mount", &["-o", "loop,ro", &p(&m.path("2/disk.img")), &p(&second_dir)]);
+    if refused.code == Some(0) {
+        let _ = tool_status("umount", &[&p(&second_dir)]);
+        panic!("the kernel mounted a second XFS with the same UUID without nouuid");
+    }
+    let second = Mounted::mount(&["-o", "loop,ro,nouuid", &p(&m.path("2/disk.img"))], &second_dir);
+    assert_eq!(std::fs::read(second.dir.join("v2.txt")).unwrap(), contents[1]);
+    assert_eq!(std::fs::read(second.dir.join("v1.txt")).unwrap(), contents[0]);
+
+    let live_dir = t.join("x3");
+    std::fs::create_dir_all(&live_dir).unwrap();
+    let replay = tool_status("mount", &["-o", "loop,ro,nouuid", &p(&m.path("3/disk.img")), &p(&live_dir)]);
+    if replay.code == Some(0) {
+        let _ = tool_status("umount", &[&p(&live_dir)]);
+        panic!("the kernel mounted an XFS with a dirty log from a read-only image");
+    }
+    let live = Mounted::mount(&["-o", "loop,ro,nouuid,norecovery", &p(&m.path("3/disk.img"))], &live_dir);
+    assert_eq!(std::fs::read(live.dir.join("v2.txt")).unwrap(), contents[1]);
 }
