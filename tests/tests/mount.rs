@@ -605,23 +605,22 @@ fn two_versions_of_an_xfs_file_system_mount_side_by_side_with_nouuid() {
     assert!(!first.dir.join("v2.txt").exists());
 
     let second_dir = t.join("x2");
-    std::fs::create_dir_all(&second_dir).unwrap();
-    let refused = tool_status("mount", &["-o", "loop,ro", &p(&m.path("2/disk.img")), &p(&second_dir)]);
-    if refused.code == Some(0) {
-        let _ = tool_status("umount", &[&p(&second_dir)]);
-        panic!("the kernel mounted a second XFS with the same UUID without nouuid");
-    }
+    refuse_to_mount("loop,ro", &m.path("2/disk.img"), &second_dir, "a second XFS with the same UUID");
     let second = Mounted::mount(&["-o", "loop,ro,nouuid", &p(&m.path("2/disk.img"))], &second_dir);
     assert_eq!(std::fs::read(second.dir.join("v2.txt")).unwrap(), contents[1]);
     assert_eq!(std::fs::read(second.dir.join("v1.txt")).unwrap(), contents[0]);
 
     let live_dir = t.join("x3");
-    std::fs::create_dir_all(&live_dir).unwrap();
-    let replay = tool_status("mount", &["-o", "loop,ro,nouuid", &p(&m.path("3/disk.img")), &p(&live_dir)]);
-    if replay.code == Some(0) {
-        let _ = tool_status("umount", &[&p(&live_dir)]);
-        panic!("the kernel mounted an XFS with a dirty log from a read-only image");
-    }
+    refuse_to_mount("loop,ro,nouuid", &m.path("3/disk.img"), &live_dir, "an XFS whose log needs replaying");
     let live = Mounted::mount(&["-o", "loop,ro,nouuid,norecovery", &p(&m.path("3/disk.img"))], &live_dir);
     assert_eq!(std::fs::read(live.dir.join("v2.txt")).unwrap(), contents[1]);
+}
+
+/// Asserts that `mount -o OPTIONS IMAGE DIR` fails (unmounting again if it did not).
+fn refuse_to_mount(options: &str, image: &Path, dir: &Path, what: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    if tool_status("mount", &["-o", options, &p(image), &p(dir)]).code == Some(0) {
+        let _ = tool_status("umount", &[&p(dir)]);
+        panic!("the kernel mounted {what} with -o {options}");
+    }
 }
