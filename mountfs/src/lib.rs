@@ -119,8 +119,14 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// Mounts the repository at `mountpoint` and serves it until it is unmounted (by `strata
 /// umount`, `fusermount3 -u`, or SIGINT/SIGTERM/SIGHUP to this process, which unmount cleanly).
-/// `ready` runs once the mount is live and readable.
-pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl FnOnce()) -> Result<(), MountError> {
+/// `ready` runs once the mount is live and readable and says whether to serve it; when it says no
+/// (whoever asked for the mount is gone), the mount is taken down again.
+pub fn serve(
+    repo: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    ready: impl FnOnce() -> bool,
+) -> Result<(), MountError> {
     let mountpoint = check_mountpoint(mountpoint)?;
     bound_allocator_memory();
     let catalogue = tree::Catalogue::load(repo, opts.version)?;
@@ -164,7 +170,10 @@ pub fn serve(repo: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
     });
     log::info!("mounted {} on {}", repo.display(), mountpoint.display());
     raise_readahead(&mountpoint);
-    ready();
+    if !ready() {
+        log::info!("unmounting {}: nobody is waiting for it", mountpoint.display());
+        return session.unmount_callable().unmount().map_err(|source| MountError::Mount { path: mountpoint, source });
+    }
     session.run().map_err(|source| MountError::Mount { path: mountpoint, source })
 }
 

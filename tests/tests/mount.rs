@@ -7,6 +7,7 @@
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use strata_tests::*;
 
@@ -484,6 +485,9 @@ fn processes_naming(needle: &str) -> Vec<i32> {
     pids
 }
 
+/// A mount is handed over when its caller has said "mounted ..."; a caller killed before that
+/// (a `timeout strata mount` that gave up) leaves neither a mount nor a driver behind, whatever
+/// the driver was doing when the caller died: loading, mounting, or waiting to be taken over.
 #[test]
 fn a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver() {
     let test = "a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver";
@@ -494,18 +498,35 @@ fn a_mount_whose_caller_dies_before_it_is_ready_leaves_no_driver() {
     let t = tmp.path();
     let (_, repo) = one_version_repo(t, &[]);
     let mut interrupted = 0;
-    for (round, delay_ms) in [2u64, 5, 10, 20, 40].into_iter().enumerate() {
+    for (round, delay_us) in [0u64, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 7000, 10_000].into_iter().enumerate()
+    {
         let dir = t.join(format!("mnt{round}"));
         std::fs::create_dir_all(&dir).unwrap();
         let _guard = StrataMount { dir: dir.clone(), driver_pid: None };
-        if !strata_killed_after(&["mount".to_string(), p(&repo), p(&dir)], delay_ms) {
-            continue; // it was ready and done before the kill: nothing to show
+        let caller = Command::new(strata_bin())
+            .args(["mount".to_string(), p(&repo), p(&dir)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(delay_us));
+        // SAFETY: signals the child this test started, by its pid, before reaping it.
+        unsafe { libc::kill(caller.id() as i32, libc::SIGKILL) };
+        if String::from_utf8_lossy(&caller.wait_with_output().unwrap().stdout).contains("mounted ") {
+            continue; // handed over before the kill: the mount is the user's
         }
         interrupted += 1;
-        std::thread::sleep(std::time::Duration::from_millis(1500));
-        let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} ", p(&dir)));
-        let drivers = processes_naming(&p(&dir));
-        assert!(!mounted && drivers.is_empty(), "killed after {delay_ms} ms: mounted {mounted}, drivers {drivers:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&format!(" {} ", p(&dir)));
+            let drivers = processes_naming(&p(&dir));
+            if !mounted && drivers.is_empty() {
+                break;
+            }
+            let waited = std::time::Instant::now() > deadline;
+            assert!(!waited, "killed after {delay_us} us: mounted {mounted}, drivers {drivers:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
     assert!(interrupted > 0, "every mount was ready before its caller was killed; nothing was tested");
 }

@@ -2,8 +2,9 @@
 //! `--foreground`, starts the driver as a detached process and returns once the mount is ready
 //! to read; the driver then logs to syslog.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -75,17 +76,19 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         check_hashes: !args.no_verify_hashes,
     };
     let ready_fd = args.ready_fd;
-    serve(&args.repo, &args.mountpoint, &opts, || {
-        if let Some(fd) = ready_fd {
-            report_ready(fd);
-        }
-    })?;
+    serve(&args.repo, &args.mountpoint, &opts, || ready_fd.is_none_or(report_ready))?;
     Ok(Outcome::Success)
 }
 
-/// In the detached driver: outlive the caller from now on, let go of its stderr, log to
-/// syslog, say "ready".
-fn report_ready(fd: i32) {
+/// How long a detached driver waits for its caller to take the mount over before it serves
+/// anyway (the caller is alive but stuck writing its message).
+const HANDOVER_TIMEOUT_MS: u16 = 10_000;
+
+/// In the detached driver, once the mount is live: outlive the caller from now on, let go of its
+/// stderr, log to syslog, say "ready" on `fd` and wait for the caller's "ok". Returns false when
+/// the caller is gone without taking the mount over (killed while waiting, a `timeout` that gave
+/// up): then nobody was told of the mount and it must not stay.
+fn report_ready(fd: i32) -> bool {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number, 0 for none.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
     crate::logging::switch_to_syslog();
@@ -93,16 +96,31 @@ fn report_ready(fd: i32) {
         // SAFETY: dup2 onto our own stderr descriptor.
         unsafe { libc::dup2(null.as_raw_fd(), 2) };
     }
-    // SAFETY: the parent passed this descriptor to us and nothing else owns it.
-    let mut ready = unsafe { std::fs::File::from_raw_fd(fd) };
-    let _ = std::io::Write::write_all(&mut ready, b"ready\n");
+    // SAFETY: the caller passed this socket to us and nothing else owns it.
+    let mut caller = unsafe { UnixStream::from_raw_fd(fd) };
+    if caller.write_all(b"ready\n").is_err() {
+        log::warn!("the caller of `strata mount` exited before the mount was ready");
+        return false;
+    }
+    let mut poll = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd for a socket we own.
+    if unsafe { libc::poll(poll.as_mut_ptr(), 1, i32::from(HANDOVER_TIMEOUT_MS)) } == 0 {
+        log::warn!("the caller of `strata mount` did not answer in time; serving the mount anyway");
+        return true;
+    }
+    let mut answer = [0u8; 3];
+    let taken = caller.read_exact(&mut answer).is_ok() && &answer == b"ok\n";
+    if !taken {
+        log::warn!("the caller of `strata mount` exited before the mount was ready");
+    }
+    taken
 }
 
 /// Starts `strata mount --foreground` detached (own session, no terminal) and waits until it
 /// reports the mount ready, or exits with its error.
 fn detach(args: &Args, global: &Global) -> Result<Outcome> {
     strata_mountfs::check_mountpoint(&args.mountpoint)?;
-    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let (mut driver, driver_end) = UnixStream::pair().context("creating a socket pair")?;
     let exe = std::env::current_exe().context("finding the strata binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount").arg("--foreground").arg("--ready-fd").arg("3");
@@ -121,7 +139,7 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
     }
     cmd.arg(&args.repo).arg(&args.mountpoint);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let write_fd = ready_w.as_raw_fd();
+    let driver_fd = driver_end.as_raw_fd();
     let caller = std::process::id();
     // SAFETY: only async-signal-safe calls (prctl, getppid, setsid, dup2) between fork and exec.
     unsafe {
@@ -133,21 +151,21 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
                 return Err(std::io::Error::other("the caller exited"));
             }
             libc::setsid();
-            if libc::dup2(write_fd, 3) < 0 {
+            if libc::dup2(driver_fd, 3) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     let mut child = cmd.spawn().context("starting the mount driver")?;
-    drop(ready_w);
-    let mut status = String::new();
-    std::fs::File::from(ready_r).read_to_string(&mut status).ok();
+    drop(driver_end);
+    let mut status = [0u8; 6];
+    let ready = driver.read_exact(&mut status).is_ok() && &status == b"ready\n";
     let mut errors = String::new();
     if let Some(mut e) = child.stderr.take() {
         e.read_to_string(&mut errors).ok();
     }
-    if status.trim() == "ready" {
+    if ready {
         eprint!("{errors}");
         if !global.quiet {
             println!(
@@ -158,6 +176,8 @@ fn detach(args: &Args, global: &Global) -> Result<Outcome> {
                 args.mountpoint.display()
             );
         }
+        // Told the user; from here the mount is theirs and outlives us.
+        driver.write_all(b"ok\n").context("handing the mount over to its driver")?;
         return Ok(Outcome::Success);
     }
     let _ = child.wait();
