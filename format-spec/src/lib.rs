@@ -19,6 +19,7 @@ mod read_ahead;
 pub mod repo;
 pub mod repo_file;
 pub mod source_id;
+pub mod volume;
 pub mod version;
 
 pub use error::{FormatError, Loc, Result};

@@ -4,7 +4,6 @@
 
 mod cache;
 mod fs;
-pub mod partitions;
 mod read;
 #[cfg(test)]
 mod tests;

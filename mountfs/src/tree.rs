@@ -15,7 +15,8 @@ use lru::LruCache;
 use strata_format::{ImageFile, Repository, VersionReader};
 
 use crate::cache::BlockCache;
-use crate::partitions::{find_partitions, DiskRead, Partition};
+use strata_format::volume::partitions::{find_partitions, Partition};
+use strata_format::volume::DiskRead;
 use crate::read::read_window;
 use crate::MountError;
 

@@ -19,10 +19,7 @@ const MAX_LOGICAL: u32 = 128;
 
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 
-/// Reads `buf.len()` bytes at an offset of the disk (short only at its end).
-pub trait DiskRead {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize>;
-}
+use super::DiskRead;
 
 fn read_sector<R: DiskRead + ?Sized>(disk: &R, offset: u64, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
@@ -162,15 +159,6 @@ fn gpt<R: DiskRead + ?Sized>(disk: &R, disk_size: u64, sector: u64) -> Option<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    impl DiskRead for Vec<u8> {
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-            let start = (offset as usize).min(self.len());
-            let n = buf.len().min(self.len() - start);
-            buf[..n].copy_from_slice(&self[start..start + n]);
-            Ok(n)
-        }
-    }
 
     fn mbr_entry(disk: &mut [u8], at: usize, kind: u8, lba: u32, sectors: u32) {
         disk[at + 4] = kind;
