@@ -122,6 +122,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
         label: String::new(),
         source: "bench".into(),
         source_id: None,
+        selection: Default::default(),
     }
 }
 

@@ -170,6 +170,37 @@ pub struct ImageHeader {
     pub source: String,
     /// The id the source's content carried (`None`: not recorded, an image older than 0.4).
     pub source_id: Option<SourceId>,
+    /// Which of the source's blocks the version holds.
+    pub selection: BlockSelection,
+}
+
+/// Which blocks of the source a version holds, as recorded when it was written (informational:
+/// either way the version reads as one whole disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockSelection {
+    /// Every byte of the source as read: sector by sector, and every image before strata 0.5.
+    #[default]
+    Every,
+    /// What the source's file systems use; the `unused_bytes` they do not use read as zeros.
+    Used { unused_bytes: u64 },
+}
+
+impl BlockSelection {
+    /// `every` or `used`, as `list`, `info` and their JSON show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockSelection::Every => "every",
+            BlockSelection::Used { .. } => "used",
+        }
+    }
+
+    /// Bytes left out as unused (0 when every byte was read).
+    pub fn unused_bytes(self) -> u64 {
+        match self {
+            BlockSelection::Every => 0,
+            BlockSelection::Used { unused_bytes } => unused_bytes,
+        }
+    }
 }
 
 /// Checks that a block size is a power of two between the format's limits.
@@ -230,6 +261,10 @@ impl ImageHeader {
         if let Some(id) = &self.source_id {
             b[off::SOURCE_ID_KIND] = id.kind.to_byte();
             put_bytes(&mut b, off::SOURCE_ID, &id.bytes);
+        }
+        if let BlockSelection::Used { unused_bytes } = self.selection {
+            b[off::BLOCK_SELECTION] = layout::SELECTION_USED;
+            put_u64(&mut b, off::UNUSED_BYTES, unused_bytes);
         }
         let crc = crc32c::crc32c(&b[..off::CRC]);
         put_u32(&mut b, off::CRC, crc);
@@ -325,6 +360,10 @@ impl ImageHeader {
             source: text(off::SOURCE, source_len),
             source_id: SourceIdKind::from_byte(b[off::SOURCE_ID_KIND])
                 .map(|kind| SourceId { kind, bytes: get_array(b, off::SOURCE_ID) }),
+            selection: match b[off::BLOCK_SELECTION] {
+                layout::SELECTION_USED => BlockSelection::Used { unused_bytes: get_u64(b, off::UNUSED_BYTES) },
+                _ => BlockSelection::Every,
+            },
         })
     }
 }

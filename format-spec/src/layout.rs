@@ -62,7 +62,9 @@ pub mod header {
     pub const SOURCE: usize = 272;
     pub const SOURCE_ID_KIND: usize = 472;
     pub const SOURCE_ID: usize = 473;
-    pub const RESERVED: usize = 489;
+    pub const BLOCK_SELECTION: usize = 489;
+    pub const UNUSED_BYTES: usize = 490;
+    pub const RESERVED: usize = 498;
     pub const CRC: usize = 508;
 }
 
@@ -117,6 +119,10 @@ pub const RULE_MERGED: u8 = 8;
 pub const RULE_CHAIN_LIMIT: u8 = 9;
 pub const RULE_SOURCE_REPLACED: u8 = 10;
 
+/// Which blocks a version holds (header `block_selection` byte; informational).
+pub const SELECTION_EVERY: u8 = 0;
+pub const SELECTION_USED: u8 = 1;
+
 /// Block encodings as stored in an index entry's `encoding` byte.
 pub const ENCODING_ZERO: u8 = 0;
 pub const ENCODING_RAW: u8 = 1;
@@ -145,7 +151,8 @@ pub const LOCK_FILE: &str = "lock";
 
 const _: () = assert!(header::CRC + 4 == HEADER_SIZE);
 const _: () = assert!(header::SOURCE + SOURCE_MAX == header::SOURCE_ID_KIND);
-const _: () = assert!(header::SOURCE_ID + 16 == header::RESERVED);
+const _: () = assert!(header::SOURCE_ID + 16 == header::BLOCK_SELECTION);
+const _: () = assert!(header::UNUSED_BYTES + 8 == header::RESERVED);
 const _: () = assert!(header::LABEL + LABEL_MAX == header::SOURCE);
 const _: () = assert!(footer::CRC + 4 == FOOTER_SIZE);
 const _: () = assert!(footer::SOURCE_DIGEST + 32 == footer::RESERVED1);

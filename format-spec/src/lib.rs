@@ -19,8 +19,8 @@ mod read_ahead;
 pub mod repo;
 pub mod repo_file;
 pub mod source_id;
-pub mod volume;
 pub mod version;
+pub mod volume;
 
 pub use error::{FormatError, Loc, Result};
 pub use header::{ImageHeader, ImageRef, Kind, Rule};

@@ -37,6 +37,7 @@ fn header(version: u64, kind: Kind, parent: Option<ImageRef>, full: Option<Image
         label: "läbel".into(),
         source: "/dev/sdz1".into(),
         source_id: Some(crate::SourceId::PATH_ONLY),
+        selection: Default::default(),
     }
 }
 
@@ -682,7 +683,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 31] = [
+    let numbers: [(&str, u64); 34] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -714,6 +715,9 @@ fn constants_match_spec() {
         ("RULE_SOURCE_RESIZED", layout::RULE_SOURCE_RESIZED.into()),
         ("RULE_MERGED", layout::RULE_MERGED.into()),
         ("RULE_CHAIN_LIMIT", layout::RULE_CHAIN_LIMIT.into()),
+        ("RULE_SOURCE_REPLACED", layout::RULE_SOURCE_REPLACED.into()),
+        ("SELECTION_EVERY", layout::SELECTION_EVERY.into()),
+        ("SELECTION_USED", layout::SELECTION_USED.into()),
     ];
     for (name, value) in numbers {
         assert_eq!(spec_constant(&spec, name), value.to_string(), "{name}");
@@ -747,6 +751,8 @@ fn constants_match_spec() {
         h::SOURCE,
         h::SOURCE_ID_KIND,
         h::SOURCE_ID,
+        h::BLOCK_SELECTION,
+        h::UNUSED_BYTES,
         h::RESERVED,
         h::CRC,
     ];

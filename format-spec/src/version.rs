@@ -167,6 +167,27 @@ impl VersionReader {
         self.map.next_stored(from)
     }
 
+    /// The first byte at or after `pos` that may not be zero (the start of the next stored
+    /// block, or `pos` inside one); `None` when only zeros follow (SEEK_DATA).
+    pub fn data_from(&self, pos: u64) -> Option<u64> {
+        let bs = u64::from(self.block_size);
+        if pos >= self.source_size {
+            return None;
+        }
+        let block = self.next_stored(pos / bs)?;
+        Some((block * bs).max(pos)).filter(|&d| d < self.source_size)
+    }
+
+    /// The first byte at or after `pos` of a zero block, or the source's end (SEEK_HOLE).
+    pub fn hole_from(&self, pos: u64) -> u64 {
+        let bs = u64::from(self.block_size);
+        let mut block = pos / bs;
+        while block < self.block_count() && matches!(self.locate(block), BlockLocation::Stored { .. }) {
+            block += 1;
+        }
+        block.saturating_mul(bs).max(pos).min(self.source_size)
+    }
+
     /// The blocks that are not zero, from `from` on, in order (zero runs cost nothing).
     pub fn stored_blocks(&self, from: u64) -> impl Iterator<Item = StoredBlock> + '_ {
         self.map.stored(from)

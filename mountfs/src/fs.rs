@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use strata_format::VersionReader;
 
@@ -310,6 +311,26 @@ impl Filesystem for StrataFs {
                 }
             }
         });
+    }
+
+    /// SEEK_DATA and SEEK_HOLE, so that `cp --sparse`, `qemu-img map` and the like skip the
+    /// zero (and unused) blocks of a version; other seeks are the kernel's business.
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let Some(h) = self.handles.lock().unwrap().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
+        if offset >= h.len {
+            return reply.error(Errno::ENXIO);
+        }
+        let at = h.start + offset;
+        let found = match whence {
+            libc::SEEK_DATA => match h.reader.data_from(at) {
+                Some(data) if data < h.start + h.len => data,
+                _ => return reply.error(Errno::ENXIO),
+            },
+            libc::SEEK_HOLE => h.reader.hole_from(at).min(h.start + h.len),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        reply.offset((found - h.start) as i64);
     }
 
     fn release(

@@ -74,6 +74,7 @@ fn write_forged_version(dir: &Path, disk: &[u8], forged: &[u64]) -> VersionReade
         label: String::new(),
         source: "test".into(),
         source_id: None,
+        selection: Default::default(),
     };
     let final_path = dir.join(strata_format::repo::image_file_name(1));
     let mut w = ImageWriter::create(&final_path, header).unwrap();

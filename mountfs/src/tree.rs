@@ -15,10 +15,10 @@ use lru::LruCache;
 use strata_format::{ImageFile, Repository, VersionReader};
 
 use crate::cache::BlockCache;
-use strata_format::volume::partitions::{find_partitions, Partition};
-use strata_format::volume::DiskRead;
 use crate::read::read_window;
 use crate::MountError;
+use strata_format::volume::partitions::{find_partitions, Partition};
+use strata_format::volume::DiskRead;
 
 /// Inode of a node of the tree. Version folders and files use `id << 8 | k`: k = 0 the folder,
 /// 1 disk.img, 1 + N partN.img.

@@ -58,6 +58,7 @@ fn craft(repo: &Path, versions: u64) -> Vec<Vec<u8>> {
             label: format!("16 TiB, version {id}"),
             source: "crafted".into(),
             source_id: None,
+            selection: Default::default(),
         };
         let mut w = ImageWriter::create(&repository.image_path(id), header).unwrap();
         let store = |w: &mut ImageWriter, c: &mut zstd::bulk::Compressor, b: u64, bytes: &[u8]| {

@@ -614,11 +614,13 @@ fn two_versions_of_an_xfs_file_system_mount_side_by_side_with_nouuid() {
         strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
     }
     {
-        // version 3 is made while the file system is mounted: its log needs replaying
+        // version 3 is made while the file system is mounted (sector by sector: a used-blocks
+        // backup of a live file system is refused): its log needs replaying
         let rw = Mounted::mount(&["-o", "loop", &p(&disk)], &t.join("rw"));
         std::fs::write(rw.dir.join("v3.txt"), b"live").unwrap();
         tool("sync", &[]);
-        strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+        strata(["backup", "-q", &p(&disk), &p(&repo)]).expect_code(1);
+        strata(["backup", "-q", "--sector-by-sector", &p(&disk), &p(&repo)]).ok();
     }
     let m = StrataMount::new(&repo, &t.join("mnt"), &[]);
     let first = Mounted::mount(&["-o", "loop,ro", &p(&m.path("1/disk.img"))], &t.join("x1"));
@@ -643,5 +645,46 @@ fn refuse_to_mount(options: &str, image: &Path, dir: &Path, what: &str) {
     if tool_status("mount", &["-o", options, &p(image), &p(dir)]).code == Some(0) {
         let _ = tool_status("umount", &[&p(dir)]);
         panic!("the kernel mounted {what} with -o {options}");
+    }
+}
+
+/// SEEK_DATA / SEEK_HOLE on a mounted disk.img skip the zero blocks of a version, so that
+/// `cp --sparse`, `qemu-img map` and `dd conv=sparse` do not read them.
+#[test]
+fn seek_data_and_seek_hole_find_the_stored_blocks_of_a_mounted_version() {
+    let test = "seek_data_and_seek_hole_find_the_stored_blocks_of_a_mounted_version";
+    if !have_fuse(test) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.img");
+    // 64 KiB blocks: 1 MiB of data at 1 MiB, 256 KiB at 3 MiB, zeros elsewhere (8 MiB).
+    write_disk(&disk, 8 << 20, 5, |b| (256..512).contains(&b) || (768..832).contains(&b));
+    let repo = tmp.path().join("repo");
+    strata(["backup", "-q", &p(&disk), &p(&repo)]).ok();
+    let m = StrataMount::new(&repo, &tmp.path().join("mnt"), &[]);
+    let f = std::fs::File::open(m.path("1/disk.img")).unwrap();
+    let seek = |offset: i64, whence: i32| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a descriptor this test owns.
+        let at = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
+        if at < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error())
+        } else {
+            Ok(at)
+        }
+    };
+    assert_eq!(seek(0, libc::SEEK_DATA), Ok(1 << 20));
+    assert_eq!(seek(1 << 20, libc::SEEK_HOLE), Ok(2 << 20));
+    assert_eq!(seek((2 << 20) + 5, libc::SEEK_DATA), Ok(3 << 20));
+    assert_eq!(seek((3 << 20) + 7, libc::SEEK_DATA), Ok((3 << 20) + 7));
+    assert_eq!(seek(3 << 20, libc::SEEK_HOLE), Ok((3 << 20) + (256 << 10)));
+    assert_eq!(seek(4 << 20, libc::SEEK_DATA), Err(Some(libc::ENXIO)));
+    assert_eq!(seek(5 << 20, libc::SEEK_HOLE), Ok(5 << 20));
+    assert_eq!(seek(8 << 20, libc::SEEK_HOLE), Err(Some(libc::ENXIO)));
+    if has_tool("qemu-img") {
+        let map = tool("qemu-img", &["map", "--output=json", "-f", "raw", &p(&m.path("1/disk.img"))]).stdout;
+        let data_extents = map.matches("\"data\": true").count();
+        assert_eq!(data_extents, 2, "{map}");
     }
 }

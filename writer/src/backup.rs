@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use strata_format::block::{hash_block, is_zero};
 use strata_format::digest::{zero_block_hash, SourceDigest};
-use strata_format::header::new_id;
+use strata_format::header::{new_id, BlockSelection};
 use strata_format::layout::{DEFAULT_BLOCK_SIZE, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
 use strata_format::repo::{image_file_name, parse_image_file_name};
 use strata_format::{Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader};
@@ -38,6 +38,47 @@ pub struct BackupRequest {
     /// zstd level; `None` takes the repository's configured compression.
     pub level: Option<i32>,
     pub label: String,
+    /// Store every byte, not only the blocks the file systems use (or the task's
+    /// `sector_by_sector` says so).
+    pub sector_by_sector: bool,
+}
+
+/// One region of the source as the backup found it (see `strata_format::volume`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegionSummary {
+    /// The partition number; `None` for a source without a partition table.
+    pub partition: Option<u32>,
+    pub start: u64,
+    pub bytes: u64,
+    pub file_system: Option<&'static str>,
+    /// `used` (only the blocks the file system uses were read) or `whole`.
+    pub blocks: &'static str,
+    pub unused_bytes: u64,
+    /// Why the region was kept whole.
+    pub reason: Option<String>,
+}
+
+impl RegionSummary {
+    pub fn from_region(r: &strata_format::volume::Region) -> RegionSummary {
+        RegionSummary {
+            partition: r.partition,
+            start: r.start,
+            bytes: r.len,
+            file_system: r.file_system,
+            blocks: if r.kept_whole.is_some() { "whole" } else { "used" },
+            unused_bytes: r.unused_bytes,
+            reason: r.kept_whole.clone(),
+        }
+    }
+
+    /// "partition 2 (ext4)", "the whole source (unknown)".
+    pub fn name(&self) -> String {
+        let place = match self.partition {
+            Some(n) => format!("partition {n}"),
+            None => "the source".to_string(),
+        };
+        format!("{place} ({})", self.file_system.unwrap_or("no known file system"))
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -57,6 +98,12 @@ pub struct BackupSummary {
     /// Bytes read from the source (holes are not read) per second, in MiB.
     pub mib_per_s: f64,
     pub notes: Vec<String>,
+    /// `used` (only the blocks the file systems use) or `every` (sector by sector).
+    pub blocks: &'static str,
+    /// Bytes the file systems do not use, left out (they read back as zeros).
+    pub unused_bytes: u64,
+    /// The regions of the source and how each was read (empty for a sector-by-sector backup).
+    pub regions: Vec<RegionSummary>,
     /// Versions merged into a full after the backup (incremental-forever's max_chain).
     pub merged: Vec<u64>,
     /// Versions deleted after the backup (the merged-away full, retention).
@@ -161,6 +208,38 @@ fn new_repository_files(path: &Path) -> [PathBuf; 3] {
     [crate::config::CONFIG_FILE, LOCK_FILE, REPO_FILE].map(|name| path.join(name))
 }
 
+/// Reads which blocks of the source its file systems use and leaves the rest out of the
+/// backup, unless every byte is asked for. A source in use read-write is refused: its
+/// allocation maps would be stale by the time its blocks are read.
+fn select_blocks(source: &mut Source, path: &Path, every_byte: bool) -> Result<(BlockSelection, Vec<RegionSummary>)> {
+    if every_byte {
+        return Ok((BlockSelection::Every, Vec::new()));
+    }
+    if let Some(why) = source.in_use_read_write() {
+        bail!(
+            "{}: {why}; a backup of only the blocks a live file system uses could miss what is written meanwhile. \
+             Unmount it (or mount it read-only), back up a snapshot, or back up every byte with --sector-by-sector",
+            path.display()
+        );
+    }
+    let analysis = strata_format::volume::analyse(&*source, source.size());
+    let regions: Vec<RegionSummary> = analysis.regions.iter().map(RegionSummary::from_region).collect();
+    for region in &regions {
+        match (&region.reason, region.file_system) {
+            (Some(why), Some(_)) => log::warn!("{}: {} kept whole: {why}", path.display(), region.name()),
+            (Some(why), None) => log::info!("{}: {} kept whole: {why}", path.display(), region.name()),
+            (None, _) => log::info!(
+                "{}: {}: {} unused, left out",
+                path.display(),
+                region.name(),
+                crate::units::size(region.unused_bytes)
+            ),
+        }
+    }
+    source.leave_out(analysis.unused());
+    Ok((BlockSelection::Used { unused_bytes: analysis.unused_bytes() }, regions))
+}
+
 fn backup_into(
     req: &BackupRequest,
     progress: &dyn Progress,
@@ -182,8 +261,10 @@ fn backup_into(
             req.repo.display()
         ),
     };
-    let source = Source::open(&source_path)?;
+    let mut source = Source::open(&source_path)?;
     let identity = source.identity(&source_path)?;
+    let (selection, regions) =
+        select_blocks(&mut source, &source_path, req.sector_by_sector || config.sector_by_sector)?;
     if let (Ok(canon), Ok(repo_canon)) = (source_path.canonicalize(), req.repo.canonicalize()) {
         if canon.starts_with(&repo_canon) {
             bail!("{}: the source lies inside the repository", source_path.display());
@@ -255,6 +336,7 @@ fn backup_into(
             label: req.label.clone(),
             source: identity.name.display().to_string(),
             source_id: Some(identity.id),
+            selection,
         };
         let total_blocks = header.block_count();
         let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
@@ -329,6 +411,9 @@ fn backup_into(
         seconds,
         mib_per_s: crate::units::mib_per_s(source.bytes_read(), seconds),
         notes: plan.notes,
+        blocks: selection.name(),
+        unused_bytes: selection.unused_bytes(),
+        regions,
         merged,
         deleted,
     })

@@ -62,6 +62,9 @@ pub struct TaskConfig {
     pub max_chain: Option<u32>,
     #[serde(default)]
     pub retention: Retention,
+    /// Back up every byte of the source instead of only the blocks its file systems use.
+    #[serde(default)]
+    pub sector_by_sector: bool,
 }
 
 fn default_compression() -> String {
@@ -78,6 +81,7 @@ impl Default for TaskConfig {
             full_every_days: None,
             max_chain: None,
             retention: Retention::default(),
+            sector_by_sector: false,
         }
     }
 }
@@ -153,7 +157,11 @@ impl TaskConfig {
             Some(s) => t += &format!("source = {}\n", toml_string(&s.to_string_lossy())),
             None => t += "# source = \"/dev/sdb1\"   # block device or raw image backed up by `strata backup REPO`\n",
         }
-        t += &format!("compression = {}   # zstd:LEVEL, LEVEL 1-19\n\n", toml_string(&self.compression));
+        t += &format!("compression = {}   # zstd:LEVEL, LEVEL 1-19\n", toml_string(&self.compression));
+        t += &format!(
+            "sector_by_sector = {}   # true: every byte; false: only the blocks the file systems use\n\n",
+            self.sector_by_sector
+        );
         t += "# incremental | differential | incremental-forever\n";
         t += &format!("scheme = {}\n", toml_string(self.scheme.as_str()));
         t += &opt_line("full_every", self.full_every, "incremental/differential: every N-th backup is a full");
@@ -245,6 +253,7 @@ mod tests {
             full_every_days: Some(30),
             max_chain: Some(14),
             retention: Retention { keep_last: Some(3), keep_daily: None, keep_weekly: Some(4), keep_monthly: None },
+            sector_by_sector: true,
         };
         let back: TaskConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);

@@ -8,6 +8,7 @@ mod config;
 mod dedup;
 mod direct_io;
 mod interrupt;
+mod live_source;
 mod logging;
 mod merge;
 mod pack;

@@ -100,6 +100,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
             block_size: Some(4096),
             level: Some(1),
             label: format!("step {step}"),
+            sector_by_sector: false,
         };
         let s = backup(&req, &NoProgress).unwrap();
         if step == 0 {

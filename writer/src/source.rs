@@ -1,6 +1,8 @@
 //! The backup source: a block device (size from the BLKGETSIZE64 ioctl) or a regular file (a raw
 //! disk image). Read positionally or through a read-only map of a range (`source_map`); in a
-//! regular file, holes (SEEK_DATA/SEEK_HOLE) are known per block and never read.
+//! regular file, holes (SEEK_DATA/SEEK_HOLE) are known per block and never read. In a used-blocks
+//! backup, the ranges no file system uses (`leave_out`) are treated like holes: never read,
+//! zero.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -40,6 +42,8 @@ pub struct Source {
     is_block_device: bool,
     /// Bytes actually read (holes excluded).
     bytes_read: std::sync::atomic::AtomicU64,
+    /// Byte ranges read as zeros without reading them: sorted, disjoint.
+    unused: Vec<(u64, u64)>,
 }
 
 impl Source {
@@ -60,7 +64,19 @@ impl Source {
         crate::claim::claim_source(&file, path)?;
         // SAFETY: advisory call on a descriptor we own.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into() })
+        Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into(), unused: Vec::new() })
+    }
+
+    /// Why the source must not be backed up by its used blocks now (see `live_source`).
+    pub fn in_use_read_write(&self) -> Option<String> {
+        let meta = self.file.metadata().ok()?;
+        crate::live_source::in_use_read_write(&self.path, &meta)
+    }
+
+    /// From now on, reads `unused` (sorted, disjoint byte ranges) as zeros without reading it,
+    /// as holes are.
+    pub fn leave_out(&mut self, unused: &[(u64, u64)]) {
+        self.unused = unused.to_vec();
     }
 
     /// Who this source is: its stable name and the id its content carries.
@@ -182,9 +198,31 @@ impl Source {
         Ok(())
     }
 
-    /// The next range `[data, data_end)` at or after `pos` that holds data, clipped to `end`.
-    /// Block devices and file systems without SEEK_DATA report everything as data.
-    fn next_data(&self, pos: u64, end: u64) -> Result<(u64, u64)> {
+    /// The next range `[data, data_end)` at or after `pos` that holds data and is not left out,
+    /// clipped to `end`.
+    fn next_data(&self, mut pos: u64, end: u64) -> Result<(u64, u64)> {
+        loop {
+            let (data, data_end) = self.next_file_data(pos, end)?;
+            if data >= data_end {
+                return Ok((data, data_end));
+            }
+            let i = self.unused.partition_point(|&(_, unused_end)| unused_end <= data);
+            match self.unused.get(i) {
+                Some(&(unused, _)) if unused > data => return Ok((data, data_end.min(unused))),
+                Some(&(_, unused_end)) => {
+                    pos = unused_end.min(end);
+                    if pos >= end {
+                        return Ok((end, end));
+                    }
+                }
+                None => return Ok((data, data_end)),
+            }
+        }
+    }
+
+    /// The next range `[data, data_end)` at or after `pos` that holds data in the file, clipped
+    /// to `end`. Block devices and file systems without SEEK_DATA report everything as data.
+    fn next_file_data(&self, pos: u64, end: u64) -> Result<(u64, u64)> {
         if self.is_block_device {
             return Ok((pos, end));
         }
@@ -233,6 +271,15 @@ impl Source {
     }
 }
 
+/// The source as the volume analysis reads it (partition tables, superblocks, allocation maps).
+impl strata_format::volume::DiskRead for Source {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.size.saturating_sub(offset)).min(buf.len() as u64) as usize;
+        self.read_into(offset, &mut buf[..n]).map_err(std::io::Error::other)?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +296,25 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         assert!(source.read_into(768 << 10, &mut buf).is_err());
         assert!(source.check_size().is_err());
+    }
+
+    #[test]
+    fn ranges_left_out_read_as_zeros_without_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let mut source = Source::open(&path).unwrap();
+        source.leave_out(&[(4096, 12288), (16384, 20000), (60 << 10, 64 << 10)]);
+        let fills = source.fills(0, 16, 4096).unwrap();
+        assert_eq!(&fills[..6], &[Fill::Data, Fill::Hole, Fill::Hole, Fill::Data, Fill::Mixed, Fill::Data]);
+        assert_eq!(fills[15], Fill::Hole);
+        let mut buf = vec![1u8; 64 << 10];
+        source.read_into(0, &mut buf).unwrap();
+        for (i, &b) in buf.iter().enumerate() {
+            let unused = (4096..12288).contains(&i) || (16384..20000).contains(&i) || i >= 60 << 10;
+            assert_eq!(b, if unused { 0 } else { 7 }, "byte {i}");
+        }
+        assert_eq!(source.bytes_read(), (64 << 10) - 8192 - 3616 - 4096);
     }
 
     #[test]

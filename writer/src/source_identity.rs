@@ -186,6 +186,7 @@ mod tests {
             label: String::new(),
             source: "disk.img".into(),
             source_id: None,
+            selection: Default::default(),
         };
         let now = SourceIdentity { name: "/elsewhere/other.img".into(), id: SourceId::PATH_ONLY };
         assert_eq!(replaced(&header, &now), None, "no identity recorded: nothing to compare");

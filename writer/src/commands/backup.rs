@@ -34,6 +34,10 @@ pub struct Args {
     /// The same as --compression zstd:N (kept for scripts written for strata 0.3).
     #[arg(long, hide = true, conflicts_with = "compression", value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compression_level: Option<i32>,
+    /// Store every byte of the source, not only the blocks its file systems use (also:
+    /// `sector_by_sector = true` in strata.toml).
+    #[arg(long)]
+    pub sector_by_sector: bool,
     /// A label stored with the version (none by default).
     #[arg(long)]
     pub label: Option<String>,
@@ -88,7 +92,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         None => args.compression_level,
     };
     let label = args.label.unwrap_or_default();
-    let req = BackupRequest { source, repo, kind, block_size, level, label };
+    let req = BackupRequest { source, repo, kind, block_size, level, label, sector_by_sector: args.sector_by_sector };
     let progress = crate::progress::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
     if args.json {
@@ -108,6 +112,14 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             s.mib_per_s,
             s.file
         );
+        let used: Vec<String> = s.regions.iter().filter(|r| r.reason.is_none()).map(|r| r.name()).collect();
+        if !used.is_empty() {
+            println!(
+                "used blocks only: {} unused left out (zeros in the version), from {}",
+                bytes(s.unused_bytes),
+                used.join(", ")
+            );
+        }
         if !s.merged.is_empty() || !s.deleted.is_empty() {
             println!("after the backup: merged into fulls {:?}, deleted {:?}", s.merged, s.deleted);
         }

@@ -1,9 +1,15 @@
 //! `strata info REPO VERSION`: one version in detail, with its chain.
 
 use anyhow::Result;
+use std::cell::RefCell;
 use strata_format::digest::hex;
 use strata_format::header::hex_id;
-use strata_format::Repository;
+
+use strata_format::header::BlockSelection;
+use strata_format::volume::{analyse, DiskRead};
+use strata_format::{ReadScratch, Repository, VersionReader};
+
+use crate::backup::RegionSummary;
 
 use crate::units::{bytes, rfc3339};
 use crate::{Global, Outcome};
@@ -37,6 +43,35 @@ struct Info {
     source_digest: String,
     restorable: bool,
     problem: Option<String>,
+    /// `used` (only the blocks the file systems use) or `every` (sector by sector).
+    blocks: &'static str,
+    unused_bytes: u64,
+    /// For a used-blocks version: its regions and what was found in each, read from the
+    /// version's own content (its partition table and file systems).
+    regions: Vec<RegionSummary>,
+}
+
+/// A version read as a disk, for the volume analysis.
+struct VersionDisk<'a> {
+    reader: &'a VersionReader,
+    scratch: RefCell<ReadScratch>,
+}
+
+impl DiskRead for VersionDisk<'_> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reader.read_at(offset, buf, &mut self.scratch.borrow_mut()).map_err(std::io::Error::other)
+    }
+}
+
+/// What a used-blocks version holds, region by region (none for a version that is not
+/// restorable or was read sector by sector).
+fn regions(state: &strata_format::RepoState, id: u64, selection: BlockSelection) -> Vec<RegionSummary> {
+    if selection == BlockSelection::Every {
+        return Vec::new();
+    }
+    let Ok(reader) = state.open_version(id) else { return Vec::new() };
+    let disk = VersionDisk { reader: &reader, scratch: RefCell::new(ReadScratch::new()) };
+    analyse(&disk, reader.source_size()).regions.iter().map(RegionSummary::from_region).collect()
 }
 
 pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
@@ -73,6 +108,9 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
         source_digest: hex(&image.footer.source_digest),
         restorable: status.restorable(),
         problem: status.problem.clone(),
+        blocks: h.selection.name(),
+        unused_bytes: h.selection.unused_bytes(),
+        regions: if status.restorable() { regions(&state, id, h.selection) } else { Vec::new() },
     };
     if args.json {
         super::print_json(&info)?;
@@ -96,6 +134,20 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
         info.block_count, info.present_blocks, info.changed_blocks
     );
     println!("stored         {} (zstd level {})", bytes(info.stored_bytes), info.compression_level);
+    match info.blocks {
+        "used" => println!(
+            "read           the blocks the file systems use; {} unused left out (zeros)",
+            bytes(info.unused_bytes)
+        ),
+        _ => println!("read           every byte (sector by sector)"),
+    }
+    for r in &info.regions {
+        let what = match &r.reason {
+            Some(why) => format!("kept whole: {why}"),
+            None => format!("used blocks, {} unused left out", bytes(r.unused_bytes)),
+        };
+        println!("  {:<28} {:>9}  {what}", r.name(), bytes(r.bytes));
+    }
     println!("file           {}", info.file);
     println!("image id       {}", info.image_id);
     println!("repository id  {}", info.repo_id);

@@ -31,6 +31,11 @@ pub struct Row {
     pub block_size: u32,
     pub changed_blocks: Option<u64>,
     pub stored_bytes: Option<u64>,
+    /// `used` (only the blocks the file systems use), `every` (sector by sector, or a version
+    /// older than 0.5), `null` when the header is unreadable.
+    pub blocks: Option<&'static str>,
+    /// Bytes the file systems did not use, left out (zeros in the version).
+    pub unused_bytes: Option<u64>,
     pub file: String,
     pub restorable: bool,
     pub problem: Option<String>,
@@ -58,12 +63,24 @@ pub fn rows(repo_path: &Path) -> Result<Vec<Row>> {
                 block_size: repo.block_size,
                 changed_blocks: s.image.as_ref().map(|i| i.footer.entry_count),
                 stored_bytes: s.image.as_ref().map(|i| i.footer.stored_bytes),
+                blocks: h.map(|h| h.selection.name()),
+                unused_bytes: h.map(|h| h.selection.unused_bytes()),
                 file,
                 restorable: s.restorable(),
                 problem: s.problem,
             }
         })
         .collect())
+}
+
+/// The UNUSED column: the bytes left out of a used-blocks version, "all" when every byte was
+/// read (sector by sector).
+fn unused_cell(r: &Row) -> String {
+    match (r.blocks, r.unused_bytes) {
+        (Some("used"), Some(n)) => bytes(n),
+        (Some(_), _) => "all read".into(),
+        _ => "-".into(),
+    }
 }
 
 fn opt<T: ToString>(v: Option<T>) -> String {
@@ -95,7 +112,7 @@ fn created_cell(r: &Row) -> String {
 /// The table `list` and the demo print, each column as wide as its widest cell, so that it
 /// fits a terminal of 80 to 100 columns; the label or the problem comes last.
 pub fn print_table(rows: &[Row]) {
-    let header = ["ID", "KIND", "RULE", "CREATED (UTC)", "SIZE", "CHANGED", "STORED", "OK"];
+    let header = ["ID", "KIND", "RULE", "CREATED (UTC)", "SIZE", "UNUSED", "STORED", "OK"];
     let right = [true, false, false, false, true, true, true, false];
     let cells: Vec<[String; 8]> = rows
         .iter()
@@ -106,7 +123,7 @@ pub fn print_table(rows: &[Row]) {
                 r.rule.clone().unwrap_or_else(|| "-".into()),
                 created_cell(r),
                 opt(r.source_size.map(bytes)),
-                opt(r.changed_blocks),
+                unused_cell(r),
                 opt(r.stored_bytes.map(bytes)),
                 if r.restorable { "yes" } else { "NO" }.to_string(),
             ]

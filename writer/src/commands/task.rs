@@ -70,6 +70,9 @@ pub struct TaskOptions {
     /// into the full (0: off).
     #[arg(long, value_name = "N")]
     pub max_chain: Option<u32>,
+    /// Back up every byte (true), or only the blocks the file systems use (false, the default).
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub sector_by_sector: Option<bool>,
     #[command(flatten)]
     pub keep: KeepOptions,
 }
@@ -82,6 +85,7 @@ impl TaskOptions {
             || self.full_every.is_some()
             || self.full_every_days.is_some()
             || self.max_chain.is_some()
+            || self.sector_by_sector.is_some()
             || self.keep.any()
     }
 
@@ -101,6 +105,9 @@ impl TaskOptions {
         set(&mut c.full_every, self.full_every);
         set(&mut c.full_every_days, self.full_every_days);
         set(&mut c.max_chain, self.max_chain);
+        if let Some(every) = self.sector_by_sector {
+            c.sector_by_sector = every;
+        }
         self.keep.apply(&mut c.retention);
     }
 }
