@@ -233,3 +233,46 @@ fn sector_by_sector_in_the_task_keeps_every_byte() {
     let info = strata(["info", &p(&repo), "1"]).ok().stdout;
     assert!(info.contains("every byte (sector by sector)"), "{info}");
 }
+
+#[test]
+fn an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean() {
+    let test = "an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean";
+    let tools = ["mkfs.vfat", "fsck.vfat", "mcopy", "mdel"];
+    if !capable(test, "dosfstools and mtools", tools.iter().all(|t| has_tool(t))) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let img = t.join("fat.img");
+    tool("mkfs.vfat", &["-F", "32", "-C", &p(&img), "65536"]);
+    let mtools = |cmd: &str, args: &[&str]| {
+        let mut all = vec!["-i", &*img.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tool(cmd, &all);
+    };
+    for i in 0..16u64 {
+        let f = t.join(format!("n{i}.bin"));
+        std::fs::write(&f, noise(i, 512 << 10)).unwrap();
+        mtools("mcopy", &[&p(&f), &format!("::/n{i}.bin")]);
+    }
+    for i in 0..12 {
+        mtools("mdel", &[&format!("::/n{i}.bin")]);
+    }
+    std::fs::write(t.join("new.txt"), text(3, 200 << 10)).unwrap();
+    mtools("mcopy", &[&p(&t.join("new.txt")), "::/new.txt"]);
+
+    let repo = t.join("repo");
+    let s = backup_json(&[&p(&img), &p(&repo)]);
+    assert_eq!((&s["regions"][0]["file_system"], &s["blocks"]), (&"vfat".into(), &"used".into()), "{s}");
+    assert!(s["stored_bytes"].as_u64().unwrap() < 3 << 20, "6 MiB of deleted noise is left out: {s}");
+    let restored = t.join("restored.img");
+    strata(["restore", "-q", &p(&repo), "1", &p(&restored)]).ok();
+    let fsck = tool_status("fsck.vfat", &["-n", &p(&restored)]);
+    assert_eq!(fsck.code, Some(0), "{}{}", fsck.stdout, fsck.stderr);
+    for name in ["n12.bin", "n13.bin", "n14.bin", "n15.bin", "new.txt"] {
+        let out = t.join(format!("out-{name}"));
+        tool("mcopy", &["-i", &p(&restored), &format!("::/{name}"), &p(&out)]);
+        let expected = if name == "new.txt" { t.join("new.txt") } else { t.join(name) };
+        assert!(same_file(&out, &expected), "{name} differs after restore");
+    }
+}
