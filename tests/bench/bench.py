@@ -271,7 +271,7 @@ class Bench:
                 # the disk as it is now, backed up as a full: depth 1 of the same bytes, so that
                 # what the chain costs is told apart from what the bytes written cost
                 subprocess.run(["rm", "-rf", same_repo], check=True)
-                subprocess.run([self.args.strata, "backup", "-q", src, same_repo], check=True)
+                subprocess.run([self.args.strata, "backup", "-q", "--sector-by-sector", src, same_repo], check=True)
             # more runs than the rule: single readings of one 256 MiB disk swing by ±20% here (and
             # now and then to a third), and these readings are what the depth ratios compare
             for run in range(max(self.runs, DEPTH_RUNS) if self.runs >= 3 else self.runs):

@@ -51,7 +51,7 @@ make_chain() { # repo depth
   local repo=$1 depth=$2
   [ -d "$repo" ] && return
   cp --sparse=always "$img" "$work/src.img"
-  "$strata" backup -q "$work/src.img" "$repo"
+  "$strata" backup -q --sector-by-sector "$work/src.img" "$repo"
   for ((i = 2; i <= depth; i++)); do
     python3 -c '
 import os, random, sys
@@ -59,7 +59,7 @@ r = random.Random(int(sys.argv[2])); f = os.open(sys.argv[1], os.O_WRONLY); size
 for _ in range(64):
     os.pwrite(f, r.randbytes(4096), r.randrange(size // 4096) * 4096)
 os.close(f)' "$work/src.img" "$i"
-    "$strata" backup -q "$work/src.img" "$repo"
+    "$strata" backup -q --sector-by-sector "$work/src.img" "$repo"
   done
 }
 

@@ -45,7 +45,9 @@ def render(r):
         e["command"], e["date"], e["cores"], e["kernel"], e["strata"], e["qemu-img"], e["borg"], e["restic"], e["zstd"]))
     w("Every figure below comes from this one run. Times are wall-clock medians of %d runs unless a row "
       "says otherwise; rates are MB/s (10^6 bytes) of the whole %d MiB image; *ratio* columns divide "
-      "strata's figure by the peer's from the same run.\n" % (r["runs"], s["image_mib"]))
+      "strata's figure by the peer's from the same run. strata backs up with `--sector-by-sector` "
+      "(every byte, as its whole-image peers do, so every copy compares equal to the source).\n"
+      % (r["runs"], s["image_mib"]))
 
     # -- dataset
     w("## Dataset\n")

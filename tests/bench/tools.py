@@ -156,7 +156,9 @@ class Strata(Tool):
 
     def backup_cmd(self, n):
         extra = ["--block-size", self.block_size] if self.block_size and n == 1 else []
-        return measure([self.binary, "backup", "-q", *extra, self.live, self.repo])
+        # Every byte, like the whole-image peers here (and every copy compares equal to the
+        # source); used-blocks mode is measured against partclone on its own.
+        return measure([self.binary, "backup", "-q", "--sector-by-sector", *extra, self.live, self.repo])
 
     def mount(self):
         os.makedirs(self.mnt, exist_ok=True)
