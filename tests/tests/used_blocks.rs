@@ -246,7 +246,7 @@ fn an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean() {
     let img = t.join("fat.img");
     tool("mkfs.vfat", &["-F", "32", "-C", &p(&img), "65536"]);
     let mtools = |cmd: &str, args: &[&str]| {
-        let mut all = vec!["-i", &*img.to_str().unwrap()];
+        let mut all = vec!["-i", img.to_str().unwrap()];
         all.extend_from_slice(args);
         tool(cmd, &all);
     };
