@@ -20,21 +20,10 @@
 //! Volumes with more clusters than `MAX_CLUSTERS` are kept whole (the bitmap is held in memory).
 
 use super::{FreeRanges, Scan, Window};
+use crate::le::{get_u16 as u16_at, get_u32 as u32_at, get_u64 as u64_at};
 
 /// The largest cluster count whose bitmap (one bit per cluster) is held in memory.
 const MAX_CLUSTERS: u64 = 1 << 28;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from(u32_at(b, at)) | (u64::from(u32_at(b, at + 4)) << 32)
-}
 
 /// The boot sector fields this parser uses; offsets and lengths in bytes.
 struct Geometry {

@@ -24,6 +24,7 @@
 //! block sizes above 64 KiB, geometry that does not fit the region. `bigalloc` is supported.
 
 use super::{FreeRanges, Scan, Window};
+use crate::le::{get_u16 as u16_at, get_u32 as u32_at};
 
 const SUPERBLOCK: u64 = 1024;
 const MAGIC: u16 = 0xEF53;
@@ -68,14 +69,6 @@ const STATE_ERROR: u16 = 0x2;
 const BG_INODE_UNINIT: u16 = 0x1;
 const BG_BLOCK_UNINIT: u16 = 0x2;
 const BG_INODE_ZEROED: u16 = 0x4;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
 
 pub(crate) fn scan(w: &Window<'_>) -> Option<Scan> {
     let sb = w.read(SUPERBLOCK, 1024).ok()?;

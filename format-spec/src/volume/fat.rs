@@ -29,6 +29,7 @@
 //! Volumes with more clusters than `MAX_CLUSTERS` are kept whole (the FAT is held in memory).
 
 use super::{FreeRanges, Scan, Window, MAX_READ};
+use crate::le::{get_u16 as u16_at, get_u32 as u32_at};
 
 /// The largest cluster count whose FAT is held in memory for the directory walk (4 bytes per
 /// cluster).
@@ -114,14 +115,6 @@ impl Bpb {
     fn mirroring_disabled(&self) -> bool {
         self.kind == Kind::Fat32 && self.ext_flags & 0x80 != 0
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
 pub(crate) fn scan(w: &Window<'_>) -> Option<Scan> {

@@ -31,6 +31,7 @@
 //! geometry or size out of range.
 
 use super::{FreeRanges, Scan, Window};
+use crate::le::{get_u16 as u16_at, get_u32 as u32_at, get_u64 as u64_at};
 
 const SIGNATURE: &[u8] = b"NTFS    ";
 /// Update sequence fixups protect each 512-byte stride of a record, whatever the sector size.
@@ -55,18 +56,6 @@ pub(crate) fn scan(w: &Window<'_>) -> Option<Scan> {
         return None;
     }
     Some(Scan { file_system: "ntfs", free: free(w, true) })
-}
-
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
 }
 
 /// The free ranges of the volume; `walk` adds the check of every in-use record's runs.

@@ -20,6 +20,7 @@ const MAX_LOGICAL: u32 = 128;
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 
 use super::DiskRead;
+use crate::le::{get_u32 as u32_at, get_u64 as u64_at};
 
 fn read_sector<R: DiskRead + ?Sized>(disk: &R, offset: u64, len: usize) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len];
@@ -27,14 +28,6 @@ fn read_sector<R: DiskRead + ?Sized>(disk: &R, offset: u64, len: usize) -> Optio
         Ok(n) if n == len => Some(buf),
         _ => None,
     }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
 /// The partitions of the disk, by number; empty when there is no partition table (a
