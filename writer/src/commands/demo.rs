@@ -1,7 +1,7 @@
 //! `strata demo [DIR]`: the whole job on a built-in sample. Makes a small real ext4 disk image
 //! (mkfs.ext4 -d), changes files in it between backups (debugfs -w), makes full, incremental and
 //! differential versions, verifies the repository, restores every version and compares each with
-//! a copy of the disk taken at its backup.
+//! a copy of the disk taken at its backup (in every block ext4 uses; free blocks come back as zeros).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
