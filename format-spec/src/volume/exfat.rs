@@ -367,7 +367,7 @@ fn free_ranges(g: &Geometry, used: &dyn Fn(u64) -> bool) -> Result<FreeRanges, S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::fat::tests::{have_tools, pseudo_random, run, Bytes};
+    use crate::volume::test_support::{have_tools, pseudo_random, run, Bytes};
     use std::process::Command;
 
     fn free_of(d: &[u8]) -> Result<FreeRanges, String> {

@@ -15,6 +15,8 @@ mod fat;
 mod ntfs;
 pub mod partitions;
 mod swap;
+#[cfg(test)]
+mod test_support;
 mod xfs;
 
 use partitions::{find_partitions, Partition};

@@ -586,6 +586,7 @@ fn starts_off_key(tree: Tree, parent: Option<(u32, u32)>, first: Option<(u32, u3
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{have_tools, pseudo_random, run};
     use super::super::DiskRead;
     use super::*;
     use std::fs::{File, OpenOptions};
@@ -621,28 +622,6 @@ mod tests {
     fn scan_disk(d: &Disk) -> Result<FreeRanges, String> {
         let len = d.file.metadata().unwrap().len();
         scan(&Window { disk: d, start: 0, len }).expect("an xfs signature").free
-    }
-
-    fn have_tools(tools: &[&str]) -> bool {
-        for tool in tools {
-            if Command::new(tool).arg("-V").output().is_err() {
-                assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} missing");
-                eprintln!("skipped: {tool} missing");
-                return false;
-            }
-        }
-        true
-    }
-
-    fn run(cmd: &str, args: &[&str]) -> String {
-        let out = Command::new(cmd).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn mkfs(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
@@ -720,30 +699,16 @@ mod tests {
         Mount(dir.to_path_buf())
     }
 
-    /// Deterministic file contents.
-    fn content(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
-    /// Writes many files, deletes most, writes again; returns the survivors' hashes.
     fn age(mnt: &Path, files: u64, size: impl Fn(u64) -> usize) -> Vec<(PathBuf, blake3::Hash)> {
         for i in 0..files {
-            std::fs::write(mnt.join(format!("a{i}")), content(i, size(i))).unwrap();
+            std::fs::write(mnt.join(format!("a{i}")), pseudo_random(i, size(i))).unwrap();
         }
         run("sync", &[]);
         for i in (0..files).filter(|i| i % 3 != 0) {
             std::fs::remove_file(mnt.join(format!("a{i}"))).unwrap();
         }
         for i in 0..files / 4 {
-            std::fs::write(mnt.join(format!("b{i}")), content(files + i, size(i) / 2 + 1)).unwrap();
+            std::fs::write(mnt.join(format!("b{i}")), pseudo_random(files + i, size(i) / 2 + 1)).unwrap();
         }
         let mut hashes: Vec<_> = std::fs::read_dir(mnt).unwrap().map(|e| e.unwrap().path()).collect();
         hashes.sort();
@@ -816,7 +781,7 @@ mod tests {
         let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\n");
         let mut hashes = Vec::new();
         for i in 0..300u64 {
-            let data = content(i, 1000 * (1 + (i as usize * 7919) % 97));
+            let data = pseudo_random(i, 1000 * (1 + (i as usize * 7919) % 97));
             let path = src.join(format!("f{i}"));
             std::fs::write(&path, &data).unwrap();
             proto.push_str(&format!("f{i} ---644 0 0 {}\n", path.display()));
@@ -866,7 +831,7 @@ mod tests {
         {
             let _m = mount(&img, &mnt, "loop");
             for i in 0..50 {
-                std::fs::write(mnt.join(format!("f{i}")), content(i, 50_000)).unwrap();
+                std::fs::write(mnt.join(format!("f{i}")), pseudo_random(i, 50_000)).unwrap();
             }
             run("xfs_io", &["-x", "-c", "shutdown -f", mnt.to_str().unwrap()]);
         }
