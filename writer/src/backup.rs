@@ -236,8 +236,9 @@ fn select_blocks(source: &mut Source, path: &Path, every_byte: bool) -> Result<(
             ),
         }
     }
-    source.leave_out(analysis.unused());
-    Ok((BlockSelection::Used { unused_bytes: analysis.unused_bytes() }, regions))
+    let unused_bytes = analysis.unused_bytes();
+    source.leave_out(analysis.into_unused());
+    Ok((BlockSelection::Used { unused_bytes }, regions))
 }
 
 fn backup_into(

@@ -75,8 +75,8 @@ impl Source {
 
     /// From now on, reads `unused` (sorted, disjoint byte ranges) as zeros without reading it,
     /// as holes are.
-    pub fn leave_out(&mut self, unused: &[(u64, u64)]) {
-        self.unused = unused.to_vec();
+    pub fn leave_out(&mut self, unused: Vec<(u64, u64)>) {
+        self.unused = unused;
     }
 
     /// Who this source is: its stable name and the id its content carries.
@@ -304,7 +304,7 @@ mod tests {
         let path = dir.path().join("disk.img");
         std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
         let mut source = Source::open(&path).unwrap();
-        source.leave_out(&[(4096, 12288), (16384, 20000), (60 << 10, 64 << 10)]);
+        source.leave_out(vec![(4096, 12288), (16384, 20000), (60 << 10, 64 << 10)]);
         let fills = source.fills(0, 16, 4096).unwrap();
         assert_eq!(&fills[..6], &[Fill::Data, Fill::Hole, Fill::Hole, Fill::Data, Fill::Mixed, Fill::Data]);
         assert_eq!(fills[15], Fill::Hole);

@@ -185,6 +185,11 @@ impl Analysis {
     pub fn unused_bytes(&self) -> u64 {
         self.unused.iter().map(|(s, e)| e - s).sum()
     }
+
+    /// The unused ranges, taken out of the analysis (see `unused`).
+    pub fn into_unused(self) -> Vec<(u64, u64)> {
+        self.unused
+    }
 }
 
 /// Finds the regions of a disk of `size` bytes, recognizes the file system of each and reads
