@@ -102,19 +102,40 @@ fn an_aged_ext4_is_stored_by_its_used_blocks_and_every_version_restores_fsck_cle
     assert!(listed.contains("UNUSED"), "{listed}");
 }
 
-#[test]
-fn a_partitioned_disk_keeps_its_tables_gaps_and_unknown_partitions_byte_identical() {
-    let test = "a_partitioned_disk_keeps_its_tables_gaps_and_unknown_partitions_byte_identical";
-    if !have_e2fsprogs(test) || !capable(test, "sfdisk and mkswap", has_tool("sfdisk") && has_tool("mkswap")) {
+/// What a test puts in a partition.
+#[derive(Clone, Copy, PartialEq)]
+enum Content {
+    Ext4,
+    Fat32,
+    Swap,
+    /// Data no parser knows (a boot loader, an unknown file system): kept whole.
+    Unknown,
+    /// The extended partition that holds the logical ones.
+    Extended,
+}
+
+/// A partition: its number, first sector, length in sectors, type for sfdisk and content.
+type Part = (u32, u64, u64, &'static str, Content);
+
+/// Builds a disk of `mib` MiB of noise (the gaps hold data, as boot loaders leave), with the
+/// partition table of `label` and the content of each partition; backs it up and restores it;
+/// then checks that every byte outside the file systems comes back identical, each file
+/// system fsck-clean with its files, and a swap area's pages after its header as zeros.
+fn partitioned_disk_round_trip(test: &str, label: &str, mib: u64, parts: &[Part]) {
+    let tools = ["sfdisk", "mkswap", "mkfs.vfat", "fsck.vfat", "mcopy", "mdel"];
+    if !have_e2fsprogs(test)
+        || !capable(test, "fdisk, util-linux, dosfstools, mtools", tools.iter().all(|t| has_tool(t)))
+    {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let disk = t.join("disk.img");
-    std::fs::write(&disk, noise(5, 128 << 20)).unwrap();
-    // 1: ext4 at 1 MiB (64 MiB), 2: unknown data (8 MiB), 3: swap (16 MiB), gaps of noise between.
-    let table = "label: dos\nstart=2048, size=131072, type=83\nstart=135168, size=16384, type=da\n\
-                 start=155648, size=32768, type=82\n";
+    std::fs::write(&disk, noise(5, (mib << 20) as usize)).unwrap();
+    let mut table = format!("label: {label}\n");
+    for (_, start, sectors, kind, _) in parts {
+        table += &format!("start={start}, size={sectors}, type={kind}\n");
+    }
     let script = t.join("table");
     std::fs::write(&script, table).unwrap();
     let out = std::process::Command::new(tool_path("sfdisk"))
@@ -123,40 +144,122 @@ fn a_partitioned_disk_keeps_its_tables_gaps_and_unknown_partitions_byte_identica
         .output()
         .unwrap();
     assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
-    let part = t.join("p1.img");
-    let files = aged_ext4(t, &part);
-    let swap = t.join("p3.img");
-    std::fs::write(&swap, noise(9, 16 << 20)).unwrap();
-    tool("mkswap", &["-q", &p(&swap)]);
-    let put = |file: &Path, at: u64| {
+    let mut ext4_files = Vec::new();
+    let mut fat_files = Vec::new();
+    for &(n, start, sectors, _, content) in parts {
+        let img = t.join(format!("p{n}.img"));
+        match content {
+            Content::Ext4 => ext4_files = aged_ext4(&t.join(format!("p{n}")), &img),
+            Content::Fat32 => fat_files = aged_fat32(&t.join(format!("p{n}")), &img),
+            Content::Swap => {
+                std::fs::write(&img, noise(9, (sectors * 512) as usize)).unwrap();
+                tool("mkswap", &["-q", &p(&img)]);
+            }
+            Content::Unknown | Content::Extended => continue,
+        }
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), sectors * 512, "partition {n} fits its content");
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-        f.write_all_at(&std::fs::read(file).unwrap(), at).unwrap();
-    };
-    put(&part, 1 << 20);
-    put(&swap, 76 << 20);
+        f.write_all_at(&std::fs::read(&img).unwrap(), start * 512).unwrap();
+    }
 
     let repo = t.join("repo");
     let s = backup_json(&[&p(&disk), &p(&repo)]);
     let regions = s["regions"].as_array().unwrap();
-    assert_eq!(regions.len(), 3, "{s}");
-    assert_eq!((&regions[0]["file_system"], &regions[0]["blocks"]), (&"ext4".into(), &"used".into()), "{s}");
-    assert_eq!(regions[1]["blocks"], "whole", "{s}");
-    assert_eq!((&regions[2]["file_system"], &regions[2]["blocks"]), (&"swap".into(), &"used".into()), "{s}");
+    let expected: Vec<_> = parts.iter().filter(|p| p.4 != Content::Extended).collect();
+    assert_eq!(regions.len(), expected.len(), "{s}");
+    for &&(n, _, _, _, content) in &expected {
+        let region = regions.iter().find(|r| r["partition"] == n).unwrap_or_else(|| panic!("partition {n}: {s}"));
+        let (fs, blocks) = match content {
+            Content::Ext4 => ("ext4", "used"),
+            Content::Fat32 => ("vfat", "used"),
+            Content::Swap => ("swap", "used"),
+            _ => ("", "whole"),
+        };
+        if !fs.is_empty() {
+            assert_eq!(region["file_system"], fs, "partition {n}: {s}");
+        }
+        assert_eq!(region["blocks"], blocks, "partition {n}: {s}");
+    }
 
     let restored = t.join("restored.img");
     strata(["restore", "-q", &p(&repo), "1", &p(&restored)]).ok();
     let (before, after) = (std::fs::read(&disk).unwrap(), std::fs::read(&restored).unwrap());
-    let (p1, p3) = ((1usize << 20)..(65 << 20), (76usize << 20)..(92 << 20));
+    assert_eq!(before.len(), after.len());
+    let byte_range = |start: u64, sectors: u64| (start * 512) as usize..((start + sectors) * 512) as usize;
+    let file_systems: Vec<_> = parts
+        .iter()
+        .filter(|p| matches!(p.4, Content::Ext4 | Content::Fat32 | Content::Swap))
+        .map(|&(n, start, sectors, _, content)| {
+            let r = byte_range(start, sectors);
+            // A swap area keeps its header page; its other pages are unused.
+            let free = if content == Content::Swap { r.start + 4096..r.end } else { r.clone() };
+            (n, r, free, content)
+        })
+        .collect();
     for (i, (a, b)) in before.iter().zip(&after).enumerate() {
-        if !p1.contains(&i) && !(p3.start + 4096..p3.end).contains(&i) && a != b {
+        if a != b && !file_systems.iter().any(|(_, _, free, _)| free.contains(&i)) {
             panic!("byte {i} outside the file systems differs: {a} then {b}");
         }
     }
-    assert!(after[p3.start + 4096..p3.end].iter().all(|&b| b == 0), "swap pages after the header are unused");
-    let restored_part = t.join("restored-p1.img");
-    std::fs::write(&restored_part, &after[p1]).unwrap();
-    assert_same_files(&restored_part, &part, &files);
+    for (n, range, free, content) in file_systems {
+        let img = t.join(format!("restored-p{n}.img"));
+        std::fs::write(&img, &after[range]).unwrap();
+        match content {
+            Content::Ext4 => assert_same_files(&img, &t.join(format!("p{n}.img")), &ext4_files),
+            Content::Fat32 => assert_same_fat_files(&img, &fat_files),
+            _ => assert!(after[free].iter().all(|&b| b == 0), "partition {n}: swap pages after the header are unused"),
+        }
+    }
+}
+
+const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+const BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
+
+#[test]
+fn a_partitioned_disk_keeps_its_tables_gaps_and_unknown_partitions_byte_identical() {
+    partitioned_disk_round_trip(
+        "a_partitioned_disk_keeps_its_tables_gaps_and_unknown_partitions_byte_identical",
+        "dos",
+        128,
+        &[
+            (1, 2048, 131072, "83", Content::Ext4),
+            (2, 135168, 16384, "da", Content::Unknown),
+            (3, 155648, 32768, "82", Content::Swap),
+        ],
+    );
+}
+
+#[test]
+fn an_mbr_disk_with_logical_partitions_keeps_its_boot_records_and_gaps() {
+    partitioned_disk_round_trip(
+        "an_mbr_disk_with_logical_partitions_keeps_its_boot_records_and_gaps",
+        "dos",
+        180,
+        &[
+            (1, 2048, 131072, "83", Content::Ext4),
+            (2, 133120, 200704, "5", Content::Extended),
+            (3, 335872, 16384, "da", Content::Unknown),
+            (5, 135168, 131072, "c", Content::Fat32),
+            (6, 268288, 32768, "82", Content::Swap),
+        ],
+    );
+}
+
+#[test]
+fn a_gpt_disk_keeps_its_bios_boot_partition_tables_and_gaps() {
+    partitioned_disk_round_trip(
+        "a_gpt_disk_keeps_its_bios_boot_partition_tables_and_gaps",
+        "gpt",
+        144,
+        &[
+            (1, 2048, 2048, BIOS_BOOT, Content::Unknown),
+            (2, 4096, 131072, LINUX, Content::Ext4),
+            (3, 135168, 131072, BASIC_DATA, Content::Fat32),
+            (4, 270336, 16384, LINUX, Content::Unknown),
+        ],
+    );
 }
 
 #[test]
@@ -234,6 +337,40 @@ fn sector_by_sector_in_the_task_keeps_every_byte() {
     assert!(info.contains("every byte (sector by sector)"), "{info}");
 }
 
+/// A 64 MiB FAT32 image filled through mtools whose free space holds deleted files' data, with
+/// the files still in it and where their content is.
+fn aged_fat32(dir: &Path, img: &Path) -> Vec<(String, std::path::PathBuf)> {
+    std::fs::create_dir_all(dir).unwrap();
+    tool("mkfs.vfat", &["-F", "32", "-C", &p(img), "65536"]);
+    let mtools = |cmd: &str, args: &[&str]| {
+        let mut all = vec!["-i", img.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tool(cmd, &all);
+    };
+    for i in 0..16u64 {
+        let f = dir.join(format!("n{i}.bin"));
+        std::fs::write(&f, noise(i, 512 << 10)).unwrap();
+        mtools("mcopy", &[&p(&f), &format!("::/n{i}.bin")]);
+    }
+    for i in 0..12 {
+        mtools("mdel", &[&format!("::/n{i}.bin")]);
+    }
+    std::fs::write(dir.join("new.txt"), text(3, 200 << 10)).unwrap();
+    mtools("mcopy", &[&p(&dir.join("new.txt")), "::/new.txt"]);
+    ["n12.bin", "n13.bin", "n14.bin", "n15.bin", "new.txt"].iter().map(|n| (n.to_string(), dir.join(n))).collect()
+}
+
+/// A restored FAT image is consistent (fsck.vfat) and holds every file as the source did.
+fn assert_same_fat_files(restored: &Path, files: &[(String, std::path::PathBuf)]) {
+    let fsck = tool_status("fsck.vfat", &["-n", &p(restored)]);
+    assert_eq!(fsck.code, Some(0), "{}{}", fsck.stdout, fsck.stderr);
+    for (name, expected) in files {
+        let out = restored.with_extension(format!("out-{name}"));
+        tool("mcopy", &["-i", &p(restored), &format!("::/{name}"), &p(&out)]);
+        assert!(same_file(&out, expected), "{name} differs after restore");
+    }
+}
+
 #[test]
 fn an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean() {
     let test = "an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean";
@@ -244,35 +381,12 @@ fn an_aged_fat32_is_stored_by_its_used_blocks_and_restores_fsck_clean() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let img = t.join("fat.img");
-    tool("mkfs.vfat", &["-F", "32", "-C", &p(&img), "65536"]);
-    let mtools = |cmd: &str, args: &[&str]| {
-        let mut all = vec!["-i", img.to_str().unwrap()];
-        all.extend_from_slice(args);
-        tool(cmd, &all);
-    };
-    for i in 0..16u64 {
-        let f = t.join(format!("n{i}.bin"));
-        std::fs::write(&f, noise(i, 512 << 10)).unwrap();
-        mtools("mcopy", &[&p(&f), &format!("::/n{i}.bin")]);
-    }
-    for i in 0..12 {
-        mtools("mdel", &[&format!("::/n{i}.bin")]);
-    }
-    std::fs::write(t.join("new.txt"), text(3, 200 << 10)).unwrap();
-    mtools("mcopy", &[&p(&t.join("new.txt")), "::/new.txt"]);
-
+    let files = aged_fat32(&t.join("files"), &img);
     let repo = t.join("repo");
     let s = backup_json(&[&p(&img), &p(&repo)]);
     assert_eq!((&s["regions"][0]["file_system"], &s["blocks"]), (&"vfat".into(), &"used".into()), "{s}");
     assert!(s["stored_bytes"].as_u64().unwrap() < 3 << 20, "6 MiB of deleted noise is left out: {s}");
     let restored = t.join("restored.img");
     strata(["restore", "-q", &p(&repo), "1", &p(&restored)]).ok();
-    let fsck = tool_status("fsck.vfat", &["-n", &p(&restored)]);
-    assert_eq!(fsck.code, Some(0), "{}{}", fsck.stdout, fsck.stderr);
-    for name in ["n12.bin", "n13.bin", "n14.bin", "n15.bin", "new.txt"] {
-        let out = t.join(format!("out-{name}"));
-        tool("mcopy", &["-i", &p(&restored), &format!("::/{name}"), &p(&out)]);
-        let expected = if name == "new.txt" { t.join("new.txt") } else { t.join(name) };
-        assert!(same_file(&out, &expected), "{name} differs after restore");
-    }
+    assert_same_fat_files(&restored, &files);
 }
