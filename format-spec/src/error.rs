@@ -100,7 +100,7 @@ pub enum FormatError {
     NoSuchVersion { repo: PathBuf, id: u64 },
 
     #[error("{repo}: version {id} is not restorable: {reason}")]
-    NotRestorable { repo: PathBuf, id: u64, reason: String },
+    NotRestorable { repo: PathBuf, id: u64, reason: ChainProblem },
 
     #[error("{repo}: no restorable version; `strata verify {repo}` says why")]
     NoRestorableVersion { repo: PathBuf },
@@ -134,3 +134,29 @@ impl FormatError {
 }
 
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;
+
+/// Why a version cannot be read: what its chain lacks. Its text is the reason users see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainProblem {
+    /// The version's own image is not in the folder.
+    #[error("no image {name}")]
+    NoImage { name: String },
+    /// The version's own image failed its checks.
+    #[error("its image is damaged: {why}")]
+    Damaged { why: String },
+    #[error("needs version {needed} ({name}), which is missing (from version {from}'s chain)")]
+    NeedsMissing { needed: u64, name: String, from: u64 },
+    #[error("needs version {needed} ({name}), which is damaged: {why}")]
+    NeedsDamaged { needed: u64, name: String, why: String },
+    #[error(
+        "needs version {needed} ({name}), but that file is not the image it was made from (replaced or copied \
+         in from elsewhere)"
+    )]
+    NeedsReplaced { needed: u64, name: String },
+    #[error("needs version {needed} ({name}), whose source size differs")]
+    NeedsOtherSize { needed: u64, name: String },
+    #[error("chain longer than {max} images")]
+    TooLong { max: usize },
+    #[error("{image}: a differential whose parent is not a full")]
+    DifferentialWithoutFull { image: String },
+}

@@ -1,7 +1,8 @@
 //! The strata on-disk format. This crate owns every byte strata writes: the image header, the
 //! block index, the footer, how stored blocks are encoded and checked, how a repository folder is
 //! laid out, and how a read of version N resolves through its chain. It knows nothing of the
-//! command line or of FUSE. `SPEC.md` next to this crate is the normative description.
+//! command line or of FUSE; `mounts` reads the mount table that the engines and the mount both
+//! consult. `SPEC.md` next to this crate is the normative description.
 
 pub mod block;
 pub mod block_map;
@@ -14,6 +15,7 @@ pub mod image;
 pub mod index;
 pub mod layout;
 mod le;
+pub mod mounts;
 pub mod publish;
 mod read_ahead;
 pub mod repo;
@@ -22,7 +24,7 @@ pub mod source_id;
 pub mod version;
 pub mod volume;
 
-pub use error::{FormatError, Loc, Result};
+pub use error::{ChainProblem, FormatError, Loc, Result};
 pub use header::{ImageHeader, ImageRef, Kind, Rule};
 pub use image::{Finish, ImageFile, ImageWriter, ReadScratch};
 pub use index::{Encoding, IndexEntry};

@@ -15,7 +15,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{FormatError, Loc, Result};
+use crate::error::{ChainProblem, FormatError, Loc, Result};
 use crate::header::{check_block_size, hex_id, new_id, Id128, ImageHeader, Kind, Rule};
 use crate::image::ImageFile;
 use crate::layout::{self, HEADER_SIZE, IMAGE_SUFFIX, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
@@ -548,7 +548,7 @@ pub struct VersionStatus {
     /// Ids of the chain, full first, as far as it could be followed.
     pub chain: Vec<u64>,
     /// Why the version cannot be restored; `None` when it can.
-    pub problem: Option<String>,
+    pub problem: Option<ChainProblem>,
 }
 
 impl VersionStatus {
@@ -581,7 +581,7 @@ impl RepoState {
     }
 
     /// The chain of images version `id` needs, full first, or why it cannot be had.
-    pub fn chain(&self, id: u64) -> std::result::Result<Vec<Arc<ImageFile>>, String> {
+    pub fn chain(&self, id: u64) -> std::result::Result<Vec<Arc<ImageFile>>, ChainProblem> {
         let mut chain = Vec::new();
         let mut want = id;
         let mut want_image: Option<Id128> = None;
@@ -592,38 +592,33 @@ impl RepoState {
                 Some(s) => s,
                 None => {
                     return Err(match child {
-                        Some(c) => {
-                            format!("needs version {want} ({name}), which is missing (from version {c}'s chain)")
-                        }
-                        None => format!("no image {name}"),
+                        Some(from) => ChainProblem::NeedsMissing { needed: want, name, from },
+                        None => ChainProblem::NoImage { name },
                     })
                 }
             };
             let image = match &slot.image {
                 Ok(img) => img.clone(),
-                Err(why) if want == id => return Err(format!("its image is damaged: {why}")),
-                Err(why) => return Err(format!("needs version {want} ({name}), which is damaged: {why}")),
+                Err(why) if want == id => return Err(ChainProblem::Damaged { why: why.clone() }),
+                Err(why) => return Err(ChainProblem::NeedsDamaged { needed: want, name, why: why.clone() }),
             };
             if let Some(expected) = want_image {
                 if image.header.image_id != expected {
-                    return Err(format!(
-                        "needs version {want} ({name}), but that file is not the image it was made from \
-                         (replaced or copied in from elsewhere)"
-                    ));
+                    return Err(ChainProblem::NeedsReplaced { needed: want, name });
                 }
                 let top: &Arc<ImageFile> = &chain[0];
                 if image.header.source_size != top.header.source_size {
-                    return Err(format!("needs version {want} ({name}), whose source size differs"));
+                    return Err(ChainProblem::NeedsOtherSize { needed: want, name });
                 }
             }
             chain.push(image.clone());
             if chain.len() > layout::MAX_CHAIN_LEN {
-                return Err(format!("chain longer than {} images", layout::MAX_CHAIN_LEN));
+                return Err(ChainProblem::TooLong { max: layout::MAX_CHAIN_LEN });
             }
             if let Some(c) = chain.iter().rev().nth(1) {
                 let c: &Arc<ImageFile> = c;
                 if c.header.kind == Kind::Differential && image.header.kind != Kind::Full {
-                    return Err(format!("{}: a differential whose parent is not a full", c.loc()));
+                    return Err(ChainProblem::DifferentialWithoutFull { image: c.loc().to_string() });
                 }
             }
             match image.header.parent {

@@ -625,6 +625,13 @@ fn scan_opens_a_long_chain_side_by_side_and_keeps_each_image_at_its_version() {
     for v in 1..=20u64 {
         let status = state.status(v);
         assert_eq!(status.restorable(), v < 7, "version {v}: {:?}", status.problem);
+        match (v, &status.problem) {
+            (7, Some(crate::ChainProblem::Damaged { .. })) => {}
+            (8.., Some(crate::ChainProblem::NeedsDamaged { needed: 7, name, .. })) => {
+                assert_eq!(name, &crate::repo::image_file_name(7))
+            }
+            (_, problem) => assert!(v < 7 && problem.is_none(), "version {v}: {problem:?}"),
+        }
         match &state.images[&v].image {
             Ok(image) => assert_eq!(image.header.version, v),
             Err(why) => assert_eq!(v, 7, "{why}"),

@@ -12,6 +12,7 @@ mod tree;
 use std::path::{Path, PathBuf};
 
 use fuser::{Config, MountOption, SessionACL};
+use strata_format::mounts::mount_info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -60,42 +61,6 @@ pub fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, MountError> {
         return Err(invalid("busy: the folder is not empty; mount on an empty folder"));
     }
     Ok(canon)
-}
-
-/// One line of /proc/self/mountinfo.
-pub struct MountInfo {
-    /// `major:minor` of the mounted file system.
-    pub devno: String,
-    pub mount_point: String,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// Every mount of this process's namespace, oldest first.
-pub fn mounts() -> Vec<MountInfo> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            Some(MountInfo {
-                devno: fields.get(2)?.to_string(),
-                mount_point: unescape(fields.get(4)?),
-                fstype: fields.get(sep + 1)?.to_string(),
-                source: fields.get(sep + 2)?.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// What is mounted exactly at `path` (the newest mount there).
-pub fn mount_info(path: &Path) -> Option<MountInfo> {
-    let want = path.to_string_lossy();
-    mounts().into_iter().rev().find(|m| m.mount_point == want)
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 }
 
 /// Readahead of the mount's backing device, in KiB: eight 1 MiB requests ahead of a sequential

@@ -1,41 +1,13 @@
-//! The `strata` command: parse the command line, set up logging, run one subcommand, print its
-//! error chain on one line and map the outcome to an exit code (0 success, 1 failure, 2 usage).
+//! The `strata` command: parse the command line, set up logging, run one subcommand (the work
+//! is `strata_engine`'s), print its error chain on one line and map the outcome to an exit code
+//! (0 success, 1 failure, 2 usage).
 
-mod backup;
-mod claim;
 mod commands;
-mod config;
-mod dedup;
-mod direct_io;
-mod interrupt;
-mod live_source;
 mod logging;
-mod merge;
-mod pack;
-mod patch;
-mod patch_check;
-mod plan;
-mod progress;
-mod prune;
-mod repair;
-mod restore;
-mod schedule;
-mod source;
-mod source_identity;
-mod source_map;
-mod units;
-mod verify;
-
-#[cfg(test)]
-mod model_tests;
-
-/// Held by the unit tests that take repository locks and by those that start processes, so
-/// that they never overlap: a process started while another test thread holds a lock gets a
-/// copy of the lock's descriptor until it execs, and a lock taken in that moment is refused.
-#[cfg(test)]
-static LOCKS_AND_SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+mod progress_display;
 
 use std::process::ExitCode;
+use strata_engine::interrupt;
 
 use clap::{Parser, Subcommand};
 
@@ -91,16 +63,7 @@ enum Command {
     Man(commands::shell_docs::ManArgs),
 }
 
-/// What a command's run ended with, short of an error.
-pub enum Outcome {
-    Success,
-    /// The command ran but found a problem it reported (e.g. verify found damage).
-    Failure,
-}
-
-pub struct Global {
-    pub quiet: bool,
-}
+use commands::{Global, Outcome};
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let global = Global { quiet: cli.quiet };

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use strata_format::Kind;
 
-use crate::backup::{backup, BackupRequest};
-use crate::units::bytes;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::backup::{backup, BackupRequest};
+use strata_engine::units::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -88,12 +88,12 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     };
     check_argument_order(source.as_deref(), &repo)?;
     let level = match &args.compression {
-        Some(spec) => Some(crate::config::compression_level(spec)?),
+        Some(spec) => Some(strata_engine::config::compression_level(spec)?),
         None => args.compression_level,
     };
     let label = args.label.unwrap_or_default();
     let req = BackupRequest { source, repo, kind, block_size, level, label, sector_by_sector: args.sector_by_sector };
-    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
     if args.json {
         super::print_json(&s)?;

@@ -9,12 +9,12 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use strata_format::Kind;
 
-use crate::backup::{backup, BackupRequest};
-use crate::progress::NoProgress;
-use crate::restore::restore;
-use crate::units::bytes;
-use crate::verify::{verify, VerifyOptions};
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::backup::{backup, BackupRequest};
+use strata_engine::progress::NoProgress;
+use strata_engine::restore::restore;
+use strata_engine::units::bytes;
+use strata_engine::verify::{verify, VerifyOptions};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -9,10 +9,10 @@ use strata_format::header::BlockSelection;
 use strata_format::volume::{analyse, DiskRead};
 use strata_format::{ReadScratch, Repository, VersionReader};
 
-use crate::backup::RegionSummary;
+use strata_engine::backup::RegionSummary;
 
-use crate::units::{bytes, rfc3339};
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::units::{bytes, rfc3339};
 
 pub use super::VersionArgs as Args;
 
@@ -81,7 +81,11 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
     let id = state.resolve_name(&args.version)?;
     let status = state.status(id);
     let Some(image) = status.image.clone() else {
-        anyhow::bail!("{}: version {id} cannot be read: {}", status.path.display(), status.problem.unwrap_or_default());
+        anyhow::bail!(
+            "{}: version {id} cannot be read: {}",
+            status.path.display(),
+            status.problem.map(|p| p.to_string()).unwrap_or_default()
+        );
     };
     let h = &image.header;
     let info = Info {
@@ -107,7 +111,7 @@ pub fn run(args: Args, _global: &Global) -> Result<Outcome> {
         image_id: hex_id(&h.image_id),
         source_digest: hex(&image.footer.source_digest),
         restorable: status.restorable(),
-        problem: status.problem.clone(),
+        problem: status.problem.as_ref().map(|p| p.to_string()),
         blocks: h.selection.name(),
         unused_bytes: h.selection.unused_bytes(),
         regions: if status.restorable() { regions(&state, id, h.selection) } else { Vec::new() },

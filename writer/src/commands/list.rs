@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use strata_format::Repository;
 
-use crate::units::{bytes, rfc3339};
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::units::{bytes, rfc3339};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -67,7 +67,7 @@ pub fn rows(repo_path: &Path) -> Result<Vec<Row>> {
                 unused_bytes: h.map(|h| h.selection.unused_bytes()),
                 file,
                 restorable: s.restorable(),
-                problem: s.problem,
+                problem: s.problem.map(|p| p.to_string()),
             }
         })
         .collect())

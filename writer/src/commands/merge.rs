@@ -3,9 +3,9 @@
 use anyhow::Result;
 use strata_format::Repository;
 
-use crate::merge::merge_version;
-use crate::units::bytes;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::merge::merge_version;
+use strata_engine::units::bytes;
 
 pub use super::VersionArgs as Args;
 
@@ -16,7 +16,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let mut state = repo.scan()?;
     state.check_indexes();
     let id = state.resolve_name(&args.version)?;
-    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     let s = merge_version(&state, &lock, id, progress.as_ref())?;
     if args.json {
         super::print_json(&s)?;

@@ -16,6 +16,17 @@ pub mod task;
 pub mod umount;
 pub mod verify;
 
+/// What a command's run ended with, short of an error.
+pub enum Outcome {
+    Success,
+    /// The command ran but found a problem it reported (e.g. verify found damage).
+    Failure,
+}
+
+pub struct Global {
+    pub quiet: bool,
+}
+
 /// The arguments of a command about one version of a repository.
 #[derive(clap::Args)]
 pub struct VersionArgs {
@@ -32,7 +43,7 @@ pub struct VersionArgs {
 /// `--block-size`: a size (4096, 64K, 1M) that is a power of two from 4K to 4M. Parsed by clap,
 /// so that a bad value is a usage error (exit 2) like every other.
 pub fn block_size_arg(s: &str) -> Result<u32, String> {
-    let n = crate::units::parse_size(s).map_err(|e| e.to_string())?;
+    let n = strata_engine::units::parse_size(s).map_err(|e| e.to_string())?;
     let n = u32::try_from(n).map_err(|_| format!("{s} is larger than 4M"))?;
     strata_format::header::check_block_size(n).map_err(|_| format!("{s} is not a power of two from 4K to 4M"))?;
     Ok(n)
@@ -40,7 +51,7 @@ pub fn block_size_arg(s: &str) -> Result<u32, String> {
 
 /// A size such as 128M.
 pub fn size_arg(s: &str) -> Result<String, String> {
-    crate::units::parse_size(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+    strata_engine::units::parse_size(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// A version: an id (a number such as 3) or `latest`.
@@ -53,7 +64,7 @@ pub fn version_arg(s: &str) -> Result<String, String> {
 
 /// `--compression zstd:LEVEL`.
 pub fn compression_arg(s: &str) -> Result<String, String> {
-    crate::config::compression_level(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+    strata_engine::config::compression_level(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 /// Prints `value` as one JSON document on stdout.

@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use strata_mountfs::{serve, MountOptions};
 
-use crate::units::parse_size;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::units::parse_size;
 
 #[derive(clap::Args)]
 pub struct Args {

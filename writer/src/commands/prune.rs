@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::task::KeepOptions;
-use crate::config::TaskConfig;
-use crate::prune::{prune, Action};
-use crate::units::bytes;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::config::TaskConfig;
+use strata_engine::prune::{prune, Action};
+use strata_engine::units::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,7 +43,7 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
             );
         }
     }
-    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     let report = prune(&args.repo, &policy, args.dry_run, progress.as_ref())?;
     if args.json {
         super::print_json(&report)?;

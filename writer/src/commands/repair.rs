@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::repair::repair;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::repair::repair;
 
 #[derive(clap::Args)]
 pub struct Args {

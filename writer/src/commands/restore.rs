@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::restore::restore;
-use crate::units::bytes;
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::restore::restore;
+use strata_engine::units::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,7 +34,7 @@ fn is_stdout(target: &std::path::Path) -> bool {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
-    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     // Restored onto standard output, the disk is the output: the summary goes to stderr.
     let onto_stdout = is_stdout(&args.target);
     let s = restore(&args.repo, &args.version, &args.target, args.force, progress.as_ref())?;

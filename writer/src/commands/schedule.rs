@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use crate::schedule::{
+use crate::commands::{Global, Outcome};
+use strata_engine::schedule::{
     cron_line, on_calendar, service_text, systemctl, systemd_running, timer_text, unit_base, UnitDir,
 };
-use crate::{Global, Outcome};
 
 #[derive(clap::Subcommand)]
 pub enum Args {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
 
 #[derive(clap::Args)]
 pub struct CompletionArgs {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use strata_format::Repository;
 
-use crate::config::{Retention, Scheme, TaskConfig};
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::config::{Retention, Scheme, TaskConfig};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct KeepOptions {
@@ -58,7 +58,7 @@ pub struct TaskOptions {
     #[arg(long, value_name = "zstd:LEVEL", value_parser = super::compression_arg)]
     pub compression: Option<String>,
     /// What a `strata backup` without --full/--incremental/--differential makes.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = scheme_parser())]
     pub scheme: Option<Scheme>,
     /// incremental/differential: every N-th backup is a full (0: off).
     #[arg(long, value_name = "N")]
@@ -77,6 +77,13 @@ pub struct TaskOptions {
     pub keep: KeepOptions,
 }
 
+/// `--scheme`: one of the engine's schemes, each with its description in `--help`.
+fn scheme_parser() -> impl clap::builder::TypedValueParser<Value = Scheme> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let names = Scheme::ALL.map(|s| PossibleValue::new(s.as_str()).help(s.description()));
+    PossibleValuesParser::new(names).map(|name| Scheme::from_name(&name).expect("one of the possible values"))
+}
+
 impl TaskOptions {
     fn any(&self) -> bool {
         self.source.is_some()
@@ -91,7 +98,7 @@ impl TaskOptions {
 
     fn apply(&self, c: &mut TaskConfig) {
         if let Some(s) = &self.source {
-            c.source = Some(crate::source_identity::stable_name(s));
+            c.source = Some(strata_engine::source_identity::stable_name(s));
         }
         if let Some(comp) = &self.compression {
             c.compression = comp.clone();
@@ -163,7 +170,7 @@ pub fn config(args: ConfigArgs, global: &Global) -> Result<Outcome> {
         args.task.apply(&mut config);
         config.save(repo.path())?;
         if !global.quiet && !args.json {
-            println!("updated {}", repo.path().join(crate::config::CONFIG_FILE).display());
+            println!("updated {}", repo.path().join(strata_engine::config::CONFIG_FILE).display());
         }
     }
     if args.json {

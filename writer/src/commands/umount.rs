@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -52,7 +52,7 @@ fn unmount(path: &Path) -> Result<()> {
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
     let path = args.mountpoint.canonicalize().with_context(|| format!("{}", args.mountpoint.display()))?;
-    let Some(strata_mountfs::MountInfo { source, fstype, .. }) = strata_mountfs::mount_info(&path) else {
+    let Some(strata_format::mounts::MountInfo { source, fstype, .. }) = strata_format::mounts::mount_info(&path) else {
         bail!("{}: nothing is mounted there", path.display());
     };
     let is_fuse = fstype == "fuse" || fstype == format!("fuse.{}", strata_mountfs::SUBTYPE);

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::verify::{verify, VerifyOptions};
-use crate::{Global, Outcome};
+use crate::commands::{Global, Outcome};
+use strata_engine::verify::{verify, VerifyOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,7 +62,7 @@ fn versions_label(ids: &[u64]) -> String {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
-    let progress = crate::progress::for_terminal(global.quiet || args.json);
+    let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     let opts = VerifyOptions { versions: &args.versions, quick: args.quick };
     let report = verify(&args.repo, &opts, progress.as_ref())?;
     if args.json {

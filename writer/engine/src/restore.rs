@@ -131,7 +131,7 @@ fn mounted_at(dev: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(dev).ok()?.rdev();
     let devno = format!("{}:{}", libc::major(rdev), libc::minor(rdev));
-    strata_mountfs::mounts().into_iter().find(|m| m.devno == devno).map(|m| m.mount_point)
+    strata_format::mounts::mount_point_of(&devno)
 }
 
 pub fn restore(

@@ -48,7 +48,7 @@ pub fn plan(
     let chain = state.chain(base_id).expect("the latest restorable version has a chain");
     let mut notes = Vec::new();
     if let Some(newest) = state.ids().next_back().filter(|&n| n != base_id) {
-        let why = state.status(newest).problem.unwrap_or_default();
+        let why = state.status(newest).problem.map(|p| p.to_string()).unwrap_or_default();
         notes.push(format!("version {newest} is not restorable ({why}); the new backup builds on version {base_id}"));
     }
     let chain_full = &chain[0].header;

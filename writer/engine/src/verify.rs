@@ -95,8 +95,12 @@ pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progres
     let mut versions = Vec::new();
     for &id in &wanted {
         let status = state.status(id);
-        let mut v =
-            VersionReport { id, restorable: status.restorable(), digest_verified: false, problem: status.problem };
+        let mut v = VersionReport {
+            id,
+            restorable: status.restorable(),
+            digest_verified: false,
+            problem: status.problem.map(|p| p.to_string()),
+        };
         if v.restorable {
             match state.open_version(id).and_then(|r| Ok((r.digest_from_index()?, r.top().footer.source_digest))) {
                 Ok((actual, expected)) if actual == expected => v.digest_verified = true,

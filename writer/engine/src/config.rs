@@ -9,25 +9,41 @@ use serde::{Deserialize, Serialize};
 
 pub const CONFIG_FILE: &str = "strata.toml";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+/// What a `strata backup` without --full/--incremental/--differential makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheme {
-    /// A full, then incrementals; a new full every N backups or D days.
     #[default]
     Incremental,
-    /// A full, then differentials; a new full every N backups or D days.
     Differential,
-    /// One full, then only incrementals; the chain is kept at most K long by merging.
     IncrementalForever,
 }
 
 impl Scheme {
+    pub const ALL: [Scheme; 3] = [Scheme::Incremental, Scheme::Differential, Scheme::IncrementalForever];
+
+    /// The name in strata.toml and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Incremental => "incremental",
             Scheme::Differential => "differential",
             Scheme::IncrementalForever => "incremental-forever",
         }
+    }
+
+    /// What the scheme does, in one sentence.
+    pub fn description(self) -> &'static str {
+        match self {
+            Scheme::Incremental => "A full, then incrementals; a new full every N backups or D days",
+            Scheme::Differential => "A full, then differentials; a new full every N backups or D days",
+            Scheme::IncrementalForever => {
+                "One full, then only incrementals; the chain is kept at most K long by merging"
+            }
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Scheme> {
+        Scheme::ALL.into_iter().find(|s| s.as_str() == name)
     }
 }
 

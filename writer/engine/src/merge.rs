@@ -155,7 +155,7 @@ pub fn merged_size(state: &RepoState, id: u64) -> Result<u64> {
     let reader = VersionReader::from_chain(chain)?;
     let mut measure = Measure::default();
     let mut copier = Copier::new(level, reader.block_size());
-    copy_version(&reader, &mut measure, &mut copier, crate::progress::for_terminal(true).as_ref(), id)?;
+    copy_version(&reader, &mut measure, &mut copier, &crate::progress::NoProgress, id)?;
     let fixed = (layout::HEADER_SIZE + layout::FOOTER_SIZE) as u64;
     Ok(fixed + measure.data + measure.entries * layout::INDEX_ENTRY_SIZE as u64)
 }

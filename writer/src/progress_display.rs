@@ -1,26 +1,11 @@
-//! Progress reporting. The engines report through the `Progress` trait and never print; the
-//! binary picks a bar on stderr when stderr is a terminal, periodic log lines otherwise, or
-//! nothing with `--quiet`.
+//! How the command draws the engines' progress: a bar with rate and ETA on stderr when stderr is
+//! a terminal, a log line every few seconds otherwise, nothing with `--quiet`.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub trait Progress: Sync {
-    /// A new phase of `total` bytes begins.
-    fn begin(&self, what: &str, total: u64);
-    /// `n` more bytes of the phase are done.
-    fn advance(&self, n: u64);
-    fn end(&self);
-}
-
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn begin(&self, _: &str, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn end(&self) {}
-}
+use strata_engine::progress::{NoProgress, Progress};
 
 /// A bar with rate and ETA on stderr.
 pub struct BarProgress {

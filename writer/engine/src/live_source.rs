@@ -11,6 +11,8 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use strata_format::mounts::{mounts, unescape};
+
 /// A device number as sysfs and mountinfo write it, `major:minor`.
 type DevNo = String;
 
@@ -61,51 +63,6 @@ fn loop_devices_backed_by(file: &std::fs::Metadata) -> Vec<DevNo> {
     found
 }
 
-/// One line of `/proc/self/mountinfo`, the fields this module needs.
-struct MountLine {
-    devno: String,
-    mountpoint: String,
-    source: String,
-    super_rw: bool,
-}
-
-/// mountinfo escapes spaces and the like as `\NNN` (octal).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (bytes[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn parse_mountinfo(text: &str) -> Vec<MountLine> {
-    text.lines()
-        .filter_map(|line| {
-            let (head, tail) = line.split_once(" - ")?;
-            let head: Vec<&str> = head.split(' ').collect();
-            let tail: Vec<&str> = tail.split(' ').collect();
-            Some(MountLine {
-                devno: head.get(2)?.to_string(),
-                mountpoint: unescape(head.get(4)?),
-                source: unescape(tail.get(1)?),
-                super_rw: tail.get(2)?.split(',').any(|o| o == "rw"),
-            })
-        })
-        .collect()
-}
-
 /// Why `path` (opened as `meta`) must not be backed up by its used blocks now, if it must not:
 /// what is mounted read-write or swapped on, and where.
 pub fn in_use_read_write(path: &Path, meta: &std::fs::Metadata) -> Option<String> {
@@ -128,10 +85,9 @@ pub fn in_use_read_write(path: &Path, meta: &std::fs::Metadata) -> Option<String
             Err(_) => Path::new(source) == canonical,
         }
     };
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for m in parse_mountinfo(&mounts) {
+    for m in mounts() {
         if m.super_rw && (devices.contains(&m.devno) || names_source(&m.source)) {
-            return Some(format!("{} is mounted read-write on {}", m.source, m.mountpoint));
+            return Some(format!("{} is mounted read-write on {}", m.source, m.mount_point));
         }
     }
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
@@ -148,19 +104,6 @@ pub fn in_use_read_write(path: &Path, meta: &std::fs::Metadata) -> Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_lines_give_device_mountpoint_source_and_rw() {
-        let text = "36 35 98:0 /mnt1 /mnt/my\\040disk rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
-                    37 35 7:1 / /media ro - xfs /dev/loop1 ro\n";
-        let lines = parse_mountinfo(text);
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].devno, "98:0");
-        assert_eq!(lines[0].mountpoint, "/mnt/my disk");
-        assert_eq!(lines[0].source, "/dev/root");
-        assert!(lines[0].super_rw);
-        assert!(!lines[1].super_rw);
-    }
 
     #[test]
     fn a_file_nothing_uses_is_not_in_use() {

@@ -31,7 +31,7 @@ pub fn repair(path: &Path) -> Result<RepairReport> {
     state.check_indexes();
     let statuses = state.statuses();
     let not_restorable =
-        statuses.iter().filter_map(|s| s.problem.as_ref().map(|problem| (s.id, problem.clone()))).collect();
+        statuses.iter().filter_map(|s| s.problem.as_ref().map(|problem| (s.id, problem.to_string()))).collect();
     Ok(RepairReport {
         identity_rewritten,
         repo_id: hex_id(&repo.repo_id),

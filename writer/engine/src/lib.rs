@@ -1,0 +1,37 @@
+//! The strata engines as a library: back up a source into a repository, restore, verify,
+//! merge, prune and repair its versions, and the task configuration they follow. They report
+//! progress through `progress::Progress` and return typed results; they never print. The
+//! on-disk format and the read path are `strata_format`'s; the `strata` command (the crate in
+//! `writer/`) parses arguments and draws what these return.
+
+pub mod backup;
+pub mod claim;
+pub mod config;
+mod dedup;
+mod direct_io;
+pub mod interrupt;
+mod live_source;
+pub mod merge;
+mod pack;
+mod patch;
+mod patch_check;
+mod plan;
+pub mod progress;
+pub mod prune;
+pub mod repair;
+pub mod restore;
+pub mod schedule;
+pub mod source;
+pub mod source_identity;
+mod source_map;
+pub mod units;
+pub mod verify;
+
+#[cfg(test)]
+mod model_tests;
+
+/// Held by the unit tests that take repository locks and by those that start processes, so
+/// that they never overlap: a process started while another test thread holds a lock gets a
+/// copy of the lock's descriptor until it execs, and a lock taken in that moment is refused.
+#[cfg(test)]
+static LOCKS_AND_SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
