@@ -571,16 +571,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    /// Whether `tool` is installed; a missing tool fails the test when CI=true.
-    fn have(tool: &str) -> bool {
-        let found =
-            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-        if !found {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} missing");
-            println!("skipped: {tool} missing");
-        }
-        found
-    }
+    use crate::volume::test_support::{have_tools, Rng};
 
     fn run(cmd: &mut Command) -> String {
         let out = cmd.output().unwrap();
@@ -657,21 +648,6 @@ mod tests {
         found
     }
 
-    /// Deterministic bytes (xorshift).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            (0..n).map(|_| self.next() as u8).collect()
-        }
-    }
-
     const MARK: &[u8] = b"STRATA-NTFS-MARK";
 
     /// Fills a mounted volume: many files, most deleted, more written, a fragmented file
@@ -712,7 +688,7 @@ mod tests {
     }
 
     fn tools() -> bool {
-        ["mkntfs", "ntfs-3g", "ntfscluster", "ntfsfix", "fusermount"].iter().all(|t| have(t))
+        have_tools(&["mkntfs", "ntfs-3g", "ntfscluster", "ntfsfix", "fusermount"])
     }
 
     /// The disk offset of the `$Bitmap` byte holding cluster `c`'s bit.
@@ -779,7 +755,7 @@ mod tests {
 
     #[test]
     fn a_volume_ntfsresize_marked_dirty_is_kept_whole_until_ntfsfix_clears_it() {
-        if !tools() || !have("ntfsresize") {
+        if !tools() || !have_tools(&["ntfsresize"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
