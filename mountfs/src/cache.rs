@@ -55,9 +55,30 @@ impl std::ops::Deref for Decoded {
 }
 
 /// Whether this thread must decode a frame, or it is cached.
-enum Claim {
+enum Claim<'c> {
     Cached(Arc<Decoded>),
-    Decode,
+    Decode(Claimed<'c>),
+}
+
+/// A frame this thread decodes: released when dropped, also when the decode panics, so that
+/// readers waiting for the frame wake and decode it themselves instead of waiting forever.
+struct Claimed<'c> {
+    cache: &'c BlockCache,
+    key: Key,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        lock(&self.cache.in_flight).remove(&self.key);
+        self.cache.landed.notify_all();
+    }
+}
+
+/// Locks `m` even when a thread panicked holding it: the cache's state stays usable (at worst a
+/// byte count is off until the frames it counts are evicted), and one failed request must not
+/// fail every later one.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Decodes the frame of `entry` into `out` with this thread's scratch buffers.
@@ -106,15 +127,15 @@ impl BlockCache {
     /// Frames held now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.frames.lock().unwrap().lru.len()
+        lock(&self.frames).lru.len()
     }
 
     fn cached(&self, key: &Key) -> Option<Arc<Decoded>> {
-        self.frames.lock().unwrap().lru.get(key).cloned()
+        lock(&self.frames).lru.get(key).cloned()
     }
 
     fn insert(&self, key: Key, data: Arc<Decoded>) {
-        let mut f = self.frames.lock().unwrap();
+        let mut f = lock(&self.frames);
         f.bytes += data.len();
         if let Some(old) = f.lru.put(key, data) {
             f.bytes -= old.len();
@@ -133,7 +154,7 @@ impl BlockCache {
     /// Keeps the buffer of an evicted frame for reuse, unless a reader still holds it.
     fn recycle(&self, frame: Arc<Decoded>) {
         if let Ok(Decoded { bytes: buf, .. }) = Arc::try_unwrap(frame) {
-            let mut spare = self.spare.lock().unwrap();
+            let mut spare = lock(&self.spare);
             if spare.len() < SPARE_BUFFERS {
                 spare.push(buf);
             }
@@ -143,7 +164,7 @@ impl BlockCache {
     /// A buffer of `len` bytes (contents undefined until decoded into): a spare one of that
     /// size when there is one, so that the budget, counted in lengths, is what is held.
     fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut spare = self.spare.lock().unwrap();
+        let mut spare = lock(&self.spare);
         match spare.iter().position(|b| b.capacity() == len) {
             Some(i) => {
                 let mut buf = spare.swap_remove(i);
@@ -156,33 +177,33 @@ impl BlockCache {
 
     /// Returns the cached frame, or claims it for decoding; waits while another thread decodes
     /// it (`wait`), or gives up at once when it is under way (`!wait`, returns `None`).
-    fn claim(&self, key: Key, wait: bool) -> Option<Claim> {
-        let mut in_flight = self.in_flight.lock().unwrap();
+    fn claim(&self, key: Key, wait: bool) -> Option<Claim<'_>> {
+        let mut in_flight = lock(&self.in_flight);
         loop {
             if let Some(hit) = self.cached(&key) {
                 return Some(Claim::Cached(hit));
             }
             if in_flight.insert(key) {
-                return Some(Claim::Decode);
+                return Some(Claim::Decode(Claimed { cache: self, key }));
             }
             if !wait {
                 return None;
             }
-            in_flight = self.landed.wait(in_flight).unwrap();
+            in_flight = self.landed.wait(in_flight).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
-    /// Decodes a claimed frame into the cache and releases the claim.
-    fn decode(&self, image: &ImageFile, entry: &IndexEntry, key: Key) -> strata_format::Result<Arc<Decoded>> {
+    /// Decodes a claimed frame into the cache; the claim is released when this returns or
+    /// unwinds.
+    fn decode(&self, image: &ImageFile, entry: &IndexEntry, claim: Claimed<'_>) -> strata_format::Result<Arc<Decoded>> {
         let mut bytes = self.buffer(image.frame_len(entry));
         let result = decode_frame(image, entry, &mut bytes);
         let hashes = if result.is_ok() { self.hash_blocks(image, entry, &bytes) } else { Vec::new() };
         let data = Arc::new(Decoded { bytes, hashes });
         if result.is_ok() {
-            self.insert(key, data.clone());
+            self.insert(claim.key, data.clone());
         }
-        self.in_flight.lock().unwrap().remove(&key);
-        self.landed.notify_all();
+        drop(claim);
         result.map(|_| data)
     }
 
@@ -194,7 +215,8 @@ impl BlockCache {
         }
         match self.claim(key, true) {
             Some(Claim::Cached(hit)) => Ok(hit),
-            _ => self.decode(image, entry, key),
+            Some(Claim::Decode(claim)) => self.decode(image, entry, claim),
+            None => unreachable!("a waiting claim returns a frame or a claim"),
         }
     }
 
@@ -208,11 +230,11 @@ impl BlockCache {
         out: &mut [u8],
     ) -> strata_format::Result<Vec<[u8; 32]>> {
         let key = key(image, entry);
-        let under_way = self.in_flight.lock().unwrap().contains(&key);
+        let under_way = lock(&self.in_flight).contains(&key);
         let hit = if under_way { self.claim(key, true) } else { self.cached(&key).map(Claim::Cached) };
         let data = match hit {
             Some(Claim::Cached(data)) => data,
-            Some(Claim::Decode) => self.decode(image, entry, key)?,
+            Some(Claim::Decode(claim)) => self.decode(image, entry, claim)?,
             None => {
                 decode_frame(image, entry, out)?;
                 return Ok(self.hash_blocks(image, entry, out));
@@ -232,7 +254,7 @@ impl BlockCache {
     /// 4-16% of the CPU of a cached read).
     fn forget(&self, key: &Key) {
         let old = {
-            let mut f = self.frames.lock().unwrap();
+            let mut f = lock(&self.frames);
             let old = f.lru.pop(key);
             if let Some(old) = &old {
                 f.bytes -= old.len();
@@ -273,8 +295,13 @@ impl BlockCache {
                             Frame::Base => version.patch_base(block),
                         };
                         let Ok(Some((image, entry))) = found else { return };
-                        if let Some(Claim::Decode) = cache.claim(key, false) {
-                            let _ = cache.decode(image, &entry, key);
+                        if let Some(Claim::Decode(claim)) = cache.claim(key, false) {
+                            // A panic in a rayon job would abort the driver; here it only loses the
+                            // prefetch (the foreground read decodes the frame and reports).
+                            let decode = std::panic::AssertUnwindSafe(|| cache.decode(image, &entry, claim));
+                            if std::panic::catch_unwind(decode).is_err() {
+                                log::error!("prefetch of block {block} panicked; the read will retry it");
+                            }
                         }
                     });
                 }
@@ -305,14 +332,39 @@ mod tests {
             cache.insert((1, i), frame(mib));
         }
         assert_eq!(cache.len(), 4, "two frames evicted");
-        assert_eq!(cache.spare.lock().unwrap().len(), 2, "their buffers kept");
+        assert_eq!(lock(&cache.spare).len(), 2, "their buffers kept");
         let small = cache.buffer(64 << 10);
         assert_eq!(small.capacity(), 64 << 10, "a 1 MiB spare is not handed out for 64 KiB");
         let reused = cache.buffer(mib);
-        assert_eq!((reused.len(), cache.spare.lock().unwrap().len()), (mib, 1));
+        assert_eq!((reused.len(), lock(&cache.spare).len()), (mib, 1));
         // a frame still held by a reader is not recycled
         let held = frame(mib);
         cache.recycle(held.clone());
-        assert_eq!(cache.spare.lock().unwrap().len(), 1);
+        assert_eq!(lock(&cache.spare).len(), 1);
+    }
+
+    #[test]
+    fn a_decode_that_panics_releases_its_claim_and_waiters_go_on() {
+        let cache = Arc::new(BlockCache::new(0, 1 << 16, false));
+        let key = (1, 0);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let Some(Claim::Decode(_claim)) = cache.claim(key, false) else { panic!("not claimed") };
+            let _held = lock(&cache.frames);
+            panic!("a decoder bug");
+        }));
+        assert!(panicked.is_err());
+        assert!(cache.frames.is_poisoned(), "the panic poisoned the frames lock");
+        let waiter = {
+            let cache = cache.clone();
+            std::thread::spawn(move || matches!(cache.claim(key, true), Some(Claim::Decode(_))))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !waiter.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "a waiter hangs on the claim of a decode that panicked");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(waiter.join().unwrap(), "the next reader claims the frame and decodes it itself");
+        cache.insert((1, 1), Arc::new(Decoded { bytes: vec![0; 4096], hashes: Vec::new() }));
+        assert_eq!(cache.len(), 1, "the cache still works after the panic");
     }
 }

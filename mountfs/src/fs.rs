@@ -262,7 +262,7 @@ impl Filesystem for StrataFs {
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Handle { reader, start, len, version: id, name, next: AtomicU64::new(u64::MAX) };
-        self.handles.lock().unwrap().insert(fh, Arc::new(handle));
+        self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fh, Arc::new(handle));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -278,7 +278,9 @@ impl Filesystem for StrataFs {
         reply: ReplyData,
     ) {
         log::trace!("read fh {} offset {offset} size {size}", fh.0);
-        let Some(h) = self.handles.lock().unwrap().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Some(h) = self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         let want = (u64::from(size)).min(h.len.saturating_sub(offset)) as usize;
         let bs = u64::from(h.reader.block_size());
         let active = Active::enter(&self.active_reads);
@@ -316,7 +318,9 @@ impl Filesystem for StrataFs {
     /// SEEK_DATA and SEEK_HOLE, so that `cp --sparse`, `qemu-img map` and the like skip the
     /// zero (and unused) blocks of a version; other seeks are the kernel's business.
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let Some(h) = self.handles.lock().unwrap().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Some(h) = self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
         if offset >= h.len {
             return reply.error(Errno::ENXIO);
@@ -343,7 +347,7 @@ impl Filesystem for StrataFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().unwrap().remove(&fh.0);
+        self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&fh.0);
         reply.ok();
     }
 

@@ -214,11 +214,11 @@ impl Catalogue {
     /// The reader of a version, opened (index streamed, block map built) on first use.
     pub fn reader(&self, info: &VersionInfo) -> Result<Arc<VersionReader>, MountError> {
         let key = (info.id, info.chain[info.chain.len() - 1].header.image_id);
-        if let Some(r) = self.readers.lock().unwrap().get(&key) {
+        if let Some(r) = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
             return Ok(r.clone());
         }
         let reader = Arc::new(VersionReader::from_chain(info.chain.clone())?);
-        self.readers.lock().unwrap().put(key, reader.clone());
+        self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).put(key, reader.clone());
         Ok(reader)
     }
 
