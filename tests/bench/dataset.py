@@ -242,30 +242,36 @@ def changed_blocks(a, b, block):
     return out
 
 
+def zstd_of_blocks(path, offsets, block):
+    """Size of the `block`-sized blocks of file `path` at `offsets`, compressed as one zstd -3
+    stream."""
+    z = subprocess.Popen(["zstd", "-q", "-3", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    size = [0]
+
+    def count():
+        while True:
+            d = z.stdout.read(MiB)
+            if not d:
+                break
+            size[0] += len(d)
+
+    t = threading.Thread(target=count)
+    t.start()
+    with open(path, "rb") as f:
+        for o in offsets:
+            f.seek(o)
+            z.stdin.write(f.read(block))
+    z.stdin.close()
+    t.join()
+    z.wait()
+    return size[0]
+
+
 def ideal_incremental(a, b):
     """(changed 4K blocks, their zstd -3 size, changed 64K blocks, their zstd -3 size) for the
     step from version a to version b. The changed blocks are compressed as one stream."""
     result = []
-    with open(b, "rb") as fb:
-        for block in (4096, 65536):
-            offs = changed_blocks(a, b, block)
-            z = subprocess.Popen(["zstd", "-q", "-3", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            size = [0]
-
-            def count():
-                while True:
-                    d = z.stdout.read(MiB)
-                    if not d:
-                        break
-                    size[0] += len(d)
-
-            t = threading.Thread(target=count)
-            t.start()
-            for o in offs:
-                fb.seek(o)
-                z.stdin.write(fb.read(block))
-            z.stdin.close()
-            t.join()
-            z.wait()
-            result += [len(offs), size[0]]
+    for block in (4096, 65536):
+        offs = changed_blocks(a, b, block)
+        result += [len(offs), zstd_of_blocks(b, offs, block)]
     return tuple(result)
