@@ -379,9 +379,11 @@ def main():
     with open(os.path.join(bench.work, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     import report
+    import used_blocks_report
 
+    text = used_blocks_report.keep(args.report, report.render(results))  # used_blocks.py's section
     with open(args.report, "w") as f:
-        f.write(report.render(results))
+        f.write(text)
     log("report written to " + args.report)
 
 
