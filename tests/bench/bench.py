@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dataset  # noqa: E402
-from tools import Borg, Qcow2, Restic, Strata, drop_caches, measure, rss_mib, tree_bytes  # noqa: E402
+from tools import Borg, Qcow2, Restic, Strata, drop_caches, link_live, measure, rss_mib, tree_bytes  # noqa: E402
 
 MiB = 1 << 20
 # A page read a second time is still on the kernel's inactive list and costs more than on the
@@ -49,12 +49,6 @@ def mbps(nbytes, seconds):
 
 def same(a, b):
     return subprocess.run(["cmp", "-s", a, b]).returncode == 0
-
-
-def link_live(live, version):
-    if os.path.lexists(live):
-        os.unlink(live)
-    os.link(version, live)
 
 
 class Bench:

@@ -45,6 +45,13 @@ def measure(cmd, cwd=None, env=None, stdout=subprocess.DEVNULL):
     return Cost(wall, float(user) + float(system), int(rss_kib) / 1024)
 
 
+def link_live(live, version):
+    """Make `live` a hard link to `version`: one source path for every version in turn."""
+    if os.path.lexists(live):
+        os.unlink(live)
+    os.link(version, live)
+
+
 def tree_bytes(path):
     total = 0
     for top, _, files in os.walk(path):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataset import UUID, MiB, changed_blocks, copy_files, rewrite, run, take, usr_files, zstd_of_blocks  # noqa: E402
-from tools import drop_caches, measure, pids_with_arg, tree_bytes, wait_for  # noqa: E402
+from tools import drop_caches, link_live, measure, pids_with_arg, tree_bytes, wait_for  # noqa: E402
 
 # Bumped whenever the recipe changes, so that older images in WORKDIR are rebuilt.
 RECIPE = "fsbench 2"
@@ -372,17 +372,10 @@ class Strata:
         self.live = os.path.join(work, "live", "disk.img")
         os.makedirs(os.path.dirname(self.live), exist_ok=True)
 
-    def link(self, version):
-        """The source is one path, a hard link to each version in turn (an incremental of the
-        same source)."""
-        if os.path.lexists(self.live):
-            os.unlink(self.live)
-        os.link(version, self.live)
-
     def backup(self, version, repo, *flags):
         """Cold: the page cache dropped first. The cost, strata's --json summary, and what the
         repository grew by."""
-        self.link(version)
+        link_live(self.live, version)  # an incremental of the same source
         before = tree_bytes(repo)
         drop_caches()
         out = os.path.join(self.work, "summary.json")
