@@ -1,12 +1,12 @@
 //! One image file. Reading: open and validate header, footer and layout against the real file
 //! length, stream or pick index entries, read stored blocks. Writing: append blocks to a
-//! temporary file in the repository, then finish (index, footer) and publish durably (fsync file,
-//! rename, fsync directory). An unpublished temporary file is removed when the writer is dropped.
+//! new file of the repository's storage, then finish (index, footer) and publish it (durably and
+//! atomically: `storage`). An unpublished image is removed when the writer is dropped.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::block::{self, DecodeError};
 use crate::error::{FormatError, Loc, Result};
@@ -16,14 +16,14 @@ use crate::header::ImageHeader;
 use crate::index::{Encoding, EntryLimits, IndexEntry};
 use crate::layout::{FOOTER_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE};
 use crate::le::get_u32;
-use crate::publish::{self, Replace, TempName};
-use crate::read_ahead::{self, ReadAhead};
+use crate::read_ahead::ReadAhead;
+use crate::storage::{Blob, Folder, Replace, Storage, Upload};
 
-/// A finished image opened for reading. Safe to share between threads (all reads are `pread`).
+/// A finished image opened for reading. Safe to share between threads (all reads are by range).
 #[derive(Debug)]
 pub struct ImageFile {
     path: PathBuf,
-    file: File,
+    file: Arc<dyn Blob>,
     pub header: ImageHeader,
     pub footer: ImageFooter,
     limits: EntryLimits,
@@ -39,12 +39,20 @@ const TAIL_AHEAD: u64 = 64 << 10;
 static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ImageFile {
-    /// Opens `path` and validates its header, its footer and that the index lies exactly
-    /// between the data and the footer. Does not read the index (see `check_index`).
+    /// Opens the image file at `path` (see `open_in`).
     pub fn open(path: &Path) -> Result<ImageFile> {
-        let loc = Loc::file(path);
-        let file = crate::repo_file::open_read(path).map_err(|e| FormatError::io(loc.clone(), "open", e))?;
-        let file_len = file.metadata().map_err(|e| FormatError::io(loc.clone(), "stat", e))?.len();
+        let (folder, name) = folder_and_name(path)?;
+        ImageFile::open_in(&folder, &name)
+    }
+
+    /// Opens the image `name` of `storage` and validates its header, its footer and that the
+    /// index lies exactly between the data and the footer. Does not read the index (see
+    /// `check_index`).
+    pub fn open_in(storage: &dyn Storage, name: &str) -> Result<ImageFile> {
+        let path = storage.locate(name);
+        let loc = Loc::file(&path);
+        let file = storage.open(name).map_err(|e| FormatError::io(loc.clone(), "open", e))?;
+        let file_len = file.len().map_err(|e| FormatError::io(loc.clone(), "stat", e))?;
         if file_len < (HEADER_SIZE + FOOTER_SIZE) as u64 {
             let mut magic = [0u8; 8];
             let n = file.read_at(&mut magic, 0).unwrap_or(0);
@@ -64,7 +72,7 @@ impl ImageFile {
         // The index lies right before the footer: one disk request for both, when the index is
         // small (a delta's usually is).
         let tail = file_len.min(TAIL_AHEAD);
-        read_ahead::advise_willneed(&file, file_len - tail, tail);
+        file.will_need(file_len - tail, tail);
         let mut fb = [0u8; FOOTER_SIZE];
         file.read_exact_at(&mut fb, footer_at)
             .map_err(|e| FormatError::io(loc.clone().at(footer_at), "read footer", e))?;
@@ -100,7 +108,7 @@ impl ImageFile {
         let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data_len = footer.index_offset - HEADER_SIZE as u64;
         let read_ahead = ReadAhead::new(HEADER_SIZE as u64, data_len, header.source_size);
-        Ok(ImageFile { path: path.to_path_buf(), file, header, footer, limits, serial, read_ahead })
+        Ok(ImageFile { path, file, header, footer, limits, serial, read_ahead })
     }
 
     pub fn path(&self) -> &Path {
@@ -162,7 +170,7 @@ impl ImageFile {
     /// after the other, and each would otherwise wait on the disk in turn.
     pub fn read_index_ahead(&self) {
         let len = (self.entry_count() * INDEX_ENTRY_SIZE as u64).min(4 << 20);
-        read_ahead::advise_willneed(&self.file, self.footer.index_offset, len);
+        self.file.will_need(self.footer.index_offset, len);
     }
 
     /// Notes that a version opened by this process reads `live` of this image's entries: the
@@ -178,7 +186,7 @@ impl ImageFile {
     /// Asks the kernel for the stored bytes of `entry` (or for the whole data of a small image
     /// that is read ahead) unless this image was read or primed before (see `read_ahead`).
     pub fn prime(&self, entry: &IndexEntry) {
-        self.read_ahead.prime(&self.file, entry.data_offset, u64::from(entry.stored_len), self.footer.index_offset);
+        self.read_ahead.prime(&*self.file, entry.data_offset, u64::from(entry.stored_len), self.footer.index_offset);
     }
 
     /// Whether `prime` would ask for nothing.
@@ -330,7 +338,7 @@ impl ImageFile {
 
     fn read_stored_unchecked(&self, entry: &IndexEntry, stored: &mut Vec<u8>) -> Result<()> {
         stored.resize(entry.stored_len as usize, 0);
-        self.read_ahead.note(&self.file, entry.data_offset, stored.len() as u64, self.footer.index_offset);
+        self.read_ahead.note(&*self.file, entry.data_offset, stored.len() as u64, self.footer.index_offset);
         self.file
             .read_exact_at(stored, entry.data_offset)
             .map_err(|e| FormatError::io(self.loc().block(entry.block).at(entry.data_offset), "read block", e))
@@ -453,10 +461,34 @@ impl Iterator for IndexStream<'_> {
     }
 }
 
-/// Writes one new image under a temporary name and publishes it with `finish`.
+/// The folder holding `path` and the file's name in it.
+fn folder_and_name(path: &Path) -> Result<(Folder, String)> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| FormatError::Invalid(format!("{}: not a file name for an image", path.display())))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Ok((Folder::new(dir), name.to_string()))
+}
+
+/// An upload as a `Write` for the writer's buffer.
+struct UploadSink(Box<dyn Upload>);
+
+impl Write for UploadSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.append(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes one new image, invisible until `finish` publishes it.
 pub struct ImageWriter {
-    temp: TempName,
-    data: BufWriter<File>,
+    temp_path: PathBuf,
+    data: BufWriter<UploadSink>,
     index: Option<BufWriter<File>>,
     header: ImageHeader,
     offset: u64,
@@ -464,8 +496,6 @@ pub struct ImageWriter {
     index_crc: u32,
     stored_bytes: u64,
     last_block: Option<u64>,
-    /// Bytes of the file whose write-back to the disk was started.
-    written_back: u64,
 }
 
 /// What `ImageWriter::finish` records beyond the blocks themselves.
@@ -476,36 +506,20 @@ pub struct Finish {
 }
 
 const WRITE_BUFFER: usize = 4 << 20;
-/// Bytes written between two requests to the kernel to start writing them to the disk, so that
-/// the fsync that publishes the image waits for the last of them only (a full image's fsync
-/// took 0.22 s when it wrote them all).
-const WRITE_BACK_EVERY: u64 = 16 << 20;
-
-/// Asks the kernel to start writing bytes `from..to` of `file` to the disk, without waiting.
-/// Advice: durability still comes from the fsync in `finish`, which reports any error.
-fn start_write_back(file: &File, from: u64, to: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(from), Ok(len)) = (libc::off64_t::try_from(from), libc::off64_t::try_from(to - from)) else { return };
-    // SAFETY: sync_file_range only reads its arguments; the descriptor is open for `file`'s life.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
-}
-
 impl ImageWriter {
-    /// Creates a temporary file (`publish::create_temp`) beside `final_path` holding `header`;
-    /// `finish` puts it at `final_path`.
+    /// Starts the image file at `final_path` (see `create_in`).
     pub fn create(final_path: &Path, header: ImageHeader) -> Result<ImageWriter> {
-        let loc = Loc::file(final_path).version(header.version);
-        let dir = final_path.parent().unwrap_or(Path::new("."));
-        let name = final_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| FormatError::Invalid(format!("{loc}: not a file name for an image")))?;
-        let (file, temp) = publish::create_temp(dir, name)?;
-        let spill =
-            tempfile::tempfile_in(dir).map_err(|e| FormatError::io(loc.clone(), "create index spill file", e))?;
+        let (folder, name) = folder_and_name(final_path)?;
+        ImageWriter::create_in(&folder, &name, header)
+    }
+
+    /// Starts a new file of `storage` holding `header`; `finish` publishes it as `name`.
+    pub fn create_in(storage: &dyn Storage, name: &str, header: ImageHeader) -> Result<ImageWriter> {
+        let upload = storage.create(name)?;
+        let spill = storage.scratch()?;
         let mut writer = ImageWriter {
-            temp,
-            data: BufWriter::with_capacity(WRITE_BUFFER, file),
+            temp_path: upload.temp_path().to_path_buf(),
+            data: BufWriter::with_capacity(WRITE_BUFFER, UploadSink(upload)),
             index: Some(BufWriter::with_capacity(1 << 20, spill)),
             header,
             offset: 0,
@@ -513,20 +527,19 @@ impl ImageWriter {
             index_crc: 0,
             stored_bytes: 0,
             last_block: None,
-            written_back: 0,
         };
         let hb = writer.header.encode();
         writer.write_data(&hb)?;
         Ok(writer)
     }
 
-    /// The temporary file being written.
+    /// Where the image is being written until it is published.
     pub fn temp_path(&self) -> &Path {
-        self.temp.path()
+        &self.temp_path
     }
 
     fn loc(&self) -> Loc {
-        Loc::file(self.temp.path()).version(self.header.version)
+        Loc::file(&self.temp_path).version(self.header.version)
     }
 
     fn write_data(&mut self, bytes: &[u8]) -> Result<()> {
@@ -534,11 +547,6 @@ impl ImageWriter {
         self.data.write_all(bytes).map_err(|e| FormatError::io(self.loc().at(at), "write", e))?;
         self.offset += bytes.len() as u64;
         fault::step(fault::Step::Write);
-        let in_file = self.offset - self.data.buffer().len() as u64;
-        if in_file - self.written_back >= WRITE_BACK_EVERY {
-            start_write_back(self.data.get_ref(), self.written_back, in_file);
-            self.written_back = in_file;
-        }
         Ok(())
     }
 
@@ -646,8 +654,8 @@ impl ImageWriter {
         self.entry_count
     }
 
-    /// Appends the index and the footer, then publishes: fsync the file, rename it to its final
-    /// name, fsync the directory. Only after the directory fsync is the version durable.
+    /// Appends the index and the footer, then publishes the image (`Upload::publish`): the
+    /// version exists, durably, once this returns.
     pub fn finish(self, finish: Finish) -> Result<PathBuf> {
         self.publish(finish, Replace::Never, || Ok(()))
     }
@@ -694,16 +702,8 @@ impl ImageWriter {
             source_digest: finish.source_digest,
         };
         self.write_data(&footer.encode())?;
-        self.data.flush().map_err(|e| FormatError::io(self.loc(), "write", e))?;
-        self.data.get_ref().sync_all().map_err(|e| FormatError::io(self.loc(), "fsync", e))?;
-        fault::step(fault::Step::Fsync);
-        before_rename()?;
-        fault::point("image.before_rename");
-        self.temp.rename_into_place(replace)?;
-        fault::point("image.after_rename");
-        let final_path = self.temp.final_path().to_path_buf();
-        publish::sync_dir(final_path.parent().unwrap_or(Path::new(".")))?;
-        fault::point("image.after_dir_sync");
-        Ok(final_path)
+        let loc = self.loc();
+        let UploadSink(upload) = self.data.into_inner().map_err(|e| FormatError::io(loc, "write", e.into_error()))?;
+        upload.publish(replace, Box::new(before_rename))
     }
 }

@@ -1,7 +1,7 @@
 //! The strata on-disk format. This crate owns every byte strata writes: the image header, the
-//! block index, the footer, how stored blocks are encoded and checked, how a repository folder is
-//! laid out, and how a read of version N resolves through its chain. It knows nothing of the
-//! command line or of FUSE; `mounts` reads the mount table that the engines and the mount both
+//! block index, the footer, how stored blocks are encoded and checked, how a repository is laid
+//! out and where its files live (`storage`), and how a read of version N resolves through its
+//! chain. It knows nothing of the command line or of FUSE; `mounts` reads the mount table that the engines and the mount both
 //! consult. `SPEC.md` next to this crate is the normative description.
 
 pub mod block;
@@ -16,11 +16,10 @@ pub mod index;
 pub mod layout;
 mod le;
 pub mod mounts;
-pub mod publish;
 mod read_ahead;
 pub mod repo;
-pub mod repo_file;
 pub mod source_id;
+pub mod storage;
 pub mod version;
 pub mod volume;
 

@@ -17,8 +17,7 @@
 //! the images of a chain are not each first read with a wait on the disk when the reader
 //! reaches them.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use crate::storage::Blob;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -84,7 +83,7 @@ impl ReadAhead {
     /// per version, ~230 KiB deltas: 438 -> 520 MB/s read through the mount with the reader
     /// throttled to 300 requests/s, `slowdisk.py`). Larger images, whose share of the next
     /// stretch of the disk is a small part of them, still get only the frame.
-    pub fn prime(&self, file: &File, at: u64, len: u64, limit: u64) {
+    pub fn prime(&self, file: &dyn Blob, at: u64, len: u64, limit: u64) {
         if self.primed.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -97,7 +96,7 @@ impl ReadAhead {
                 s.reached = s.reached.max(at);
             }
         }
-        advise_willneed(file, at, end - at);
+        file.will_need(at, end - at);
     }
 
     /// Notes that a version reads `live` of the image's `entries` entries.
@@ -114,7 +113,7 @@ impl ReadAhead {
     /// Notes a read of `len` bytes at `at`, and asks the kernel for the bytes after it up to
     /// `limit` (the end of the data) when the reads are going forward, the image is read densely
     /// enough, and the range asked for ends within half a window of this read.
-    pub fn note(&self, file: &File, at: u64, len: u64, limit: u64) {
+    pub fn note(&self, file: &dyn Blob, at: u64, len: u64, limit: u64) {
         if !self.primed() {
             self.primed.store(true, Ordering::Relaxed);
         }
@@ -134,22 +133,28 @@ impl ReadAhead {
             (from, s.asked_to)
         };
         if to > from {
-            advise_willneed(file, from, to - from);
+            file.will_need(from, to - from);
         }
     }
-}
-
-/// Asks the kernel to read `len` bytes at `at` of `file` into the page cache, without waiting.
-pub fn advise_willneed(file: &File, at: u64, len: u64) {
-    let (Ok(at), Ok(len)) = (libc::off_t::try_from(at), libc::off_t::try_from(len)) else { return };
-    // SAFETY: posix_fadvise only reads its arguments; the descriptor is open for `file`'s life.
-    // It is advice: a failure changes nothing but speed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), at, len, libc::POSIX_FADV_WILLNEED) };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the advice goes to: the tests look at what was asked for, not at what was read.
+    #[derive(Debug)]
+    struct NoFile;
+
+    impl Blob for NoFile {
+        fn read_at(&self, _: &mut [u8], _: u64) -> std::io::Result<usize> {
+            Ok(0)
+        }
+
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(0)
+        }
+    }
 
     const KIB: u64 = 1 << 10;
     const MIB: u64 = 1 << 20;
@@ -157,7 +162,7 @@ mod tests {
     /// Where the range asked for ends after each of `reads`, for an image with `data_len`
     /// bytes of a 256 MiB disk of which a version reads `live` thousandths.
     fn asked_live(data_len: u64, live: u64, reads: &[(u64, u64)]) -> Vec<u64> {
-        let file = tempfile::tempfile().unwrap();
+        let file = NoFile;
         let ra = ReadAhead::new(100, data_len, 256 * MIB);
         ra.note_live(live, 1000);
         reads
@@ -226,7 +231,7 @@ mod tests {
     /// What priming an image of `data_len` bytes (of which a version reads `live` thousandths)
     /// at its frame `at..at + len` leaves asked for.
     fn primed(data_len: u64, live: u64, at: u64, len: u64) -> u64 {
-        let file = tempfile::tempfile().unwrap();
+        let file = NoFile;
         let ra = ReadAhead::new(100, data_len, 256 * MIB);
         ra.note_live(live, 1000);
         ra.prime(&file, at, len, 100 + data_len);
@@ -241,7 +246,7 @@ mod tests {
         // 200 KiB of data, within one window (256 KiB): asked for whole from the first frame
         assert_eq!(primed(200 * KIB, 1000, 100 + 50 * KIB, 20 * KIB), 100 + 200 * KIB);
         // and the reader's first read there goes on from it rather than asking again
-        let file = tempfile::tempfile().unwrap();
+        let file = NoFile;
         let ra = ReadAhead::new(100, 200 * KIB, 256 * MIB);
         ra.note_live(1000, 1000);
         ra.prime(&file, 100 + 50 * KIB, 20 * KIB, 100 + 200 * KIB);

@@ -1,4 +1,4 @@
-//! A repository folder: its identity file, the image files in it, the backup lock, version ids,
+//! A repository: its identity file, the image files in it, the backup lock, version ids,
 //! leftovers of interrupted backups, and the health of every version (which chain it needs and
 //! whether every member of that chain is present and sound).
 //!
@@ -9,23 +9,20 @@
 //! foreign because of a damaged identity file.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{ChainProblem, FormatError, Loc, Result};
 use crate::header::{check_block_size, hex_id, new_id, Id128, ImageHeader, Kind, Rule};
-use crate::image::ImageFile;
-use crate::layout::{self, HEADER_SIZE, IMAGE_SUFFIX, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
-use crate::publish::{self, sync_dir};
-use crate::repo_file;
+use crate::image::{ImageFile, ImageWriter};
+use crate::layout::{self, HEADER_SIZE, IMAGE_SUFFIX, REPO_FILE, TEMP_PREFIX};
+use crate::storage::{self, EntryKind, Folder, Storage};
 use crate::version::VersionReader;
 
 #[derive(Debug, Clone)]
 pub struct Repository {
-    path: PathBuf,
+    storage: Arc<dyn Storage>,
     pub repo_id: Id128,
     pub block_size: u32,
     /// Highest version id ever published here (ids are never reused).
@@ -41,7 +38,7 @@ pub struct Repository {
 /// An exclusive hold on the repository for writing; released on drop.
 #[derive(Debug)]
 pub struct RepoLock {
-    _file: File,
+    _held: Box<dyn std::fmt::Debug + Send + Sync>,
 }
 
 pub fn image_file_name(id: u64) -> String {
@@ -52,11 +49,11 @@ pub fn image_file_name(id: u64) -> String {
 /// on a cold disk, which a long chain's hundreds of images would otherwise take one by one.
 const OPEN_THREADS: usize = 8;
 
-/// Opens the images at `found`, in order, on up to `OPEN_THREADS` threads.
-fn open_images(found: &[(u64, PathBuf)]) -> Vec<Result<ImageFile>> {
+/// Opens the images `found` of `storage`, in order, on up to `OPEN_THREADS` threads.
+fn open_images(storage: &dyn Storage, found: &[(u64, String)]) -> Vec<Result<ImageFile>> {
     let threads = OPEN_THREADS.min(found.len() / 4).max(1);
     if threads == 1 {
-        return found.iter().map(|(_, path)| ImageFile::open(path)).collect();
+        return found.iter().map(|(_, name)| ImageFile::open_in(storage, name)).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut opened: Vec<(usize, Result<ImageFile>)> = std::thread::scope(|scope| {
@@ -66,8 +63,8 @@ fn open_images(found: &[(u64, PathBuf)]) -> Vec<Result<ImageFile>> {
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((_, path)) = found.get(i) else { return mine };
-                        mine.push((i, ImageFile::open(path)));
+                        let Some((_, name)) = found.get(i) else { return mine };
+                        mine.push((i, ImageFile::open_in(storage, name)));
                     }
                 })
             })
@@ -91,15 +88,52 @@ pub fn parse_image_file_name(name: &str) -> Option<u64> {
 pub const MAX_VERSION_ID: u64 = 99_999_999_999;
 
 impl Repository {
+    /// Where the repository is, for messages (a folder's path).
     pub fn path(&self) -> &Path {
-        &self.path
+        self.storage.root()
     }
 
+    /// Where version `id`'s image is, for messages.
     pub fn image_path(&self, id: u64) -> PathBuf {
-        self.path.join(image_file_name(id))
+        self.storage.locate(&image_file_name(id))
     }
 
-    /// Creates a new repository at `path` (the folder may exist but must not hold one).
+    /// Where the repository's files live.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Starts the image of version `id`; `ImageWriter::finish` publishes it.
+    pub fn create_image(&self, id: u64, header: ImageHeader) -> Result<ImageWriter> {
+        ImageWriter::create_in(&*self.storage, &image_file_name(id), header)
+    }
+
+    /// Deletes the image of version `id`; durable after `sync`. Needs the lock.
+    pub fn remove_image(&self, _lock: &RepoLock, id: u64) -> Result<()> {
+        self.storage.remove(&image_file_name(id))
+    }
+
+    /// The length of version `id`'s image file (0 when it cannot be read).
+    pub fn image_bytes(&self, id: u64) -> u64 {
+        self.storage.open(&image_file_name(id)).and_then(|blob| blob.len()).unwrap_or(0)
+    }
+
+    /// Makes the deletes before it durable.
+    pub fn sync(&self) -> Result<()> {
+        self.storage.sync()
+    }
+
+    /// The text of the repository's file `name` (at most `limit` bytes), if it is there.
+    pub fn read_file(&self, name: &str, limit: u64) -> Result<Option<String>> {
+        storage::read_text_at(&*self.storage, name, limit)
+    }
+
+    /// Replaces the repository's file `name` with `bytes`, atomically and durably.
+    pub fn put_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.storage.put(name, bytes)
+    }
+
+    /// Creates a new repository in the folder `path` (it may exist but must not hold one).
     pub fn create(path: &Path, block_size: u32) -> Result<Repository> {
         check_block_size(block_size)?;
         std::fs::DirBuilder::new()
@@ -112,8 +146,20 @@ impl Repository {
         }
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| FormatError::io(Loc::file(path), "make the repository folder private (0700)", e))?;
+        Repository::create_in(Arc::new(Folder::new(path)), block_size)
+    }
+
+    /// Creates a new repository in `storage`, which must not hold one.
+    pub fn create_in(storage: Arc<dyn Storage>, block_size: u32) -> Result<Repository> {
+        check_block_size(block_size)?;
+        if storage.kind(REPO_FILE)?.is_some() {
+            return Err(FormatError::Invalid(format!(
+                "{}: a repository already exists here",
+                storage.root().display()
+            )));
+        }
         let repo = Repository {
-            path: path.to_path_buf(),
+            storage,
             repo_id: new_id(),
             block_size,
             last_version: 0,
@@ -124,38 +170,45 @@ impl Repository {
         Ok(repo)
     }
 
-    /// Opens the repository at `path`. A missing or damaged identity file is rebuilt from the
-    /// image headers (in memory; `rebuilt` says why, and the next `lock` writes it).
+    /// Opens the repository in the folder `path` (see `open_in`).
     pub fn open(path: &Path) -> Result<Repository> {
-        let not_repo = |detail: String| FormatError::NotARepository { path: path.to_path_buf(), detail };
         if !path.is_dir() {
-            return Err(not_repo(if path.exists() { "not a folder".into() } else { "no such folder".into() }));
+            let detail = if path.exists() { "not a folder" } else { "no such folder" };
+            return Err(FormatError::NotARepository { path: path.to_path_buf(), detail: detail.into() });
         }
         warn_about_folder_access(path);
-        let id_path = path.join(REPO_FILE);
-        let damage = match repo_file::read_text(&id_path, IDENTITY_MAX) {
+        Repository::open_in(Arc::new(Folder::new(path)))
+    }
+
+    /// Opens the repository in `storage`. A missing or damaged identity file is rebuilt from
+    /// the image headers (in memory; `rebuilt` says why, and the next `lock` writes it).
+    pub fn open_in(storage: Arc<dyn Storage>) -> Result<Repository> {
+        let path = storage.root().to_path_buf();
+        let not_repo = |detail: String| FormatError::NotARepository { path: path.clone(), detail };
+        let damage = match storage::read_text(&*storage, REPO_FILE, IDENTITY_MAX) {
             Ok(text) => match Identity::parse(&text) {
-                Ok(identity) => match identity_mismatch(path, &identity)? {
-                    None => return Ok(identity.into_repository(path, None)),
+                Ok(identity) => match identity_mismatch(&*storage, &identity)? {
+                    None => return Ok(identity.into_repository(storage, None)),
                     Some(why) => why,
                 },
                 Err(IdentityError::Unsupported(detail)) => return Err(not_repo(format!("{REPO_FILE}: {detail}"))),
                 Err(IdentityError::Damaged(detail)) => format!("{REPO_FILE} is damaged ({detail})"),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if image_names(path)?.is_empty() {
+                if image_names(&*storage)?.is_empty() {
                     return Err(not_repo(format!("no {REPO_FILE} file")));
                 }
                 format!("{REPO_FILE} is missing")
             }
             Err(e) => format!("{REPO_FILE} cannot be read ({e})"),
         };
-        Self::rebuild(path, damage)
+        Self::rebuild(storage, damage)
     }
 
     /// The identity as the image headers carry it, when `strata.repo` cannot be trusted.
-    fn rebuild(path: &Path, damage: String) -> Result<Repository> {
-        let headers = image_headers(path)?;
+    fn rebuild(storage: Arc<dyn Storage>, damage: String) -> Result<Repository> {
+        let path = storage.root().to_path_buf();
+        let headers = image_headers(&*storage)?;
         let mut groups: BTreeMap<(Id128, u32), Vec<u64>> = BTreeMap::new();
         for (id, h) in &headers {
             groups.entry((h.repo_id, h.block_size)).or_default().push(*id);
@@ -181,7 +234,7 @@ impl Repository {
                     path.display()
                 );
                 return Ok(Repository {
-                    path: path.to_path_buf(),
+                    storage,
                     repo_id,
                     block_size,
                     last_version,
@@ -203,7 +256,7 @@ impl Repository {
                 )
             }
         };
-        Err(FormatError::DamagedIdentity { path: path.to_path_buf(), detail })
+        Err(FormatError::DamagedIdentity { path, detail })
     }
 
     /// Writes the identity file durably, with its checksum.
@@ -220,7 +273,7 @@ impl Repository {
             text += &format!("last_source_full = {id}\nlast_source_full_time = {secs}\n");
         }
         text += &format!("checksum = \"crc32c:{:08x}\"\n", crc32c::crc32c(text.as_bytes()));
-        publish::write_file_durably(&self.path, REPO_FILE, text.as_bytes())
+        self.storage.put(REPO_FILE, text.as_bytes())
     }
 
     /// Records that `id` is about to be published, so that it is never handed out again;
@@ -240,22 +293,10 @@ impl Repository {
     /// Takes the repository's write lock, or fails at once if another process holds it. An
     /// identity that was rebuilt from the images when the repository was opened is written.
     pub fn lock(&mut self) -> Result<RepoLock> {
-        let path = self.path.join(LOCK_FILE);
-        let file =
-            repo_file::open_or_create(&path).map_err(|e| FormatError::io(Loc::file(&path), "open lock file", e))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(FormatError::Busy { path: self.path.clone() });
-            }
-            return Err(FormatError::io(Loc::file(&path), "lock", err));
-        }
-        let lock = RepoLock { _file: file };
+        let lock = RepoLock { _held: self.storage.lock()? };
         if let Some(why) = self.rebuilt.take() {
             self.write_identity()?;
-            log::warn!("{}: rewrote {REPO_FILE} from the image headers ({why})", self.path.display());
+            log::warn!("{}: rewrote {REPO_FILE} from the image headers ({why})", self.path().display());
         }
         Ok(lock)
     }
@@ -271,47 +312,35 @@ impl Repository {
     /// a folder, is left alone with a warning. Needs the lock.
     pub fn remove_leftovers(&self, _lock: &RepoLock) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
-        for entry in self.read_dir()? {
-            let name = entry.file_name().to_string_lossy().into_owned();
+        for (name, kind) in self.storage.list()? {
             if !name.starts_with(TEMP_PREFIX) {
                 continue;
             }
-            let p = entry.path();
-            let kind = p.symlink_metadata().map(|m| m.file_type());
-            if !kind.as_ref().is_ok_and(|ft| ft.is_file() || ft.is_symlink()) {
+            let p = self.storage.locate(&name);
+            if !matches!(kind, EntryKind::File | EntryKind::Link) {
                 log::warn!("{}: not a file strata left behind; left alone", p.display());
                 continue;
             }
-            publish::remove(&p)?;
+            self.storage.remove(&name)?;
             removed.push(p);
         }
         if !removed.is_empty() {
-            sync_dir(&self.path)?;
+            self.storage.sync()?;
         }
         Ok(removed)
-    }
-
-    fn read_dir(&self) -> Result<Vec<std::fs::DirEntry>> {
-        let loc = Loc::file(&self.path);
-        let entries = std::fs::read_dir(&self.path).map_err(|e| FormatError::io(loc.clone(), "list", e))?;
-        entries.collect::<std::io::Result<Vec<_>>>().map_err(|e| FormatError::io(loc, "list", e))
     }
 
     /// Opens every image file and works out the health of every version. Reads headers and
     /// footers only; `RepoState::check_indexes` reads the indexes too.
     pub fn scan(&self) -> Result<RepoState> {
-        let found: Vec<(u64, PathBuf)> = self
-            .read_dir()?
-            .into_iter()
-            .filter_map(|e| parse_image_file_name(&e.file_name().to_string_lossy()).map(|id| (id, e.path())))
-            .collect();
-        let opened = open_images(&found);
+        let found = image_names(&*self.storage)?;
+        let opened = open_images(&*self.storage, &found);
         let images = found
             .into_iter()
             .zip(opened)
-            .map(|((id, path), image)| {
+            .map(|((id, name), image)| {
                 let image = image.map_err(|e| e.to_string()).and_then(|img| self.belongs(id, img));
-                (id, Slot { path, image: image.map(Arc::new) })
+                (id, Slot { path: self.storage.locate(&name), image: image.map(Arc::new) })
             })
             .collect();
         Ok(RepoState { repo: self.clone(), images })
@@ -345,13 +374,13 @@ impl Repository {
     pub fn next_version_id(&self, state: &RepoState) -> Result<u64> {
         let newest_sound = state.images.iter().rev().find(|(_, s)| s.image.is_ok()).map_or(0, |(id, _)| *id);
         let mut next = newest_sound.max(self.last_version) + 1;
-        while next <= MAX_VERSION_ID && self.image_path(next).symlink_metadata().is_ok() {
+        while next <= MAX_VERSION_ID && self.storage.kind(&image_file_name(next))?.is_some() {
             next += 1;
         }
         if next > MAX_VERSION_ID {
             return Err(FormatError::Invalid(format!(
                 "{}: every version id up to {MAX_VERSION_ID} is used; start a new repository",
-                self.path.display()
+                self.path().display()
             )));
         }
         Ok(next)
@@ -361,16 +390,10 @@ impl Repository {
 /// Longest identity file read (it is a few hundred bytes).
 const IDENTITY_MAX: u64 = 64 << 10;
 
-/// The image files of the folder at `path`: (version id, path), in id order.
-fn image_names(path: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let loc = Loc::file(path);
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(path).map_err(|e| FormatError::io(loc.clone(), "list", e))? {
-        let entry = entry.map_err(|e| FormatError::io(loc.clone(), "list", e))?;
-        if let Some(id) = parse_image_file_name(&entry.file_name().to_string_lossy()) {
-            found.push((id, entry.path()));
-        }
-    }
+/// The image files of `storage`: (version id, name), in id order.
+fn image_names(storage: &dyn Storage) -> Result<Vec<(u64, String)>> {
+    let mut found: Vec<(u64, String)> =
+        storage.list()?.into_iter().filter_map(|(name, _)| parse_image_file_name(&name).map(|id| (id, name))).collect();
     found.sort_unstable();
     Ok(found)
 }
@@ -402,34 +425,34 @@ fn warn_about_folder_access(path: &Path) {
     }
 }
 
-/// The sound headers (checksum verified, named for the version they hold) of the images at
-/// `path`, in id order.
-fn image_headers(path: &Path) -> Result<Vec<(u64, ImageHeader)>> {
-    Ok(image_names(path)?.into_iter().filter_map(|(id, image)| sound_header(id, &image).map(|h| (id, h))).collect())
+/// The sound headers (checksum verified, named for the version they hold) of the images of
+/// `storage`, in id order.
+fn image_headers(storage: &dyn Storage) -> Result<Vec<(u64, ImageHeader)>> {
+    let names = image_names(storage)?;
+    Ok(names.into_iter().filter_map(|(id, name)| sound_header(storage, id, &name).map(|h| (id, h))).collect())
 }
 
-/// The header of the image file `image`, when its checksum holds and it names version `id`.
-fn sound_header(id: u64, image: &Path) -> Option<ImageHeader> {
-    use std::os::unix::fs::FileExt;
-    let file = repo_file::open_read(image).ok()?;
+/// The header of the image file `name`, when its checksum holds and it names version `id`.
+fn sound_header(storage: &dyn Storage, id: u64, name: &str) -> Option<ImageHeader> {
+    let file = storage.open(name).ok()?;
     let mut hb = [0u8; HEADER_SIZE];
     file.read_exact_at(&mut hb, 0).ok()?;
-    ImageHeader::decode(&hb, &Loc::file(image)).ok().filter(|h| h.version == id)
+    ImageHeader::decode(&hb, &Loc::file(&storage.locate(name))).ok().filter(|h| h.version == id)
 }
 
 /// Why the identity file cannot be right, when sound images exist and none of them belongs to
 /// the repository it names (an identity file copied from another repository, or edited with its
 /// checksum made to match, or written before it had one). A checksummed file is first checked
 /// against the newest sound header alone, so that opening costs one header read.
-fn identity_mismatch(path: &Path, identity: &Identity) -> Result<Option<String>> {
+fn identity_mismatch(storage: &dyn Storage, identity: &Identity) -> Result<Option<String>> {
     let ours = |h: &ImageHeader| h.repo_id == identity.repo_id && h.block_size == identity.block_size;
     if identity.checksummed {
-        let names = image_names(path)?;
-        if names.iter().rev().find_map(|(id, image)| sound_header(*id, image)).is_none_or(|h| ours(&h)) {
+        let names = image_names(storage)?;
+        if names.iter().rev().find_map(|(id, name)| sound_header(storage, *id, name)).is_none_or(|h| ours(&h)) {
             return Ok(None);
         }
     }
-    let headers = image_headers(path)?;
+    let headers = image_headers(storage)?;
     if headers.is_empty() || headers.iter().any(|(_, h)| ours(h)) {
         return Ok(None);
     }
@@ -513,9 +536,9 @@ impl Identity {
         Ok(Identity { repo_id, block_size, last_version, last_source_full, checksummed })
     }
 
-    fn into_repository(self, path: &Path, rebuilt: Option<String>) -> Repository {
+    fn into_repository(self, storage: Arc<dyn Storage>, rebuilt: Option<String>) -> Repository {
         Repository {
-            path: path.to_path_buf(),
+            storage,
             repo_id: self.repo_id,
             block_size: self.block_size,
             last_version: self.last_version,
@@ -676,21 +699,24 @@ impl RepoState {
         if name == "latest" {
             return self
                 .latest_restorable()
-                .ok_or_else(|| FormatError::NoRestorableVersion { repo: self.repo.path.clone() });
+                .ok_or_else(|| FormatError::NoRestorableVersion { repo: self.repo.path().to_path_buf() });
         }
         let id: u64 = name.parse().map_err(|_| {
             FormatError::Invalid(format!("{name:?} is not a version (a number such as 3, or `latest`)"))
         })?;
         if !self.images.contains_key(&id) {
-            return Err(FormatError::NoSuchVersion { repo: self.repo.path.clone(), id });
+            return Err(FormatError::NoSuchVersion { repo: self.repo.path().to_path_buf(), id });
         }
         Ok(id)
     }
 
     /// Opens version `id` for reading.
     pub fn open_version(&self, id: u64) -> Result<VersionReader> {
-        let chain =
-            self.chain(id).map_err(|reason| FormatError::NotRestorable { repo: self.repo.path.clone(), id, reason })?;
+        let chain = self.chain(id).map_err(|reason| FormatError::NotRestorable {
+            repo: self.repo.path().to_path_buf(),
+            id,
+            reason,
+        })?;
         VersionReader::from_chain(chain)
     }
 }

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +16,7 @@ use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::{new_id, BlockSelection};
 use strata_format::layout::{DEFAULT_BLOCK_SIZE, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
 use strata_format::repo::{image_file_name, parse_image_file_name};
+use strata_format::storage::{Folder, Storage};
 use strata_format::{Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader};
 
 use crate::config::{Scheme, TaskConfig};
@@ -33,6 +35,9 @@ pub struct BackupRequest {
     /// The source; `None` takes the one recorded in the repository's strata.toml.
     pub source: Option<PathBuf>,
     pub repo: PathBuf,
+    /// Where the repository lives when it is not the folder `repo`, which then only names it in
+    /// messages (the crash tests put it on a disk that loses unsynced writes).
+    pub storage: Option<Arc<dyn Storage>>,
     pub kind: Option<Kind>,
     pub block_size: Option<u32>,
     /// zstd level; `None` takes the repository's configured compression.
@@ -110,25 +115,39 @@ pub struct BackupSummary {
     pub deleted: Vec<u64>,
 }
 
-/// Opens the repository at `path` (unless `opened` is it already), creating it when the folder
-/// is missing or empty. Says whether it created it.
-fn open_or_create_repo(path: &Path, block_size: Option<u32>, opened: Option<Repository>) -> Result<(Repository, bool)> {
+/// Opens the repository `req` names.
+fn open_repo(req: &BackupRequest) -> strata_format::Result<Repository> {
+    match &req.storage {
+        Some(storage) => Repository::open_in(storage.clone()),
+        None => Repository::open(&req.repo),
+    }
+}
+
+/// Opens the repository `req` names (unless `opened` is it already), creating it when its
+/// folder is missing or empty. Says whether it created it.
+fn open_or_create_repo(req: &BackupRequest, opened: Option<Repository>) -> Result<(Repository, bool)> {
+    let (path, block_size) = (&req.repo, req.block_size);
     // Empty, or holding only what an interrupted creation left (`.tmp-*`).
-    let only_leftovers = |p: &Path| {
-        p.read_dir()
-            .map(|d| d.flatten().all(|e| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)))
-            .unwrap_or(false)
+    let only_leftovers = |storage: &dyn Storage| {
+        storage.list().map(|names| names.iter().all(|(name, _)| name.starts_with(TEMP_PREFIX))).unwrap_or(false)
     };
     let fresh = opened.is_none()
-        && (!path.exists() || (!path.join(strata_format::layout::REPO_FILE).exists() && only_leftovers(path)));
+        && match &req.storage {
+            Some(storage) => only_leftovers(&**storage),
+            None => !path.exists() || (!path.join(REPO_FILE).exists() && only_leftovers(&Folder::new(path))),
+        };
     if fresh {
-        let repo = Repository::create(path, block_size.unwrap_or(DEFAULT_BLOCK_SIZE))?;
+        let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        let repo = match &req.storage {
+            Some(storage) => Repository::create_in(storage.clone(), block_size)?,
+            None => Repository::create(path, block_size)?,
+        };
         log::info!("created repository {} (block size {})", path.display(), repo.block_size);
         return Ok((repo, true));
     }
     let repo = match opened {
         Some(repo) => repo,
-        None => Repository::open(path)?,
+        None => open_repo(req)?,
     };
     if let Some(bs) = block_size {
         if bs != repo.block_size {
@@ -169,7 +188,7 @@ pub fn backup(req: &BackupRequest, progress: &dyn Progress) -> Result<BackupSumm
     let folder_existed = req.repo.exists();
     let mut created = false;
     let result = backup_into(req, progress, folder_existed, &mut created);
-    if result.is_err() && created {
+    if result.is_err() && created && req.storage.is_none() {
         forget_new_repository(&req.repo, !folder_existed);
     }
     result
@@ -186,9 +205,10 @@ fn forget_new_repository(path: &Path, remove_folder: bool) {
     if holds_images {
         return;
     }
-    for file in new_repository_files(path) {
-        if file.symlink_metadata().is_ok() {
-            if let Err(e) = strata_format::publish::remove(&file) {
+    let folder = Folder::new(path);
+    for name in NEW_REPOSITORY_FILES {
+        if matches!(folder.kind(name), Ok(Some(_))) {
+            if let Err(e) = folder.remove(name) {
                 log::warn!("{e}");
             }
         }
@@ -204,8 +224,11 @@ fn forget_new_repository(path: &Path, remove_folder: bool) {
 }
 
 /// The files a new repository holds before its first version.
+const NEW_REPOSITORY_FILES: [&str; 3] = [crate::config::CONFIG_FILE, LOCK_FILE, REPO_FILE];
+
+/// `NEW_REPOSITORY_FILES` in the folder `path`.
 fn new_repository_files(path: &Path) -> [PathBuf; 3] {
-    [crate::config::CONFIG_FILE, LOCK_FILE, REPO_FILE].map(|name| path.join(name))
+    NEW_REPOSITORY_FILES.map(|name| path.join(name))
 }
 
 /// Reads which blocks of the source its file systems use and leaves the rest out of the
@@ -249,9 +272,9 @@ fn backup_into(
 ) -> Result<BackupSummary> {
     let started = Instant::now();
     // The source is opened before anything is created, so a bad source leaves no repository.
-    let existing = Repository::open(&req.repo).ok();
+    let existing = open_repo(req).ok();
     let mut config = match &existing {
-        Some(r) => TaskConfig::load(r.path())?,
+        Some(r) => TaskConfig::load(r)?,
         None => TaskConfig::default(),
     };
     let source_path = match (&req.source, &config.source) {
@@ -272,7 +295,7 @@ fn backup_into(
         }
     }
     let had_repo = existing.is_some();
-    let (mut repo, fresh) = open_or_create_repo(&req.repo, req.block_size, existing)?;
+    let (mut repo, fresh) = open_or_create_repo(req, existing)?;
     *created = fresh;
     let level = match req.level {
         Some(l) => l,
@@ -291,11 +314,11 @@ fn backup_into(
         ),
     }
     if had_repo {
-        config = TaskConfig::load(repo.path())?; // what `strata config` may have changed meanwhile
+        config = TaskConfig::load(&repo)?; // what `strata config` may have changed meanwhile
     }
     if config.source.is_none() {
         config.source = Some(identity.name.clone());
-        config.save(repo.path())?;
+        config.save(&repo)?;
         log::info!("recorded the source {} in {}", source_path.display(), crate::config::CONFIG_FILE);
     }
     let mut state = repo.scan()?;
@@ -340,12 +363,15 @@ fn backup_into(
             selection,
         };
         let total_blocks = header.block_count();
-        let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
-        let mut on_fault = vec![writer.temp_path().to_path_buf()];
-        if *created {
-            on_fault.extend(new_repository_files(repo.path()));
+        let mut writer = repo.create_image(id, header)?;
+        if req.storage.is_none() {
+            // What a fault reading a mapped source (SIGBUS) removes before the process dies.
+            let mut on_fault = vec![writer.temp_path().to_path_buf()];
+            if *created {
+                on_fault.extend(new_repository_files(repo.path()));
+            }
+            crate::source_map::remove_on_fault(&on_fault, (*created && !folder_existed).then_some(repo.path()));
         }
-        crate::source_map::remove_on_fault(&on_fault, (*created && !folder_existed).then_some(repo.path()));
         match copy_blocks(&source, parent.as_ref(), repo.block_size, level, &mut writer, progress) {
             Ok(outcome) => {
                 crate::source_map::remove_on_fault(&[], None);
@@ -450,12 +476,12 @@ fn keep_chain_short(
             if needed {
                 continue;
             }
-            strata_format::publish::remove(&repo.image_path(old))?;
+            repo.remove_image(lock, old)?;
             deleted.push(old);
             log::info!("version {old} merged into version {new_base} and deleted (max_chain {max_chain})");
         }
         if !deleted.is_empty() {
-            strata_format::publish::sync_dir(repo.path())?;
+            repo.sync()?;
         }
     }
     Ok((merged, deleted))

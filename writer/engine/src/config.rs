@@ -2,10 +2,11 @@
 //! retention. Human-editable TOML; strata rewrites it (durably) only through `init`/`config` or
 //! when a first `strata backup SOURCE REPO` records the source. Reading images never needs it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use strata_format::Repository;
 
 pub const CONFIG_FILE: &str = "strata.toml";
 
@@ -204,18 +205,10 @@ impl TaskConfig {
         t
     }
 
-    fn path(repo: &Path) -> PathBuf {
-        repo.join(CONFIG_FILE)
-    }
-
     /// The repository's configuration, or the defaults when it has no strata.toml.
-    pub fn load(repo: &Path) -> Result<TaskConfig> {
-        let path = Self::path(repo);
-        let text = match strata_format::repo_file::read_text(&path, CONFIG_MAX) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TaskConfig::default()),
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
-        };
+    pub fn load(repo: &Repository) -> Result<TaskConfig> {
+        let path = repo.storage().locate(CONFIG_FILE);
+        let Some(text) = repo.read_file(CONFIG_FILE, CONFIG_MAX)? else { return Ok(TaskConfig::default()) };
         let mut config: TaskConfig = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ")))?;
         config.normalize();
@@ -223,12 +216,12 @@ impl TaskConfig {
         Ok(config)
     }
 
-    /// Writes the configuration durably (`publish::write_file_durably`).
-    pub fn save(&self, repo: &Path) -> Result<()> {
+    /// Writes the configuration into the repository, atomically and durably.
+    pub fn save(&self, repo: &Repository) -> Result<()> {
         let mut config = self.clone();
         config.normalize();
         config.validate()?;
-        strata_format::publish::write_file_durably(repo, CONFIG_FILE, config.to_toml().as_bytes())?;
+        repo.put_file(CONFIG_FILE, config.to_toml().as_bytes())?;
         Ok(())
     }
 }
@@ -280,9 +273,10 @@ mod tests {
     #[test]
     fn zero_turns_a_rule_off_in_the_file_too() {
         let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::create(dir.path(), 4096).unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), "full_every = 0\n[retention]\nkeep_last = 0\nkeep_daily = 2\n")
             .unwrap();
-        let c = TaskConfig::load(dir.path()).unwrap();
+        let c = TaskConfig::load(&repo).unwrap();
         assert_eq!(c.full_every, None);
         assert_eq!(c.retention, Retention { keep_daily: Some(2), ..Retention::default() });
     }

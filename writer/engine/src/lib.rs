@@ -29,6 +29,8 @@ pub mod verify;
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod power_cut_tests;
 
 /// Held by the unit tests that take repository locks and by those that start processes, so
 /// that they never overlap: a process started while another test thread holds a lock gets a

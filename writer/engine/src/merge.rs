@@ -41,7 +41,7 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         bail!("{}: version {id} is already a full", repo.path().display());
     }
     let old_chain: Vec<u64> = chain.iter().map(|i| i.header.version).collect();
-    let old_bytes = std::fs::metadata(top.path()).map(|m| m.len()).unwrap_or(0);
+    let old_bytes = repo.image_bytes(id);
     let reader = strata_format::VersionReader::from_chain(chain)?;
     let digest = reader.digest_from_index()?;
     if digest != top.footer.source_digest {
@@ -54,14 +54,14 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
         full: ImageRef { version: id, image_id: top.header.image_id },
         ..top.header.clone()
     };
-    let mut writer = ImageWriter::create(&repo.image_path(id), header)?;
+    let mut writer = repo.create_image(id, header)?;
     let mut copier = Copier::new(top.header.compression_level, reader.block_size());
     copy_version(&reader, &mut writer, &mut copier, progress, id)?;
     let blocks = writer.entry_count();
-    let path = writer
+    writer
         .finish_replacing(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
         .with_context(|| format!("publishing the merged version {id}"))?;
-    let new_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let new_bytes = repo.image_bytes(id);
     log::info!("merged version {id} into a full ({blocks} blocks)");
     Ok(MergeSummary { id, old_chain, blocks, old_bytes, new_bytes, seconds: started.elapsed().as_secs_f64() })
 }

@@ -96,6 +96,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
         let req = BackupRequest {
             source: Some(source.clone()),
             repo: repo.clone(),
+            storage: None,
             kind,
             block_size: Some(4096),
             level: Some(1),

@@ -107,7 +107,11 @@ pub fn select(versions: &[(u64, i64)], policy: &Retention) -> BTreeMap<u64, Vec<
 }
 
 fn file_size(state: &RepoState, id: u64) -> u64 {
-    state.images.get(&id).and_then(|s| std::fs::metadata(&s.path).ok()).map_or(0, |m| m.len())
+    if state.images.contains_key(&id) {
+        state.repo.image_bytes(id)
+    } else {
+        0
+    }
 }
 
 /// Decides keep/merge/delete/leave for every version.
@@ -195,7 +199,7 @@ pub fn prune_locked(
         .flat_map(|s| s.chain.clone())
         .collect();
     let unneeded = |d: &&Decision| d.action == Action::Delete && !needed.contains(&d.id);
-    delete_newest_first(repo, decisions.iter().filter(unneeded))?;
+    delete_newest_first(repo, lock, decisions.iter().filter(unneeded))?;
     for d in decisions.iter().filter(|d| d.action == Action::Merge) {
         merge_version(&state, lock, d.id, progress).map_err(|e| {
             let freed = before.saturating_sub(images_bytes(repo).unwrap_or(before));
@@ -209,7 +213,7 @@ pub fn prune_locked(
         state = repo.scan()?;
         state.check_indexes();
     }
-    delete_newest_first(repo, decisions.iter().filter(|d| d.action == Action::Delete && needed.contains(&d.id)))?;
+    delete_newest_first(repo, lock, decisions.iter().filter(|d| d.action == Action::Delete && needed.contains(&d.id)))?;
     let after = images_bytes(repo)?;
     let state = repo.scan()?;
     let merged: i64 =
@@ -223,17 +227,20 @@ pub fn prune_locked(
 }
 
 /// Deletes the images of `decisions` (in id order), newest first, then syncs the folder.
-fn delete_newest_first<'d>(repo: &Repository, decisions: impl DoubleEndedIterator<Item = &'d Decision>) -> Result<()> {
+fn delete_newest_first<'d>(
+    repo: &Repository,
+    lock: &RepoLock,
+    decisions: impl DoubleEndedIterator<Item = &'d Decision>,
+) -> Result<()> {
     let mut deleted = false;
     for d in decisions.rev() {
-        let path = repo.image_path(d.id);
         strata_format::fault::point("prune.before_delete");
-        strata_format::publish::remove(&path)?;
-        log::info!("deleted version {} ({})", d.id, path.display());
+        repo.remove_image(lock, d.id)?;
+        log::info!("deleted version {} ({})", d.id, repo.image_path(d.id).display());
         deleted = true;
     }
     if deleted {
-        strata_format::publish::sync_dir(repo.path())?;
+        repo.sync()?;
     }
     Ok(())
 }

@@ -51,7 +51,11 @@ pub struct VerifyOptions<'a> {
 }
 
 pub fn verify(repo_path: &Path, opts: &VerifyOptions<'_>, progress: &dyn Progress) -> Result<VerifyReport> {
-    let repo = Repository::open(repo_path)?;
+    verify_repository(&Repository::open(repo_path)?, opts, progress)
+}
+
+/// `verify` of an opened repository.
+pub fn verify_repository(repo: &Repository, opts: &VerifyOptions<'_>, progress: &dyn Progress) -> Result<VerifyReport> {
     let mut state = repo.scan()?;
     let wanted: Vec<u64> = if opts.versions.is_empty() {
         state.ids().collect()

@@ -92,7 +92,16 @@ pub fn run(args: Args, global: &Global) -> Result<Outcome> {
         None => args.compression_level,
     };
     let label = args.label.unwrap_or_default();
-    let req = BackupRequest { source, repo, kind, block_size, level, label, sector_by_sector: args.sector_by_sector };
+    let req = BackupRequest {
+        source,
+        repo,
+        storage: None,
+        kind,
+        block_size,
+        level,
+        label,
+        sector_by_sector: args.sector_by_sector,
+    };
     let progress = crate::progress_display::for_terminal(global.quiet || args.json);
     let s = backup(&req, progress.as_ref())?;
     if args.json {

@@ -166,6 +166,7 @@ fn demo(work: &Path, global: &Global) -> Result<Outcome> {
         let req = BackupRequest {
             source: Some(disk.clone()),
             repo: repo.clone(),
+            storage: None,
             kind: *kind,
             block_size: None,
             level: Some(3),

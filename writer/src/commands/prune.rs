@@ -32,7 +32,7 @@ fn signed(n: i64) -> String {
 }
 
 pub fn run(args: Args, global: &Global) -> Result<Outcome> {
-    let mut policy = TaskConfig::load(&args.repo)?.retention;
+    let mut policy = TaskConfig::load(&strata_format::Repository::open(&args.repo)?)?.retention;
     if args.keep.any() {
         policy = Default::default();
         args.keep.apply(&mut policy);

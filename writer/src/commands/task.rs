@@ -150,7 +150,7 @@ pub fn init(args: InitArgs, global: &Global) -> Result<Outcome> {
     args.task.apply(&mut config);
     config.validate()?;
     let repo = Repository::create(&args.repo, block_size)?;
-    config.save(repo.path())?;
+    config.save(&repo)?;
     if !global.quiet {
         println!(
             "created repository {} (block size {}, scheme {})",
@@ -164,11 +164,11 @@ pub fn init(args: InitArgs, global: &Global) -> Result<Outcome> {
 
 pub fn config(args: ConfigArgs, global: &Global) -> Result<Outcome> {
     let mut repo = Repository::open(&args.repo)?;
-    let mut config = TaskConfig::load(repo.path())?;
+    let mut config = TaskConfig::load(&repo)?;
     if args.task.any() {
         let _lock = repo.lock()?;
         args.task.apply(&mut config);
-        config.save(repo.path())?;
+        config.save(&repo)?;
         if !global.quiet && !args.json {
             println!("updated {}", repo.path().join(strata_engine::config::CONFIG_FILE).display());
         }
