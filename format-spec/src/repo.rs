@@ -413,8 +413,7 @@ fn warn_about_folder_access(path: &Path) {
             path.display()
         );
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me {
         log::warn!(
             "{}: the repository folder belongs to user {}, not to the user running strata ({me}): that user \

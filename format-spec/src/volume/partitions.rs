@@ -2,7 +2,10 @@
 //! through the extended-partition chain) and GPT (512-byte or 4096-byte sectors). Each partition
 //! becomes a window `[start, start + len)` of disk.img. Every number read from the image is
 //! checked against the disk's size before use; a malformed table yields fewer partitions, never
-//! a panic or an endless walk.
+//! a panic or an endless walk. A GPT is used only when its header's and its partition array's
+//! CRC-32s hold; when the primary's do not, the backup header at the end of the disk (and its
+//! own copy of the array) is used, with a warning; with neither, the disk has no partitions
+//! (a backup then keeps it whole).
 
 /// One partition, numbered as in its table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,14 +115,76 @@ fn logical<R: DiskRead + ?Sized>(disk: &R, disk_size: u64, ext_lba: u64, parts: 
     }
 }
 
+/// CRC-32 as GPT uses it (IEEE 802.3: reflected polynomial 0xEDB88320, initial and final
+/// value all ones); not the crc32c of strata's own structures.
+fn crc32_ieee(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// Offsets in a GPT header.
+const GPT_HEADER_SIZE: usize = 12;
+const GPT_HEADER_CRC: usize = 16;
+const GPT_ALTERNATE_LBA: usize = 32;
+const GPT_ENTRIES_LBA: usize = 72;
+const GPT_ENTRY_COUNT: usize = 80;
+const GPT_ENTRY_SIZE: usize = 84;
+const GPT_ENTRIES_CRC: usize = 88;
+
+/// The GPT of a disk with `sector`-byte sectors: from the primary header, or from the backup
+/// when the primary fails its checks; `None` when neither holds.
 fn gpt<R: DiskRead + ?Sized>(disk: &R, disk_size: u64, sector: u64) -> Option<Vec<Partition>> {
-    let header = read_sector(disk, sector, 92)?;
-    if &header[0..8] != GPT_SIGNATURE {
+    let primary = read_sector(disk, sector, sector as usize)?;
+    if &primary[0..8] != GPT_SIGNATURE {
         return None;
     }
-    let entries_lba = u64_at(&header, 72);
-    let count = u32_at(&header, 80);
-    let entry_size = u32_at(&header, 84) as u64;
+    let primary_sound = sound_gpt_header(&primary);
+    if let Some(parts) = primary_sound.then(|| gpt_entries(disk, disk_size, sector, &primary)).flatten() {
+        return Some(parts);
+    }
+    let last = disk_size / sector - 1;
+    let alternate = if primary_sound { u64_at(&primary, GPT_ALTERNATE_LBA) } else { last };
+    let backup = [alternate, last].into_iter().filter(|&lba| lba > 1 && lba <= last).find_map(|lba| {
+        let header = read_sector(disk, lba.checked_mul(sector)?, sector as usize)?;
+        (&header[0..8] == GPT_SIGNATURE && sound_gpt_header(&header)).then_some(header)
+    });
+    match backup.and_then(|header| gpt_entries(disk, disk_size, sector, &header)) {
+        Some(parts) => {
+            log::warn!(
+                "the primary GPT header or partition array fails its CRC-32; the partitions are read from the                  backup GPT at the end of the disk"
+            );
+            Some(parts)
+        }
+        None => {
+            log::warn!("the disk's GPT fails its CRC-32 checks, primary and backup; its partitions are not used");
+            None
+        }
+    }
+}
+
+/// Whether a GPT header's size is sane and its CRC-32 holds.
+fn sound_gpt_header(header: &[u8]) -> bool {
+    let size = u32_at(header, GPT_HEADER_SIZE) as usize;
+    if !(92..=header.len()).contains(&size) {
+        return false;
+    }
+    let mut copy = header[..size].to_vec();
+    copy[GPT_HEADER_CRC..GPT_HEADER_CRC + 4].fill(0);
+    crc32_ieee(&copy) == u32_at(header, GPT_HEADER_CRC)
+}
+
+/// The partitions the (sound) GPT `header` lists, when its partition array is within the disk
+/// and its CRC-32 holds.
+fn gpt_entries<R: DiskRead + ?Sized>(disk: &R, disk_size: u64, sector: u64, header: &[u8]) -> Option<Vec<Partition>> {
+    let entries_lba = u64_at(header, GPT_ENTRIES_LBA);
+    let count = u32_at(header, GPT_ENTRY_COUNT);
+    let entry_size = u32_at(header, GPT_ENTRY_SIZE) as u64;
     if !(128..=4096).contains(&entry_size) || count == 0 || count > 1024 {
         return None;
     }
@@ -129,6 +194,9 @@ fn gpt<R: DiskRead + ?Sized>(disk: &R, disk_size: u64, sector: u64) -> Option<Ve
         return None;
     }
     let table = read_sector(disk, table_at, table_len as usize)?;
+    if crc32_ieee(&table) != u32_at(header, GPT_ENTRIES_CRC) {
+        return None;
+    }
     let mut parts = Vec::new();
     for i in 0..count {
         let e = &table[(i as u64 * entry_size) as usize..((i as u64 + 1) * entry_size) as usize];
@@ -203,33 +271,85 @@ mod tests {
         assert_eq!(find_partitions(&d, d.len() as u64).len(), 1);
     }
 
-    #[test]
-    fn gpt_partitions_are_found_and_bounded_by_the_disk() {
+    /// Writes a GPT header at sector `lba` (512-byte sectors) whose array of 128 entries is at
+    /// `entries_lba`, with both CRC-32s right.
+    fn gpt_header(d: &mut [u8], lba: u64, alternate: u64, entries_lba: u64) {
+        let h = lba as usize * 512;
+        d[h..h + 8].copy_from_slice(GPT_SIGNATURE);
+        d[h + 12..h + 16].copy_from_slice(&92u32.to_le_bytes());
+        d[h + 24..h + 32].copy_from_slice(&lba.to_le_bytes());
+        d[h + 32..h + 40].copy_from_slice(&alternate.to_le_bytes());
+        d[h + 72..h + 80].copy_from_slice(&entries_lba.to_le_bytes());
+        d[h + 80..h + 84].copy_from_slice(&128u32.to_le_bytes());
+        d[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
+        let at = entries_lba as usize * 512;
+        let array_crc = crc32_ieee(&d[at..at + 128 * 128]);
+        d[h + 88..h + 92].copy_from_slice(&array_crc.to_le_bytes());
+        d[h + 16..h + 20].fill(0);
+        let crc = crc32_ieee(&d[h..h + 92]);
+        d[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// An 8 MiB GPT disk with partitions 1 and 3 (and a 4th beyond the disk), both headers and
+    /// both arrays sound.
+    fn gpt_disk() -> Vec<u8> {
         let mut d = vec![0u8; 8 << 20];
         signed(&mut d, 0);
         mbr_entry(&mut d, 446, 0xEE, 1, 0xffff_ffff);
-        let h = 512;
-        d[h..h + 8].copy_from_slice(GPT_SIGNATURE);
-        d[h + 72..h + 80].copy_from_slice(&2u64.to_le_bytes());
-        d[h + 80..h + 84].copy_from_slice(&128u32.to_le_bytes());
-        d[h + 84..h + 88].copy_from_slice(&128u32.to_le_bytes());
-        let entry = |d: &mut Vec<u8>, i: usize, first: u64, last: u64| {
-            let at = 1024 + i * 128;
-            d[at] = 0xAF;
-            d[at + 32..at + 40].copy_from_slice(&first.to_le_bytes());
-            d[at + 40..at + 48].copy_from_slice(&last.to_le_bytes());
-        };
-        entry(&mut d, 0, 2048, 4095);
-        entry(&mut d, 2, 4096, 8191);
-        entry(&mut d, 3, 8192, 1 << 40); // beyond the disk: ignored
-        let parts = find_partitions(&d, d.len() as u64);
-        assert_eq!(
-            parts,
-            vec![
-                Partition { number: 1, start: 1 << 20, len: 1 << 20 },
-                Partition { number: 3, start: 2 << 20, len: 2 << 20 }
-            ]
-        );
+        let last = d.len() as u64 / 512 - 1;
+        let backup_entries = last - 32;
+        for table in [2, backup_entries] {
+            let entry = |d: &mut Vec<u8>, i: usize, first: u64, last: u64| {
+                let at = table as usize * 512 + i * 128;
+                d[at] = 0xAF;
+                d[at + 32..at + 40].copy_from_slice(&first.to_le_bytes());
+                d[at + 40..at + 48].copy_from_slice(&last.to_le_bytes());
+            };
+            entry(&mut d, 0, 2048, 4095);
+            entry(&mut d, 2, 4096, 8191);
+            entry(&mut d, 3, 8192, 1 << 40); // beyond the disk: ignored
+        }
+        gpt_header(&mut d, 1, last, 2);
+        gpt_header(&mut d, last, 1, backup_entries);
+        d
+    }
+
+    const GPT_PARTS: [Partition; 2] =
+        [Partition { number: 1, start: 1 << 20, len: 1 << 20 }, Partition { number: 3, start: 2 << 20, len: 2 << 20 }];
+
+    #[test]
+    fn gpt_partitions_are_found_and_bounded_by_the_disk() {
+        let d = gpt_disk();
+        assert_eq!(find_partitions(&d, d.len() as u64), GPT_PARTS);
+    }
+
+    #[test]
+    fn the_crc32_is_gpts() {
+        assert_eq!(crc32_ieee(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn a_damaged_primary_gpt_is_read_from_its_backup_and_two_damaged_ones_give_no_partitions() {
+        let last = (8u64 << 20) / 512 - 1;
+        // Damage in the primary header, in the primary array, in both headers, in both arrays.
+        let primary_header = 512 + 40;
+        let primary_array = 1024 + 5;
+        let backup_header = last as usize * 512 + 40;
+        let backup_array = (last as usize - 32) * 512 + 5;
+        for (damage, found) in [
+            (vec![primary_header], GPT_PARTS.to_vec()),
+            (vec![primary_array], GPT_PARTS.to_vec()),
+            (vec![backup_header], GPT_PARTS.to_vec()),
+            (vec![primary_header, backup_header], vec![]),
+            (vec![primary_array, backup_array], vec![]),
+            (vec![primary_header, backup_array], vec![]),
+        ] {
+            let mut d = gpt_disk();
+            for at in &damage {
+                d[*at] ^= 0x40;
+            }
+            assert_eq!(find_partitions(&d, d.len() as u64), found, "damage at {damage:?}");
+        }
     }
 
     #[test]

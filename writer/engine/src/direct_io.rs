@@ -33,8 +33,8 @@ impl<'f> TargetWriter<'f> {
     /// Turns `O_DIRECT` on for `file` when it supports it; otherwise writes go through the page
     /// cache.
     pub fn new(file: &'f File) -> Self {
-        // SAFETY: lseek on a descriptor we borrow; SEEK_CUR by 0 moves nothing.
-        let seekable = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_CUR) } >= 0;
+        // SEEK_CUR by 0 moves nothing.
+        let seekable = nix::unistd::lseek(file.as_raw_fd(), 0, nix::unistd::Whence::SeekCur).is_ok();
         if !seekable {
             return TargetWriter { file, direct: false, refused: true, stream_at: Some(0) };
         }
@@ -199,11 +199,7 @@ mod tests {
     #[test]
     fn ext4_takes_direct_writes() {
         let (path, file) = scratch_file("ext4");
-        // SAFETY: statfs of a path we own into a zeroed struct.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::statfs(cpath.as_ptr(), &mut fs) }, 0);
-        let on_ext4 = fs.f_type == 0xEF53;
+        let on_ext4 = nix::sys::statfs::statfs(&path).unwrap().filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC;
         let mut w = TargetWriter::new(&file);
         let mut buf = AlignedBuf::default();
         buf.resize(1 << 20);

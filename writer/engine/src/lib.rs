@@ -31,9 +31,3 @@ pub mod verify;
 mod model_tests;
 #[cfg(test)]
 mod power_cut_tests;
-
-/// Held by the unit tests that take repository locks and by those that start processes, so
-/// that they never overlap: a process started while another test thread holds a lock gets a
-/// copy of the lock's descriptor until it execs, and a lock taken in that moment is refused.
-#[cfg(test)]
-static LOCKS_AND_SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());

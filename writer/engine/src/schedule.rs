@@ -16,8 +16,7 @@ pub struct UnitDir {
 
 impl UnitDir {
     pub fn default_for_user() -> Result<UnitDir> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if nix::unistd::geteuid().is_root() {
             return Ok(UnitDir { dir: "/etc/systemd/system".into(), user: false });
         }
         let home = std::env::var_os("HOME").context("HOME is not set")?;

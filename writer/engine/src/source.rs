@@ -62,8 +62,9 @@ impl Source {
             bail!("{}: the source is empty (0 bytes); nothing to back up", path.display());
         }
         crate::claim::claim_source(&file, path)?;
-        // SAFETY: advisory call on a descriptor we own.
-        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        // Advice: a failure changes nothing but speed.
+        let _ =
+            nix::fcntl::posix_fadvise(file.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);
         Ok(Source { path: path.to_path_buf(), file, size, is_block_device, bytes_read: 0.into(), unused: Vec::new() })
     }
 
@@ -226,25 +227,26 @@ impl Source {
         if self.is_block_device {
             return Ok((pos, end));
         }
+        use nix::errno::Errno;
+        use nix::unistd::{lseek, Whence};
+        // All other reads are positional: moving the file offset affects nothing.
         let fd = self.file.as_raw_fd();
-        // SAFETY: lseek on our own descriptor; all other reads are positional, so moving the
-        // file offset affects nothing.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = std::io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ENXIO) => {
-                    self.check_size()?;
-                    Ok((end, end))
-                }
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((pos, end)),
-                _ => Err(err).with_context(|| format!("{}: seeking data at offset {pos}", self.path.display())),
-            };
-        }
-        let data = (data as u64).min(end);
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let data_end = if hole < 0 { end } else { (hole as u64).clamp(data, end) };
+        let data = match lseek(fd, pos as libc::off_t, Whence::SeekData) {
+            Ok(data) => (data as u64).min(end),
+            Err(Errno::ENXIO) => {
+                self.check_size()?;
+                return Ok((end, end));
+            }
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return Ok((pos, end)),
+            Err(e) => {
+                return Err(std::io::Error::from(e))
+                    .with_context(|| format!("{}: seeking data at offset {pos}", self.path.display()))
+            }
+        };
+        let data_end = match lseek(fd, data as libc::off_t, Whence::SeekHole) {
+            Ok(hole) => (hole as u64).clamp(data, end),
+            Err(_) => end,
+        };
         Ok((data, data_end.max(data).min(end)))
     }
 

@@ -113,8 +113,8 @@ pub fn remove_on_fault(files: &[PathBuf], folder: Option<&Path>) {
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+    use nix::unistd::{sysconf, SysconfVar};
+    sysconf(SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as usize)
 }
 
 fn install_handler(path: &Path) {
@@ -208,7 +208,6 @@ mod tests {
         let path = dir.join("source.img");
         std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
         std::fs::write(dir.join("unfinished"), b"half an image").unwrap();
-        let no_locks = crate::LOCKS_AND_SPAWNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -218,7 +217,6 @@ mod tests {
             .env("STRATA_SIGBUS_CHILD", &path)
             .output()
             .unwrap();
-        drop(no_locks);
         let unfinished_left = dir.join("unfinished").exists();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(!unfinished_left, "the handler removes the unfinished image");

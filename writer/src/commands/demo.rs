@@ -237,8 +237,7 @@ fn fuse_usable() -> Result<(), &'static str> {
     if !Path::new("/dev/fuse").exists() {
         return Err("no /dev/fuse (modprobe fuse)");
     }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let fusermount = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join("fusermount3").exists()));
     match root || fusermount {

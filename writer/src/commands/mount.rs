@@ -89,12 +89,10 @@ const HANDOVER_TIMEOUT_MS: u16 = 10_000;
 /// the caller is gone without taking the mount over (killed while waiting, a `timeout` that gave
 /// up): then nobody was told of the mount and it must not stay.
 fn report_ready(fd: i32) -> bool {
-    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number, 0 for none.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+    let _ = nix::sys::prctl::set_pdeathsig(None);
     crate::logging::switch_to_syslog();
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        // SAFETY: dup2 onto our own stderr descriptor.
-        unsafe { libc::dup2(null.as_raw_fd(), 2) };
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 2);
     }
     // SAFETY: the caller passed this socket to us and nothing else owns it.
     let mut caller = unsafe { UnixStream::from_raw_fd(fd) };
@@ -102,9 +100,12 @@ fn report_ready(fd: i32) -> bool {
         log::warn!("the caller of `strata mount` exited before the mount was ready");
         return false;
     }
-    let mut poll = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-    // SAFETY: one valid pollfd for a socket we own.
-    if unsafe { libc::poll(poll.as_mut_ptr(), 1, i32::from(HANDOVER_TIMEOUT_MS)) } == 0 {
+    let answered = {
+        use std::os::fd::AsFd;
+        let mut poll = [nix::poll::PollFd::new(caller.as_fd(), nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut poll, HANDOVER_TIMEOUT_MS)
+    };
+    if answered.is_ok_and(|ready| ready == 0) {
         log::warn!("the caller of `strata mount` did not answer in time; serving the mount anyway");
         return true;
     }

@@ -26,8 +26,7 @@ fn exited(pid: i32) -> bool {
 }
 
 fn unmount(path: &Path) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         return nix::mount::umount(path).map_err(|e| {
             if e == nix::errno::Errno::EBUSY {
                 anyhow::anyhow!(
