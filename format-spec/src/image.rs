@@ -262,7 +262,7 @@ impl ImageFile {
 
     /// The decoded bytes of the group `entry` belongs to (`group_len` blocks), from `scratch`
     /// when it holds them already.
-    pub fn decode_group<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
+    pub(crate) fn decode_group<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
         debug_assert_eq!(entry.encoding, Encoding::ZstdGroup);
         let key = (self.serial, entry.data_offset);
         if scratch.group_key != Some(key) {
@@ -294,7 +294,7 @@ impl ImageFile {
 
     /// Overwrites the parts of `block` (holding the patch's base) that the patch `entry` stores,
     /// from its decoded frame `parts` (`frame_len` bytes).
-    pub fn apply_patch(&self, entry: &IndexEntry, parts: &[u8], block: &mut [u8]) {
+    pub(crate) fn apply_patch(&self, entry: &IndexEntry, parts: &[u8], block: &mut [u8]) {
         let part = IndexEntry::patch_part_len(self.header.block_size);
         let stored = (0..crate::layout::PATCH_PARTS as usize).filter(|i| entry.patch_mask & (1 << i) != 0);
         for (from, to) in parts.chunks_exact(part).zip(stored) {
@@ -329,7 +329,7 @@ impl ImageFile {
 
     /// Checks `actual`, the BLAKE3 hash of the block `entry` names as it was read (for a patch:
     /// laid over its base), against the content hash the entry records.
-    pub fn check_hash(&self, entry: &IndexEntry, actual: &[u8; 32]) -> Result<()> {
+    pub(crate) fn check_hash(&self, entry: &IndexEntry, actual: &[u8; 32]) -> Result<()> {
         if *actual == entry.hash {
             return Ok(());
         }
@@ -361,12 +361,14 @@ impl ImageFile {
 pub struct ReadScratch {
     pub(crate) decompressor: zstd::bulk::Decompressor<'static>,
     pub(crate) stored: Vec<u8>,
-    pub(crate) block: Vec<u8>,
     /// The last group decoded and which one it is: (image serial, data offset).
     pub(crate) group: Vec<u8>,
     pub(crate) group_key: Option<(u64, u64)>,
     /// The decoded parts of the last patch read.
     pub(crate) patch: Vec<u8>,
+    /// The frame cache of a reader that reads whole versions through `VersionReader::read_at`
+    /// (the read path the mount serves), made at its first read.
+    frames: Option<crate::frame_cache::FrameCache>,
 }
 
 impl ReadScratch {
@@ -374,11 +376,20 @@ impl ReadScratch {
         ReadScratch {
             decompressor: zstd::bulk::Decompressor::new().expect("zstd decompressor allocation"),
             stored: Vec::new(),
-            block: Vec::new(),
             group: Vec::new(),
             group_key: None,
             patch: Vec::new(),
+            frames: None,
         }
+    }
+
+    /// This reader's frame cache for blocks of `block_size` (its smallest budget, which holds
+    /// the frames of one request; no hash checks, as restore and verify make their own).
+    pub(crate) fn frame_cache(&mut self, block_size: u32) -> &crate::frame_cache::FrameCache {
+        if self.frames.as_ref().is_none_or(|c| c.block_size() != block_size) {
+            self.frames = Some(crate::frame_cache::FrameCache::new(0, block_size, false));
+        }
+        self.frames.as_ref().expect("made above")
     }
 }
 

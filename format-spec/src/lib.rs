@@ -10,6 +10,9 @@ pub mod digest;
 pub mod error;
 pub mod fault;
 pub mod footer;
+pub mod frame_cache;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 pub mod image;
 pub mod index;
@@ -17,6 +20,7 @@ pub mod layout;
 mod le;
 pub mod mounts;
 mod read_ahead;
+pub mod read_plan;
 pub mod repo;
 pub mod source_id;
 pub mod storage;
@@ -31,5 +35,7 @@ pub use repo::{RepoLock, RepoState, Repository, VersionStatus};
 pub use source_id::{SourceId, SourceIdKind};
 pub use version::{BlockLocation, HashCursor, StoredBlock, VersionReader};
 
+#[cfg(test)]
+mod read_plan_tests;
 #[cfg(test)]
 mod tests;

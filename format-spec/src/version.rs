@@ -255,54 +255,39 @@ impl VersionReader {
         }
     }
 
-    /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`.
+    /// What a new patch of `block` (in a child of this version) is laid over: reads the block's
+    /// base into `out` (its stored block; for a block that is a patch here, the base under that
+    /// patch; zeros when that base is a zero block) and returns the mask of this version's patch
+    /// of it, which the new patch must include (SPEC §3.2; 0 when it is not a patch). `None`
+    /// when the block is zero in this version: there is nothing to lay parts over.
+    pub fn read_patch_base(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<Option<u16>> {
+        let Some((image, entry)) = self.entry(block)? else { return Ok(None) };
+        let (inherited, base) = match entry.encoding {
+            Encoding::Patch => (entry.patch_mask, self.patch_base(block)?),
+            _ => (0, Some((image, entry))),
+        };
+        match base {
+            Some((image, base)) => image.read_block(&base, scratch, out)?,
+            None => out.fill(0),
+        }
+        Ok(Some(inherited))
+    }
+
+    /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`,
+    /// through the read path the mount serves (`read_plan`).
     pub fn read_block(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
         assert_eq!(out.len(), self.block_size as usize);
-        match self.entry(block)? {
-            None => {
-                out.fill(0);
-                Ok(())
-            }
-            Some((image, entry)) if entry.encoding == Encoding::Patch => {
-                match self.patch_base(block)? {
-                    Some((base_image, base)) => base_image.read_block(&base, scratch, out)?,
-                    None => out.fill(0),
-                }
-                image.read_patch(&entry, scratch, out)
-            }
-            Some((image, entry)) => image.read_block(&entry, scratch, out),
-        }
+        let n = self.read_at(block.saturating_mul(u64::from(self.block_size)), out, scratch)?;
+        out[n..].fill(0);
+        Ok(())
     }
 
     /// Reads up to `buf.len()` bytes at `offset` of the version's source; returns the bytes read
-    /// (fewer only at the end of the source).
+    /// (fewer only at the end of the source). This is the mount's read path
+    /// (`read_plan::read_window`), with the frame cache `scratch` holds.
     pub fn read_at(&self, offset: u64, buf: &mut [u8], scratch: &mut ReadScratch) -> Result<usize> {
-        if offset >= self.source_size {
-            return Ok(0);
-        }
-        let bs = u64::from(self.block_size);
-        let len = (buf.len() as u64).min(self.source_size - offset) as usize;
-        let mut done = 0usize;
-        let mut block_buf = std::mem::take(&mut scratch.block);
-        block_buf.resize(self.block_size as usize, 0);
-        let result = (|| {
-            while done < len {
-                let pos = offset + done as u64;
-                let block = pos / bs;
-                let within = (pos % bs) as usize;
-                let n = (self.block_size as usize - within).min(len - done);
-                if within == 0 && n == self.block_size as usize {
-                    self.read_block(block, scratch, &mut buf[done..done + n])?;
-                } else {
-                    self.read_block(block, scratch, &mut block_buf)?;
-                    buf[done..done + n].copy_from_slice(&block_buf[within..within + n]);
-                }
-                done += n;
-            }
-            Ok(len)
-        })();
-        scratch.block = block_buf;
-        result
+        let cache = scratch.frame_cache(self.block_size);
+        crate::read_plan::read_window(self, cache, 0, self.source_size, offset, buf, false)
     }
 
     /// Recomputes this version's whole-source digest from the block hashes of its resolved index

@@ -15,9 +15,9 @@ use fuser::{
 };
 use strata_format::VersionReader;
 
-use crate::cache::BlockCache;
-use crate::read::{all_zero, read_window};
 use crate::tree::{Catalogue, Node, VersionInfo};
+use strata_format::frame_cache::FrameCache;
+use strata_format::read_plan::{all_zero, read_window};
 
 /// Versions never change: the kernel may keep their attributes, entries and pages for long.
 const VERSION_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -42,7 +42,7 @@ struct Handle {
 
 pub struct StrataFs {
     catalogue: Catalogue,
-    cache: Arc<BlockCache>,
+    cache: Arc<FrameCache>,
     uid: u32,
     gid: u32,
     readahead_blocks: u64,
@@ -61,7 +61,7 @@ impl StrataFs {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         StrataFs {
             catalogue,
-            cache: Arc::new(BlockCache::new(cache_bytes, block_size, check_hashes)),
+            cache: Arc::new(FrameCache::new(cache_bytes, block_size, check_hashes)),
             uid,
             gid,
             readahead_blocks: (4u64 << 20).div_ceil(u64::from(block_size)).max(2),

@@ -1,12 +1,9 @@
 //! strata's FUSE driver: every restorable version of a repository as a read-only folder holding
 //! `disk.img` (the source as it was at that backup) and `partN.img` (each partition of it), plus a
-//! `latest` symlink. All format knowledge lives in strata-format; this crate maps it to FUSE.
+//! `latest` symlink. All format knowledge, and the read path with its frame cache
+//! (`strata_format::read_plan`, `frame_cache`), lives in strata-format; this crate maps it to FUSE.
 
-mod cache;
 mod fs;
-mod read;
-#[cfg(test)]
-mod tests;
 mod tree;
 
 use std::path::{Path, PathBuf};

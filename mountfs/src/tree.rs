@@ -14,9 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use lru::LruCache;
 use strata_format::{ImageFile, Repository, VersionReader};
 
-use crate::cache::BlockCache;
-use crate::read::read_window;
 use crate::MountError;
+use strata_format::frame_cache::FrameCache;
+use strata_format::read_plan::read_window;
 use strata_format::volume::partitions::{find_partitions, Partition};
 use strata_format::volume::DiskRead;
 
@@ -223,7 +223,7 @@ impl Catalogue {
     }
 
     /// The partitions of a version's disk (read once, through the block cache).
-    pub fn partitions(&self, info: &VersionInfo, cache: &BlockCache) -> Vec<Partition> {
+    pub fn partitions(&self, info: &VersionInfo, cache: &FrameCache) -> Vec<Partition> {
         if let Some(p) = info.partitions.get() {
             return p.clone();
         }
@@ -241,7 +241,7 @@ impl Catalogue {
 /// A version's disk read through the block cache.
 pub struct CachedDisk<'a> {
     pub reader: &'a VersionReader,
-    pub cache: &'a BlockCache,
+    pub cache: &'a FrameCache,
 }
 
 impl DiskRead for CachedDisk<'_> {

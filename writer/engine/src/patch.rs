@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 
 use strata_format::layout::PATCH_PARTS;
-use strata_format::{Encoding, IndexEntry, ReadScratch, VersionReader};
+use strata_format::{IndexEntry, ReadScratch, VersionReader};
 
 use crate::pack::with_compressor;
 
@@ -71,30 +71,9 @@ impl<'v> Patcher<'v> {
     }
 
     fn patch_with(&self, tools: &mut Tools, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
-        let Tools { scratch, base: base_buf, parts } = tools;
-        let Some((image, entry)) = self.parent.entry(block)? else { return Ok(None) };
-        let (inherited, base) = match entry.encoding {
-            Encoding::Patch => (entry.patch_mask, self.parent.patch_base(block)?),
-            _ => (0, Some((image, entry))),
-        };
-        // A base in a group is compared where the decoded group lies (kept for the next block
-        // of the task), without copying it out.
-        let base: &[u8] = match base {
-            Some((image, base)) if base.encoding == Encoding::ZstdGroup => {
-                let at = usize::from(base.group_slot) * new.len();
-                &image.decode_group(&base, scratch)?[at..at + new.len()]
-            }
-            Some((image, base)) => {
-                base_buf.resize(new.len(), 0);
-                image.read_block(&base, scratch, base_buf)?;
-                base_buf
-            }
-            None => {
-                base_buf.clear();
-                base_buf.resize(new.len(), 0);
-                base_buf
-            }
-        };
+        let Tools { scratch, base, parts } = tools;
+        base.resize(new.len(), 0);
+        let Some(inherited) = self.parent.read_patch_base(block, scratch, base)? else { return Ok(None) };
         let mask = inherited | changed_parts(new, base);
         if mask == 0 || mask.count_ones() > MAX_PATCH_PARTS {
             return Ok(None);

@@ -12,7 +12,9 @@ use rayon::prelude::*;
 use std::sync::mpsc::sync_channel;
 use strata_format::block::hash_block;
 use strata_format::digest::{hex, zero_block_hash, SourceDigest};
-use strata_format::{BlockLocation, ReadScratch, Repository, VersionReader};
+use strata_format::frame_cache::FrameCache;
+use strata_format::read_plan::read_window;
+use strata_format::{BlockLocation, Repository, VersionReader};
 
 use crate::direct_io::{AlignedBuf, TargetWriter};
 use crate::progress::Progress;
@@ -272,6 +274,9 @@ fn write_version(
     let zero_hash = zero_block_hash(reader.block_size());
     let mut digest = SourceDigest::new(size, reader.block_size());
     let batch_blocks = (BATCH_BYTES / bs).max(1) as u64;
+    // Frames a task needs in part (a group cut by a task boundary, a patch base shared by
+    // neighbours), kept for the task that needs the rest; at its smallest budget.
+    let cache = FrameCache::new(0, reader.block_size(), false);
     progress.begin("restore", size);
     let (full_tx, full_rx) = sync_channel::<Batch>(1);
     let (free_tx, free_rx) = sync_channel::<AlignedBuf>(2);
@@ -324,7 +329,7 @@ fn write_version(
             reader.prime_from(start);
             let mut buf = free_rx.try_recv().unwrap_or_default();
             buf.resize(n as usize * bs);
-            let hashes = read_batch(reader, start, &mut buf, bs)?;
+            let hashes = read_batch(reader, &cache, start, &mut buf, bs)?;
             for (i, h) in hashes.iter().enumerate() {
                 digest.push(h.as_ref().unwrap_or(&zero_hash));
                 if h.is_none() && device {
@@ -354,10 +359,12 @@ struct Batch {
     zeros: u64,
 }
 
-/// Reads and decodes the blocks of `buf` on all cores. Each task reads a run of adjacent
-/// blocks in order, so that a group is decoded once.
+/// Reads and decodes the blocks of `buf` on all cores, through the read path the mount serves
+/// (`read_plan`): each task reads the runs of stored blocks of its stretch, a frame it covers
+/// whole decoded straight into `buf`, one it needs in part through the shared `cache`.
 fn read_batch(
     reader: &VersionReader,
+    cache: &FrameCache,
     start: u64,
     buf: &mut [u8],
     bs: usize,
@@ -366,18 +373,28 @@ fn read_batch(
     Ok(buf
         .par_chunks_mut(bs * task_blocks)
         .enumerate()
-        .map_init(ReadScratch::new, |scratch, (t, run)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
-            run.chunks_mut(bs)
-                .enumerate()
-                .map(|(i, out)| {
-                    let b = start + (t * task_blocks + i) as u64;
-                    if reader.locate(b) == BlockLocation::Zero {
-                        return Ok(None);
-                    }
-                    reader.read_block(b, scratch, out)?;
-                    Ok(Some(hash_block(out)))
-                })
-                .collect()
+        .map(|(t, task)| -> strata_format::Result<Vec<Option<[u8; 32]>>> {
+            let first = start + (t * task_blocks) as u64;
+            let blocks = task.len() / bs;
+            let mut hashes = vec![None; blocks];
+            let mut i = 0;
+            while i < blocks {
+                let b = first + i as u64;
+                if reader.locate(b) == BlockLocation::Zero {
+                    i += 1;
+                    continue;
+                }
+                let run_end = (i + 1..blocks).find(|&j| reader.locate(first + j as u64) == BlockLocation::Zero);
+                let run_end = run_end.unwrap_or(blocks);
+                let out = &mut task[i * bs..run_end * bs];
+                let n = read_window(reader, cache, 0, reader.source_size(), b * bs as u64, out, false)?;
+                out[n..].fill(0);
+                for (j, block) in out.chunks(bs).enumerate() {
+                    hashes[i + j] = Some(hash_block(block));
+                }
+                i = run_end;
+            }
+            Ok(hashes)
         })
         .collect::<strata_format::Result<Vec<_>>>()?
         .into_iter()

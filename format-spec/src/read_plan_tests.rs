@@ -8,13 +8,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use strata_format::block::{compress_into, hash_block, is_zero};
-use strata_format::digest::SourceDigest;
-use strata_format::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
-use strata_format::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, ReadScratch, VersionReader};
+use crate::block::{compress_into, hash_block, is_zero};
+use crate::digest::SourceDigest;
+use crate::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
+use crate::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, ReadScratch, VersionReader};
 
-use crate::cache::BlockCache;
-use crate::read::{all_zero, read_window};
+use crate::frame_cache::FrameCache;
+use crate::read_plan::{all_zero, read_window};
 
 const BS: u32 = 4096;
 
@@ -76,7 +76,7 @@ fn write_forged_version(dir: &Path, disk: &[u8], forged: &[u64]) -> VersionReade
         source_id: None,
         selection: Default::default(),
     };
-    let final_path = dir.join(strata_format::repo::image_file_name(1));
+    let final_path = dir.join(crate::repo::image_file_name(1));
     let mut w = ImageWriter::create(&final_path, header).unwrap();
     let mut digest = SourceDigest::new(disk.len() as u64, BS);
     let mut compressor = zstd::bulk::Compressor::new(3).unwrap();
@@ -139,7 +139,7 @@ impl Lcg {
 }
 
 /// Checks `count` random reads of the window `[start, start + len)` against `disk`.
-fn check_random_reads(reader: &VersionReader, cache: &BlockCache, disk: &[u8], start: u64, seed: u64, count: usize) {
+fn check_random_reads(reader: &VersionReader, cache: &FrameCache, disk: &[u8], start: u64, seed: u64, count: usize) {
     let len = disk.len() as u64 - start;
     let mut rng = Lcg(seed);
     for i in 0..count {
@@ -190,7 +190,7 @@ fn every_read_of_a_window_returns_the_versions_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let disk = sample_disk(200);
     let reader = write_version(dir.path(), &disk);
-    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
+    let cache = FrameCache::new(64 * u64::from(BS), BS, true);
     check_random_reads(&reader, &cache, &disk, 0, 1, 600);
     // a partition-like window that starts inside a block
     check_random_reads(&reader, &cache, &disk, 3 * u64::from(BS) + 512, 2, 600);
@@ -204,7 +204,7 @@ fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
     let dir = tempfile::tempdir().unwrap();
     let disk = sample_disk(32);
     let reader = write_version(dir.path(), &disk);
-    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
+    let cache = FrameCache::new(64 * u64::from(BS), BS, true);
     // blocks 0..11 hold whole frames only: groups 1-2 and 4-6, singles 3, 8, 10, 9 (= 3)
     let mut buf = vec![0u8; 11 * BS as usize];
     read_window(&reader, &cache, 0, disk.len() as u64, 0, &mut buf, true).unwrap();
@@ -217,7 +217,7 @@ fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
 }
 
 /// Waits until the cache holds `n` frames (prefetch runs in the background).
-fn wait_for_frames(cache: &BlockCache, n: usize) {
+fn wait_for_frames(cache: &FrameCache, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while cache.len() < n {
         assert!(std::time::Instant::now() < deadline, "prefetch did not finish");
@@ -227,10 +227,10 @@ fn wait_for_frames(cache: &BlockCache, n: usize) {
 
 /// A version of `blocks` sample blocks whose every frame prefetch has put in a cache of
 /// `cache_blocks` blocks.
-fn prefetched(dir: &Path, blocks: usize, cache_blocks: u64) -> (Vec<u8>, Arc<VersionReader>, Arc<BlockCache>) {
+fn prefetched(dir: &Path, blocks: usize, cache_blocks: u64) -> (Vec<u8>, Arc<VersionReader>, Arc<FrameCache>) {
     let disk = sample_disk(blocks);
     let reader = Arc::new(write_version(dir, &disk));
-    let cache = Arc::new(BlockCache::new(cache_blocks * u64::from(BS), BS, true));
+    let cache = Arc::new(FrameCache::new(cache_blocks * u64::from(BS), BS, true));
     cache.prefetch(&reader, 0..reader.block_count() + 10);
     wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
     (disk, reader, cache)
@@ -262,7 +262,7 @@ fn concurrent_readers_and_prefetch_see_the_right_bytes() {
     let disk = Arc::new(sample_disk(300));
     let reader = Arc::new(write_version(dir.path(), &disk));
     // a cache smaller than the disk, so that blocks are evicted while others read them
-    let cache = Arc::new(BlockCache::new(24 * u64::from(BS), BS, true));
+    let cache = Arc::new(FrameCache::new(24 * u64::from(BS), BS, true));
     let threads: Vec<_> = (0..6u64)
         .map(|t| {
             let (reader, cache, disk) = (reader.clone(), cache.clone(), disk.clone());
@@ -292,7 +292,7 @@ fn a_damaged_frame_fails_only_the_reads_that_touch_it() {
     bytes[entry.data_offset as usize + 5] ^= 0x10;
     std::fs::write(&path, bytes).unwrap();
     let reader = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
-    let cache = BlockCache::new(64 * u64::from(BS), BS, true);
+    let cache = FrameCache::new(64 * u64::from(BS), BS, true);
     let len = disk.len() as u64;
     let bs = u64::from(BS);
     for parallel in [false, true] {
@@ -359,7 +359,7 @@ fn write_forged_patch_delta(
         parent: Some(ImageRef { version: parent.header.version, image_id: parent.header.image_id }),
         ..parent.header.clone()
     };
-    let final_path = dir.join(strata_format::repo::image_file_name(version));
+    let final_path = dir.join(crate::repo::image_file_name(version));
     let mut w = ImageWriter::create(&final_path, header).unwrap();
     let mut digest = SourceDigest::new(new.len() as u64, BS);
     let mut present = 0;
@@ -415,19 +415,19 @@ fn patched_blocks_read_as_their_base_with_the_parts_laid_over() {
     let i3 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i2, &v3, &base3, &[2, 12], &[])).unwrap());
     let reader = Arc::new(VersionReader::from_chain(vec![i1, i2, i3]).unwrap());
     assert!(reader.patch_base(12).unwrap().is_none());
-    let cache = Arc::new(BlockCache::new(64 * u64::from(BS), BS, true));
+    let cache = Arc::new(FrameCache::new(64 * u64::from(BS), BS, true));
     check_random_reads(&reader, &cache, &v3, 0, 7, 600);
     check_random_reads(&reader, &cache, &v3, 3 * u64::from(BS) + 512, 8, 300);
     let mut whole = vec![0u8; v3.len()];
     assert_eq!(read_window(&reader, &cache, 0, v3.len() as u64, 0, &mut whole, true).unwrap(), v3.len());
     assert!(whole == v3);
-    let fresh = Arc::new(BlockCache::new(64 * u64::from(BS), BS, true));
+    let fresh = Arc::new(FrameCache::new(64 * u64::from(BS), BS, true));
     fresh.prefetch(&reader, 0..reader.block_count());
     check_random_reads(&reader, &fresh, &v3, 0, 9, 300);
 }
 
 /// The `FormatError` of a failed read, as text.
-fn read_error(reader: &VersionReader, cache: &BlockCache, offset: u64, len: usize, parallel: bool) -> String {
+fn read_error(reader: &VersionReader, cache: &FrameCache, offset: u64, len: usize, parallel: bool) -> String {
     let mut buf = vec![0u8; len];
     let size = reader.source_size();
     match read_window(reader, cache, 0, size, offset, &mut buf, parallel) {
@@ -446,7 +446,7 @@ fn a_block_of_a_group_that_does_not_match_its_hash_fails_its_reads_only() {
     assert_eq!((entry.encoding, entry.group_slot), (Encoding::ZstdGroup, 1));
     let (bs, len) = (u64::from(BS), disk.len() as u64);
     let named = format!("{} (version 1) block 5 at offset {}", image.path().display(), entry.data_offset);
-    let fresh = || Arc::new(BlockCache::new(64 * bs, BS, true));
+    let fresh = || Arc::new(FrameCache::new(64 * bs, BS, true));
     let prefetched = fresh();
     prefetched.prefetch(&reader, 0..reader.block_count());
     wait_for_frames(&prefetched, frames(&reader, 0..reader.block_count()));
@@ -466,7 +466,7 @@ fn a_block_of_a_group_that_does_not_match_its_hash_fails_its_reads_only() {
         assert!(rest[..] == disk[7 * BS as usize..]);
     }
     // without hash checks the block's bytes (sound by their crc32c) are served
-    let unchecked = BlockCache::new(64 * bs, BS, false);
+    let unchecked = FrameCache::new(64 * bs, BS, false);
     let mut whole = vec![0u8; disk.len()];
     read_window(&reader, &unchecked, 0, len, 0, &mut whole, true).unwrap();
     assert!(whole == disk);
@@ -493,7 +493,7 @@ fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only() {
     assert_eq!(entry.encoding, Encoding::Patch);
     let named = format!("{} (version 2) block 5 at offset {}", image.path().display(), entry.data_offset);
     for parallel in [false, true] {
-        let cache = BlockCache::new(64 * u64::from(BS), BS, true);
+        let cache = FrameCache::new(64 * u64::from(BS), BS, true);
         // the whole block joins its base's group; part of it is patched on its own
         for (offset, n) in [(4 * bs as u64, 3 * bs), (5 * bs as u64 + part as u64, 10)] {
             let e = read_error(&reader, &cache, offset, n, parallel);
@@ -508,7 +508,7 @@ fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only() {
         read_window(&reader, &cache, 0, len, 6 * bs as u64, &mut rest, parallel).unwrap();
         assert!(rest[..] == v2[6 * bs..]);
     }
-    let unchecked = BlockCache::new(64 * u64::from(BS), BS, false);
+    let unchecked = FrameCache::new(64 * u64::from(BS), BS, false);
     let mut whole = vec![0u8; v2.len()];
     read_window(&reader, &unchecked, 0, len, 0, &mut whole, true).unwrap();
     assert!(whole == v2);

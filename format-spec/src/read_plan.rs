@@ -16,11 +16,11 @@
 //! parts are laid over its base. Each block is checked against the entry that names it for this
 //! version, so a block that points into another block's frame (deduplication) is checked too.
 
+use crate::block::hash_block;
+use crate::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
 use rayon::prelude::*;
-use strata_format::block::hash_block;
-use strata_format::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
 
-use crate::cache::BlockCache;
+use crate::frame_cache::FrameCache;
 
 /// A part of a read served by one source.
 enum Unit<'v> {
@@ -75,13 +75,13 @@ impl Unit<'_> {
 /// (fewer only at the window's end); with `parallel`, the frames are decoded on all cores.
 pub fn read_window(
     reader: &VersionReader,
-    cache: &BlockCache,
+    cache: &FrameCache,
     start: u64,
     len: u64,
     offset: u64,
     buf: &mut [u8],
     parallel: bool,
-) -> strata_format::Result<usize> {
+) -> crate::Result<usize> {
     if offset >= len {
         return Ok(0);
     }
@@ -110,7 +110,7 @@ pub fn all_zero(reader: &VersionReader, pos: u64, n: usize) -> bool {
 }
 
 /// Cuts `n` bytes at disk position `pos` into units, in order.
-fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> strata_format::Result<Vec<Unit<'_>>> {
+fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> crate::Result<Vec<Unit<'_>>> {
     let bs = u64::from(reader.block_size());
     let mut units: Vec<Unit<'_>> = Vec::new();
     let mut left = n;
@@ -183,7 +183,7 @@ fn join_frame<'v>(
     parts.push(part);
 }
 
-fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata_format::Result<()> {
+fn fill(cache: &FrameCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> crate::Result<()> {
     let (image, entry, parts, patches) = match unit {
         Unit::Zero { .. } => {
             out.fill(0);
@@ -215,7 +215,7 @@ fn fill(cache: &BlockCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> strata
 
 /// Checks the block of `part` against its entry, given the hashes of its frame's blocks (none
 /// when the cache does not check hashes).
-fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> strata_format::Result<()> {
+fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> crate::Result<()> {
     match (&part.entry, hashes.get(part.slot)) {
         (Some(entry), Some(actual)) => image.check_hash(entry, actual),
         _ => Ok(()),
@@ -225,11 +225,11 @@ fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> strata_for
 /// Lays the parts of the patch `entry` over `block`, which holds its base, and checks the
 /// patched block's hash when the cache checks hashes. The parts are not kept in the cache (a
 /// sequential reader needs them once) unless prefetch put them there.
-fn lay_patch(cache: &BlockCache, image: &ImageFile, entry: &IndexEntry, block: &mut [u8]) -> strata_format::Result<()> {
+fn lay_patch(cache: &FrameCache, image: &ImageFile, entry: &IndexEntry, block: &mut [u8]) -> crate::Result<()> {
     thread_local! {
         static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    PARTS.with(|cell| -> strata_format::Result<()> {
+    PARTS.with(|cell| -> crate::Result<()> {
         let mut parts = cell.borrow_mut();
         parts.resize(image.frame_len(entry), 0);
         cache.frame_into(image, entry, &mut parts)?;
@@ -245,14 +245,14 @@ fn lay_patch(cache: &BlockCache, image: &ImageFile, entry: &IndexEntry, block: &
 /// Fills `out` with `part` of a patched block: the base's block, the patch's parts laid over
 /// (in `out` itself when the part is the whole block).
 fn fill_patch(
-    cache: &BlockCache,
+    cache: &FrameCache,
     bs: usize,
     image: &ImageFile,
     entry: &IndexEntry,
     base: Option<(&ImageFile, IndexEntry)>,
     part: &Part,
     out: &mut [u8],
-) -> strata_format::Result<()> {
+) -> crate::Result<()> {
     let whole = part.within == 0 && part.len == bs;
     let mut spare = Vec::new();
     let block: &mut [u8] = if whole {

@@ -11,9 +11,9 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::block::hash_block;
+use crate::{Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 use lru::LruCache;
-use strata_format::block::hash_block;
-use strata_format::{Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 
 /// (serial of the opened image holding the frame, the frame's data offset in it).
 type Key = (u64, u64);
@@ -21,7 +21,7 @@ type Key = (u64, u64);
 /// Evicted frame buffers kept for reuse (each at most 1 MiB).
 const SPARE_BUFFERS: usize = 8;
 
-pub struct BlockCache {
+pub struct FrameCache {
     frames: Mutex<Frames>,
     /// Buffers of evicted frames, reused for the next decodes: frames are freed and allocated
     /// by different threads, and the allocator's per-thread arenas would otherwise keep tens of
@@ -32,6 +32,7 @@ pub struct BlockCache {
     budget: usize,
     /// Whether decoded frames carry the BLAKE3 hash of each of their blocks.
     hashes: bool,
+    block_size: u32,
 }
 
 struct Frames {
@@ -63,7 +64,7 @@ enum Claim<'c> {
 /// A frame this thread decodes: released when dropped, also when the decode panics, so that
 /// readers waiting for the frame wake and decode it themselves instead of waiting forever.
 struct Claimed<'c> {
-    cache: &'c BlockCache,
+    cache: &'c FrameCache,
     key: Key,
 }
 
@@ -82,7 +83,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Decodes the frame of `entry` into `out` with this thread's scratch buffers.
-fn decode_frame(image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> strata_format::Result<()> {
+fn decode_frame(image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> crate::Result<()> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<ReadScratch> = std::cell::RefCell::new(ReadScratch::new());
     }
@@ -93,22 +94,28 @@ fn key(image: &ImageFile, entry: &IndexEntry) -> Key {
     (image.serial(), entry.data_offset)
 }
 
-impl BlockCache {
+impl FrameCache {
     /// A cache of at most `budget` bytes of frames of `block_size` blocks (at least four of the
     /// largest frames, so that the frames of one request fit); with `hashes`, frames carry their
     /// blocks' hashes.
-    pub fn new(budget: u64, block_size: u32, hashes: bool) -> BlockCache {
-        use strata_format::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES};
+    pub fn new(budget: u64, block_size: u32, hashes: bool) -> FrameCache {
+        use crate::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES};
         let bs = u64::from(block_size);
         let floor = 4 * (u64::from(GROUP_MAX_BLOCKS) * bs).min(u64::from(GROUP_MAX_BYTES)).max(bs);
-        BlockCache {
+        FrameCache {
             frames: Mutex::new(Frames { lru: LruCache::unbounded(), bytes: 0 }),
             spare: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
             budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
             hashes,
+            block_size,
         }
+    }
+
+    /// The block size of the frames this cache holds.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
     }
 
     /// Whether reads through this cache check blocks against their entries' hashes.
@@ -126,7 +133,7 @@ impl BlockCache {
 
     /// Frames held now.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         lock(&self.frames).lru.len()
     }
 
@@ -195,7 +202,7 @@ impl BlockCache {
 
     /// Decodes a claimed frame into the cache; the claim is released when this returns or
     /// unwinds.
-    fn decode(&self, image: &ImageFile, entry: &IndexEntry, claim: Claimed<'_>) -> strata_format::Result<Arc<Decoded>> {
+    fn decode(&self, image: &ImageFile, entry: &IndexEntry, claim: Claimed<'_>) -> crate::Result<Arc<Decoded>> {
         let mut bytes = self.buffer(image.frame_len(entry));
         let result = decode_frame(image, entry, &mut bytes);
         let hashes = if result.is_ok() { self.hash_blocks(image, entry, &bytes) } else { Vec::new() };
@@ -208,7 +215,7 @@ impl BlockCache {
     }
 
     /// The decoded frame of `entry`, from the cache or decoded now.
-    pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> strata_format::Result<Arc<Decoded>> {
+    pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> crate::Result<Arc<Decoded>> {
         let key = key(image, entry);
         if let Some(hit) = self.cached(&key) {
             return Ok(hit);
@@ -223,12 +230,7 @@ impl BlockCache {
     /// The decoded frame of `entry` into `out` (`frame_len` bytes): taken from the cache when it
     /// is there or being decoded there (and then dropped from it), else decoded straight into
     /// `out` and not kept. Returns the hashes of its blocks (see `Decoded`).
-    pub fn frame_into(
-        &self,
-        image: &ImageFile,
-        entry: &IndexEntry,
-        out: &mut [u8],
-    ) -> strata_format::Result<Vec<[u8; 32]>> {
+    pub fn frame_into(&self, image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> crate::Result<Vec<[u8; 32]>> {
         let key = key(image, entry);
         let under_way = lock(&self.in_flight).contains(&key);
         let hit = if under_way { self.claim(key, true) } else { self.cached(&key).map(Claim::Cached) };
@@ -325,7 +327,7 @@ mod tests {
 
     #[test]
     fn evicted_buffers_are_reused_only_at_their_own_size() {
-        let cache = BlockCache::new(0, 1 << 16, false); // budget floor: four 1 MiB frames
+        let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four 1 MiB frames
         let mib = 1 << 20;
         let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new() });
         for i in 0..6u64 {
@@ -345,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_decode_that_panics_releases_its_claim_and_waiters_go_on() {
-        let cache = Arc::new(BlockCache::new(0, 1 << 16, false));
+        let cache = Arc::new(FrameCache::new(0, 1 << 16, false));
         let key = (1, 0);
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let Some(Claim::Decode(_claim)) = cache.claim(key, false) else { panic!("not claimed") };
