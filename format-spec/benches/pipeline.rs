@@ -18,9 +18,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use strata_format::block::{compress_into, decode_into, hash_block, is_zero};
 use strata_format::digest::{zero_block_hash, SourceDigest};
 use strata_format::header::new_id;
-use strata_format::{
-    Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, Kind, ReadScratch, Rule, VersionReader,
-};
+use strata_format::{Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, Kind, Rule, VersionReader};
 
 const BS: usize = 64 * 1024;
 const GROUP: usize = 16 * BS;
@@ -190,12 +188,12 @@ fn lookups(c: &mut Criterion) {
     });
     g.throughput(Throughput::Bytes(BS as u64));
     let mut out = vec![0u8; BS];
-    let mut scratch = ReadScratch::new();
+    let frames = strata_format::frame_cache::FrameCache::new(0, BS as u32, false);
     g.bench_function("whole block of a group", |b| {
-        b.iter(|| version.read_block(black_box(1), &mut scratch, &mut out).unwrap())
+        b.iter(|| version.read_block(black_box(1), &frames, &mut out).unwrap())
     });
     g.bench_function("whole patched block (its base's group + the patch)", |b| {
-        b.iter(|| version.read_block(black_box(PATCHED_EVERY), &mut scratch, &mut out).unwrap())
+        b.iter(|| version.read_block(black_box(PATCHED_EVERY), &frames, &mut out).unwrap())
     });
     g.finish();
 }

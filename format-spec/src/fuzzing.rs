@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::frame_cache::FrameCache;
 use crate::read_plan::read_window;
-use crate::{ImageFile, ReadScratch, VersionReader};
+use crate::{ImageFile, VersionReader};
 
 /// Opens `path` as the only image of a version and reads everything of it there is to read.
 pub fn open_and_read(path: &Path) {
@@ -27,9 +27,9 @@ pub fn open_and_read(path: &Path) {
         return;
     }
     let mut out = vec![0u8; reader.block_size() as usize];
-    let mut scratch = ReadScratch::new();
+    let blocks = FrameCache::new(0, reader.block_size(), false);
     for b in 0..reader.block_count() {
-        let _ = reader.read_block(b, &mut scratch, &mut out);
+        let _ = reader.read_block(b, &blocks, &mut out);
     }
     let cache = FrameCache::new(0, reader.block_size(), true);
     let mut window = vec![0u8; 128 << 10];

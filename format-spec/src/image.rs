@@ -366,9 +366,6 @@ pub struct ReadScratch {
     pub(crate) group_key: Option<(u64, u64)>,
     /// The decoded parts of the last patch read.
     pub(crate) patch: Vec<u8>,
-    /// The frame cache of a reader that reads whole versions through `VersionReader::read_at`
-    /// (the read path the mount serves), made at its first read.
-    frames: Option<crate::frame_cache::FrameCache>,
 }
 
 impl ReadScratch {
@@ -379,17 +376,7 @@ impl ReadScratch {
             group: Vec::new(),
             group_key: None,
             patch: Vec::new(),
-            frames: None,
         }
-    }
-
-    /// This reader's frame cache for blocks of `block_size` (its smallest budget, which holds
-    /// the frames of one request; no hash checks, as restore and verify make their own).
-    pub(crate) fn frame_cache(&mut self, block_size: u32) -> &crate::frame_cache::FrameCache {
-        if self.frames.as_ref().is_none_or(|c| c.block_size() != block_size) {
-            self.frames = Some(crate::frame_cache::FrameCache::new(0, block_size, false));
-        }
-        self.frames.as_ref().expect("made above")
     }
 }
 

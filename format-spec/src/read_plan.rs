@@ -71,6 +71,23 @@ impl Unit<'_> {
     }
 }
 
+impl VersionReader {
+    /// Reads up to `buf.len()` bytes at `offset` of the version's source through `cache`;
+    /// returns the bytes read (fewer only at the end of the source).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], cache: &FrameCache) -> crate::Result<usize> {
+        read_window(self, cache, 0, self.source_size(), offset, buf, false)
+    }
+
+    /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`
+    /// through `cache`.
+    pub fn read_block(&self, block: u64, cache: &FrameCache, out: &mut [u8]) -> crate::Result<()> {
+        assert_eq!(out.len(), self.block_size() as usize);
+        let n = self.read_at(block.saturating_mul(u64::from(self.block_size())), out, cache)?;
+        out[n..].fill(0);
+        Ok(())
+    }
+}
+
 /// Reads `buf.len()` bytes at `offset` of the window `[start, start + len)` of a version's disk
 /// (fewer only at the window's end); with `parallel`, the frames are decoded on all cores.
 pub fn read_window(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::block::{compress_into, hash_block, is_zero};
 use crate::digest::SourceDigest;
 use crate::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
-use crate::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, ReadScratch, VersionReader};
+use crate::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, VersionReader};
 
 use crate::frame_cache::FrameCache;
 use crate::read_plan::{all_zero, read_window};
@@ -307,9 +307,11 @@ fn a_damaged_frame_fails_only_the_reads_that_touch_it() {
         assert_eq!(read_window(&reader, &cache, 0, len, 7 * bs, &mut buf, parallel).unwrap(), buf.len());
         assert!(buf[..] == disk[7 * BS as usize..11 * BS as usize]);
     }
-    let mut scratch = ReadScratch::new();
     let mut one = vec![0u8; BS as usize];
-    assert!(reader.read_block(6, &mut scratch, &mut one).is_err(), "the format agrees the block is damaged");
+    assert!(
+        reader.read_block(6, &FrameCache::new(0, BS, false), &mut one).is_err(),
+        "the format agrees the block is damaged"
+    );
 }
 
 #[test]

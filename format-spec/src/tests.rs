@@ -9,6 +9,7 @@ use crate::block::hash_block;
 use crate::digest::{zero_block_hash, SourceDigest};
 use crate::error::{FormatError, Loc};
 use crate::footer::ImageFooter;
+use crate::frame_cache::FrameCache;
 use crate::header::{ImageHeader, ImageRef, Kind};
 use crate::image::{Finish, ImageFile, ImageWriter};
 use crate::index::{Encoding, EntryLimits, IndexEntry};
@@ -307,10 +308,10 @@ fn grouped_and_shared_blocks_read_back_exactly() {
     let r = VersionReader::from_chain(vec![image.clone()]).unwrap();
     assert_eq!(read_all(&r), disk);
     // out of order and across groups, with one scratch: the kept group must never leak
-    let mut s = ReadScratch::new();
+    let s = FrameCache::new(0, BS, false);
     let mut out = vec![0u8; BS as usize];
     for b in [3u64, 5, 0, 4, 6, 1, 2, 7, 3] {
-        r.read_block(b, &mut s, &mut out).unwrap();
+        r.read_block(b, &s, &mut out).unwrap();
         assert_eq!(out, disk[b as usize * BS as usize..(b as usize + 1) * BS as usize], "block {b}");
     }
     assert_eq!(r.digest_from_index().unwrap(), image.footer.source_digest);
@@ -326,7 +327,7 @@ fn damaged_group_fails_exactly_the_blocks_stored_in_it() {
     let r = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
     let mut out = vec![0u8; BS as usize];
     for b in 0..8u64 {
-        let result = r.read_block(b, &mut ReadScratch::new(), &mut out);
+        let result = r.read_block(b, &FrameCache::new(0, BS, false), &mut out);
         if b <= 4 {
             let err = result.unwrap_err();
             assert!(matches!(err, FormatError::Checksum { .. }), "block {b}: {err}");
@@ -364,8 +365,8 @@ fn sample_disk(len: usize, seed: u8) -> Vec<u8> {
 
 fn read_all(r: &VersionReader) -> Vec<u8> {
     let mut buf = vec![0u8; r.source_size() as usize];
-    let mut s = ReadScratch::new();
-    assert_eq!(r.read_at(0, &mut buf, &mut s).unwrap(), buf.len());
+    let s = FrameCache::new(0, BS, false);
+    assert_eq!(r.read_at(0, &mut buf, &s).unwrap(), buf.len());
     buf
 }
 
@@ -398,9 +399,9 @@ fn chain_resolves_to_each_versions_bytes() {
         assert_eq!(&read_all(&r), want);
         assert_eq!(r.digest_from_index().unwrap(), r.top().footer.source_digest);
         // unaligned reads across block boundaries
-        let mut s = ReadScratch::new();
+        let s = FrameCache::new(0, BS, false);
         let mut part = vec![0u8; 3 * BS as usize];
-        let n = r.read_at(BS as u64 - 7, &mut part, &mut s).unwrap();
+        let n = r.read_at(BS as u64 - 7, &mut part, &s).unwrap();
         assert_eq!(&part[..n], &want[BS as usize - 7..BS as usize - 7 + n]);
     }
 }
@@ -444,7 +445,7 @@ fn priming_asks_once_per_image_for_the_blocks_ahead() {
     let other = tempfile::tempdir().unwrap();
     let [j1, ..] = rewritten_chain(other.path());
     let only_full = VersionReader::from_chain(vec![j1.clone()]).unwrap();
-    only_full.read_block(30, &mut ReadScratch::new(), &mut vec![0u8; BS as usize]).unwrap();
+    only_full.read_block(30, &FrameCache::new(0, BS, false), &mut vec![0u8; BS as usize]).unwrap();
     assert!(j1.primed());
 }
 
@@ -498,7 +499,7 @@ fn damaged_block_is_named_with_file_version_and_offset() {
     img.check_index().unwrap();
     let r = VersionReader::from_chain(vec![img]).unwrap();
     let mut out = vec![0u8; BS as usize];
-    let err = r.read_block(victim.block, &mut ReadScratch::new(), &mut out).unwrap_err();
+    let err = r.read_block(victim.block, &FrameCache::new(0, BS, false), &mut out).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, FormatError::Checksum { .. }), "{msg}");
     assert!(
@@ -508,7 +509,7 @@ fn damaged_block_is_named_with_file_version_and_offset() {
         "{msg}"
     );
     // other blocks still read
-    r.read_block(entries[0].block, &mut ReadScratch::new(), &mut out).unwrap();
+    r.read_block(entries[0].block, &FrameCache::new(0, BS, false), &mut out).unwrap();
 }
 
 #[test]
@@ -560,7 +561,7 @@ fn a_version_declaring_16_tib_with_a_few_blocks_resolves_with_a_map_of_kilobytes
     let (base_image, base) = r.patch_base(last).unwrap().expect("the full's block");
     assert_eq!((base_image.header.version, base.hash), (1, hash_block(&block(4))));
     let mut out = vec![0u8; bs];
-    r.read_block(last, &mut ReadScratch::new(), &mut out).unwrap();
+    r.read_block(last, &FrameCache::new(0, BS, false), &mut out).unwrap();
     assert!(out == patched);
 }
 

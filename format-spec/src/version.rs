@@ -273,23 +273,6 @@ impl VersionReader {
         Ok(Some(inherited))
     }
 
-    /// Reads block `block` (always a whole block, zero-padded past the source's end) into `out`,
-    /// through the read path the mount serves (`read_plan`).
-    pub fn read_block(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
-        assert_eq!(out.len(), self.block_size as usize);
-        let n = self.read_at(block.saturating_mul(u64::from(self.block_size)), out, scratch)?;
-        out[n..].fill(0);
-        Ok(())
-    }
-
-    /// Reads up to `buf.len()` bytes at `offset` of the version's source; returns the bytes read
-    /// (fewer only at the end of the source). This is the mount's read path
-    /// (`read_plan::read_window`), with the frame cache `scratch` holds.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8], scratch: &mut ReadScratch) -> Result<usize> {
-        let cache = scratch.frame_cache(self.block_size);
-        crate::read_plan::read_window(self, cache, 0, self.source_size, offset, buf, false)
-    }
-
     /// Recomputes this version's whole-source digest from the block hashes of its resolved index
     /// (no block data is read). Matches the footer's digest when the index is sound.
     pub fn digest_from_index(&self) -> Result<[u8; 32]> {

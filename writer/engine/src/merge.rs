@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use strata_format::block::compress_into;
+use strata_format::frame_cache::FrameCache;
 use strata_format::layout;
 use strata_format::{
     Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, ReadScratch, RepoLock,
@@ -85,7 +86,7 @@ fn copy_version(
                 copier.copy_group(reader, sink, block, image, entry)?
             }
             Some((_, entry)) if entry.encoding == Encoding::Patch => {
-                reader.read_block(block, &mut copier.scratch, &mut copier.block)?;
+                reader.read_block(block, &copier.frames, &mut copier.block)?;
                 copier.store_decoded(sink, block, entry.hash)?;
                 block + 1
             }
@@ -166,6 +167,8 @@ struct Copier {
     block: Vec<u8>,
     frame: Vec<u8>,
     scratch: ReadScratch,
+    /// Frames a patched block's base comes from (its neighbours often share them).
+    frames: FrameCache,
     compressor: zstd::bulk::Compressor<'static>,
 }
 
@@ -176,6 +179,7 @@ impl Copier {
             block: vec![0; block_size as usize],
             frame: Vec::new(),
             scratch: ReadScratch::new(),
+            frames: FrameCache::new(0, block_size, false),
             compressor: zstd::bulk::Compressor::new(level).expect("zstd compressor"),
         }
     }

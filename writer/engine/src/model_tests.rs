@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use strata_format::{Encoding, Kind, ReadScratch, Repository};
+use strata_format::frame_cache::FrameCache;
+use strata_format::{Encoding, Kind, Repository};
 
 use crate::backup::{backup, BackupRequest};
 use crate::config::Retention;
@@ -117,7 +118,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
     for (id, model) in &models {
         let reader = state.open_version(*id).unwrap();
         let mut buf = vec![0u8; model.len()];
-        reader.read_at(0, &mut buf, &mut ReadScratch::new()).unwrap();
+        reader.read_at(0, &mut buf, &FrameCache::new(0, reader.block_size(), false)).unwrap();
         assert!(buf == *model, "seed {seed}: version {id} differs from the model");
         assert_eq!(reader.digest_from_index().unwrap(), reader.top().footer.source_digest);
         let target = dir.join(format!("restored-{id}"));

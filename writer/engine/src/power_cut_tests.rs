@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use strata_format::frame_cache::FrameCache;
 use strata_format::storage::lossy::LossyDisk;
 use strata_format::storage::{Folder, Storage};
-use strata_format::{Kind, ReadScratch, Repository};
+use strata_format::{Kind, Repository};
 
 use crate::backup::{backup, BackupRequest};
 use crate::config::Retention;
@@ -193,7 +194,9 @@ fn check(disk: &LossyDisk, models: &Models, flight: &InFlight, what: &str) {
         let model = model.unwrap_or_else(|| panic!("{what}: version {id} appeared from nowhere"));
         let reader = state.open_version(id).unwrap_or_else(|e| panic!("{what}: version {id} cannot be read: {e}"));
         let mut buf = vec![0u8; model.len()];
-        reader.read_at(0, &mut buf, &mut ReadScratch::new()).unwrap_or_else(|e| panic!("{what}: version {id}: {e}"));
+        reader
+            .read_at(0, &mut buf, &FrameCache::new(0, reader.block_size(), false))
+            .unwrap_or_else(|e| panic!("{what}: version {id}: {e}"));
         assert!(buf == *model, "{what}: version {id} reads back different bytes");
         assert_eq!(reader.digest_from_index().unwrap(), reader.top().footer.source_digest, "{what}: version {id}");
     }
@@ -218,7 +221,8 @@ fn back_up_again(disk: &LossyDisk, source: &Path, what: &str) {
     let summary = backup(&req, &NoProgress).unwrap_or_else(|e| panic!("{what}: the next backup fails: {e:#}"));
     let state = Repository::open_in(storage_on(disk)).unwrap().scan().unwrap();
     let mut buf = vec![0u8; bytes.len()];
-    state.open_version(summary.id).unwrap().read_at(0, &mut buf, &mut ReadScratch::new()).unwrap();
+    let reader = state.open_version(summary.id).unwrap();
+    reader.read_at(0, &mut buf, &FrameCache::new(0, reader.block_size(), false)).unwrap();
     assert!(buf == bytes, "{what}: the backup after the power cut reads back different bytes");
 }
 

@@ -1,13 +1,13 @@
 //! `strata info REPO VERSION`: one version in detail, with its chain.
 
 use anyhow::Result;
-use std::cell::RefCell;
 use strata_format::digest::hex;
 use strata_format::header::hex_id;
 
+use strata_format::frame_cache::FrameCache;
 use strata_format::header::BlockSelection;
 use strata_format::volume::{analyse, DiskRead};
-use strata_format::{ReadScratch, Repository, VersionReader};
+use strata_format::{Repository, VersionReader};
 
 use strata_engine::backup::RegionSummary;
 
@@ -54,12 +54,12 @@ struct Info {
 /// A version read as a disk, for the volume analysis.
 struct VersionDisk<'a> {
     reader: &'a VersionReader,
-    scratch: RefCell<ReadScratch>,
+    frames: FrameCache,
 }
 
 impl DiskRead for VersionDisk<'_> {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.reader.read_at(offset, buf, &mut self.scratch.borrow_mut()).map_err(std::io::Error::other)
+        self.reader.read_at(offset, buf, &self.frames).map_err(std::io::Error::other)
     }
 }
 
@@ -70,7 +70,7 @@ fn regions(state: &strata_format::RepoState, id: u64, selection: BlockSelection)
         return Vec::new();
     }
     let Ok(reader) = state.open_version(id) else { return Vec::new() };
-    let disk = VersionDisk { reader: &reader, scratch: RefCell::new(ReadScratch::new()) };
+    let disk = VersionDisk { reader: &reader, frames: FrameCache::new(0, reader.block_size(), false) };
     analyse(&disk, reader.source_size()).regions.iter().map(RegionSummary::from_region).collect()
 }
 
