@@ -1,20 +1,22 @@
-//! How the bytes of one read are made from a version's blocks. The read is cut into units: a
-//! run of zero blocks (filled, never copied), or the blocks it needs of one stored frame (a
-//! block, or a group of at most 1 MiB). A frame the read covers whole, in order, is decoded
-//! straight into the reply: the kernel keeps those pages (`FOPEN_KEEP_CACHE`), so a copy in
-//! the cache would cost a memcpy and cache room for nothing. It comes from the frame cache
-//! only when already there or being decoded there (by prefetch), and then leaves it. A frame
-//! the read needs in part goes through the cache, so that the next request, which wants the
-//! rest of the group, or small reads of the same block, do not decode it again. With
-//! `parallel`, units are decoded on all cores (see `fs`: when no other read is being served;
-//! when the kernel sends many requests at once, the requests share the cores instead). A whole block whose newest
-//! entry is a patch joins the unit of its base's frame (usually a group its neighbours read
-//! too), and the patch's parts, decoded into a per-thread buffer, are laid over it afterwards;
-//! part of a patched block, or one over a zero base, is a unit of its own. With a cache that
-//! checks hashes, every stored block served is checked against its entry's BLAKE3 hash: a block
-//! of a frame against the hashes taken when the frame was decoded, a patched block once its
-//! parts are laid over its base. Each block is checked against the entry that names it for this
-//! version, so a block that points into another block's frame (deduplication) is checked too.
+//! The one read path of a version: how the bytes of one read are made from its blocks, for the
+//! mount's replies, restore, merge and every `VersionReader::read_at`. The read is cut into
+//! units: a run of zero blocks (filled, never copied), or the blocks it needs of one stored frame
+//! (a block, or a group of at most 1 MiB). A frame the read covers whole, in order, is decoded
+//! straight into the caller's buffer (for the mount, the reply, whose pages the kernel keeps with
+//! `FOPEN_KEEP_CACHE`: a copy in the cache would cost a memcpy and cache room for nothing). It
+//! comes from the frame cache only when already there or being decoded there (by prefetch), and
+//! then leaves it. A frame the read needs in part goes through the cache, so that the next
+//! request, which wants the rest of the group, or small reads of the same block, do not decode it
+//! again. With `parallel`, units are decoded on all cores (the mount asks for it when no other
+//! read is being served; when the kernel sends many requests at once, the requests share the
+//! cores instead). A whole block whose newest entry is a patch joins the unit of its base's frame
+//! (usually a group its neighbours read too), and the patch's parts, decoded into a per-thread
+//! buffer, are laid over it afterwards; part of a patched block, or one over a zero base, is a
+//! unit of its own. With a cache that checks hashes, every stored block served is checked
+//! against its entry's BLAKE3 hash: a block of a frame against the hashes taken when the frame
+//! was decoded, a patched block once its parts are laid over its base. Each block is checked
+//! against the entry that names it for this version, so a block that points into another block's
+//! frame (deduplication) is checked too.
 
 use crate::block::hash_block;
 use crate::{BlockLocation, Encoding, ImageFile, IndexEntry, VersionReader};
