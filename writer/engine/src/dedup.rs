@@ -9,9 +9,10 @@ use std::collections::{HashMap, HashSet};
 
 use strata_format::IndexEntry;
 
-/// About 150 bytes each over both halves: 512 Ki contents (32 GiB of distinct 64 KiB blocks)
-/// cost ~75 MiB.
-pub const MAX_REMEMBERED: usize = 512 << 10;
+/// About 150 bytes each over both halves, and up to twice that while a table grows: 128 Ki
+/// contents (8 GiB of distinct 64 KiB blocks, 512 MiB of 4 KiB ones) cost at most ~40 MiB, which
+/// keeps a backup's peak under 128 MiB whatever the source (BENCHMARKS.md, memory).
+pub const MAX_REMEMBERED: usize = 128 << 10;
 
 /// What to do with one changed block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
