@@ -101,11 +101,21 @@ pub(crate) struct Scan {
 }
 
 /// Free byte ranges of a region, collected in increasing order and merged where they touch.
-/// Ranges that overlap or go backwards are a parser's inconsistency and are refused.
+/// Ranges that overlap or go backwards are a parser's inconsistency and are refused. Memory is
+/// bounded: past `MAX_FREE_RUNS` runs (a badly fragmented file system), the shortest runs are
+/// counted as used from then on, the threshold doubling until half the runs are left. That only
+/// stores more (in doubt, keep it), and mostly what a partly free block would zero anyway.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct FreeRanges {
     ranges: Vec<(u64, u64)>,
+    /// Where the last range pushed ended, kept or not: pushes never go backwards.
+    pushed_to: u64,
+    /// Runs shorter than this are counted as used (0: none is).
+    shortest: u64,
 }
+
+/// Most free runs kept per region (16 bytes each: 4 MiB).
+pub(crate) const MAX_FREE_RUNS: usize = 256 << 10;
 
 impl FreeRanges {
     /// Adds `[start, end)`; an empty range is ignored.
@@ -113,14 +123,34 @@ impl FreeRanges {
         if start >= end {
             return Ok(());
         }
+        if start < self.pushed_to {
+            return Err(format!("free ranges out of order at byte {start}"));
+        }
+        self.pushed_to = end;
         match self.ranges.last_mut() {
-            Some(last) if start < last.1 => {
-                return Err(format!("free ranges out of order at byte {start}"));
-            }
             Some(last) if start == last.1 => last.1 = end,
-            _ => self.ranges.push((start, end)),
+            _ if end - start < self.shortest => {}
+            _ => {
+                self.ranges.push((start, end));
+                if self.ranges.len() > MAX_FREE_RUNS {
+                    self.coarsen();
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Counts the shortest runs as used until at most half of `MAX_FREE_RUNS` are left.
+    fn coarsen(&mut self) {
+        while self.ranges.len() > MAX_FREE_RUNS / 2 {
+            let shortest = self.shortest.saturating_mul(2).max(4096);
+            self.shortest = shortest;
+            self.ranges.retain(|&(s, e)| e - s >= shortest);
+        }
+        log::info!(
+            "more than {MAX_FREE_RUNS} free runs: those shorter than {} bytes are backed up as if used",
+            self.shortest
+        );
     }
 
     pub fn bytes(&self) -> u64 {
@@ -265,6 +295,32 @@ mod tests {
         assert_eq!(f.ranges(), &[(0, 20), (40, 50)]);
         assert_eq!(f.bytes(), 30);
         assert!(f.push(45, 60).is_err());
+    }
+
+    #[test]
+    fn a_fragmented_free_space_keeps_its_long_runs_within_the_cap_and_drops_only_free_bytes() {
+        let mut f = FreeRanges::default();
+        let mut pushed = Vec::new();
+        let mut at = 0u64;
+        for i in 0..3 * MAX_FREE_RUNS as u64 {
+            let len = if i % 1000 == 0 { 1 << 20 } else { 512 * (1 + i % 7) };
+            f.push(at, at + len).unwrap();
+            pushed.push((at, at + len));
+            at += len + 4096; // a used block between free runs
+        }
+        assert!(f.ranges().len() <= MAX_FREE_RUNS, "{} runs kept", f.ranges().len());
+        let long: Vec<(u64, u64)> = pushed.iter().copied().filter(|(s, e)| e - s == 1 << 20).collect();
+        assert!(long.iter().all(|r| f.ranges().contains(r)), "every long run is kept");
+        // Nothing kept is outside what was pushed as free: coarsening only counts free bytes as used.
+        let mut p = pushed.iter().peekable();
+        for &(s, e) in f.ranges() {
+            while p.peek().is_some_and(|&&(_, pe)| pe <= s) {
+                p.next();
+            }
+            let &&(ps, pe) = p.peek().expect("a kept run lies in a pushed one");
+            assert!(ps <= s && e <= pe, "{s}..{e} is not within a pushed run");
+        }
+        assert!(f.push(0, 10).is_err(), "pushes never go backwards, even behind dropped runs");
     }
 
     #[test]
