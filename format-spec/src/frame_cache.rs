@@ -18,7 +18,8 @@ use lru::LruCache;
 /// (serial of the opened image holding the frame, the frame's data offset in it).
 type Key = (u64, u64);
 
-/// Evicted frame buffers kept for reuse (each at most 1 MiB).
+/// Evicted frame buffers kept for reuse: at most this many, holding at most a quarter of the
+/// budget.
 const SPARE_BUFFERS: usize = 8;
 
 pub struct FrameCache {
@@ -162,7 +163,8 @@ impl FrameCache {
     fn recycle(&self, frame: Arc<Decoded>) {
         if let Ok(Decoded { bytes: buf, .. }) = Arc::try_unwrap(frame) {
             let mut spare = lock(&self.spare);
-            if spare.len() < SPARE_BUFFERS {
+            let held: usize = spare.iter().map(|b| b.capacity()).sum();
+            if spare.len() < SPARE_BUFFERS && held + buf.capacity() <= self.budget / 4 {
                 spare.push(buf);
             }
         }
@@ -327,21 +329,24 @@ mod tests {
 
     #[test]
     fn evicted_buffers_are_reused_only_at_their_own_size() {
-        let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four 1 MiB frames
-        let mib = 1 << 20;
+        let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four of the largest frames
+        let mib = crate::layout::GROUP_MAX_BYTES as usize;
         let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new() });
         for i in 0..6u64 {
             cache.insert((1, i), frame(mib));
         }
         assert_eq!(cache.len(), 4, "two frames evicted");
-        assert_eq!(lock(&cache.spare).len(), 2, "their buffers kept");
+        assert_eq!(lock(&cache.spare).len(), 1, "one buffer kept: spares hold at most a quarter of the budget");
         let small = cache.buffer(64 << 10);
-        assert_eq!(small.capacity(), 64 << 10, "a 1 MiB spare is not handed out for 64 KiB");
+        assert_eq!(small.capacity(), 64 << 10, "a spare of the largest size is not handed out for 64 KiB");
         let reused = cache.buffer(mib);
-        assert_eq!((reused.len(), lock(&cache.spare).len()), (mib, 1));
+        assert_eq!((reused.len(), lock(&cache.spare).len()), (mib, 0));
         // a frame still held by a reader is not recycled
         let held = frame(mib);
         cache.recycle(held.clone());
+        assert_eq!(lock(&cache.spare).len(), 0);
+        drop(held);
+        cache.recycle(frame(mib));
         assert_eq!(lock(&cache.spare).len(), 1);
     }
 

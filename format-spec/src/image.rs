@@ -95,6 +95,7 @@ impl ImageFile {
                 footer.index_offset, footer.entry_count
             )));
         }
+        let format = get_u32(&hb, crate::layout::header::FORMAT_VERSION);
         let limits = EntryLimits {
             block_count,
             block_size: header.block_size,
@@ -102,8 +103,13 @@ impl ImageFile {
             data_end: footer.index_offset,
             max_stored: block::max_stored_len(header.block_size),
             zero_entries: header.kind != crate::header::Kind::Full,
-            groups: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 2,
-            patches: get_u32(&hb, crate::layout::header::FORMAT_VERSION) >= 3,
+            groups: format >= 2,
+            group_max_bytes: u64::from(if format >= 4 {
+                crate::layout::GROUP_MAX_BYTES
+            } else {
+                crate::layout::GROUP_MAX_BYTES_FORMAT_2
+            }),
+            patches: format >= 3,
         };
         let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data_len = footer.index_offset - HEADER_SIZE as u64;
@@ -548,9 +554,18 @@ impl ImageWriter {
         Ok(())
     }
 
-    fn push_entry(&mut self, entry: IndexEntry) -> Result<IndexEntry> {
+    /// The block size of the image being written.
+    pub fn block_size(&self) -> u32 {
+        self.header.block_size
+    }
+
+    /// Puts `entry` in the index. Entries go in strictly increasing block order; the stored
+    /// bytes they name may have been written at any time before (`write_block`, `write_group`,
+    /// `write_patch`), so that a writer may hold entries back while a frame is still open.
+    pub fn push(&mut self, entry: IndexEntry) -> Result<IndexEntry> {
         assert!(self.last_block.is_none_or(|l| entry.block > l), "blocks must be appended in increasing order");
         assert!(entry.block < self.header.block_count(), "block beyond the source");
+        assert!(entry.encoding == Encoding::Zero || entry.data_offset + u64::from(entry.stored_len) <= self.offset);
         self.last_block = Some(entry.block);
         let raw = entry.encode();
         self.index_crc = crc32c::crc32c_append(self.index_crc, &raw);
@@ -562,12 +577,18 @@ impl ImageWriter {
         Ok(entry)
     }
 
-    /// Appends a stored block (`bytes` as returned by compression, or the raw block); returns
-    /// its entry.
+    /// Appends a stored block (`bytes` as returned by compression, or the raw block) and puts
+    /// its entry in the index; returns it.
     pub fn append_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
-        assert!(encoding != Encoding::Zero && !bytes.is_empty());
-        let entry = self.write_stored(block, encoding, bytes, hash)?;
-        self.push_entry(entry)
+        let entry = self.write_block(block, encoding, bytes, hash)?;
+        self.push(entry)
+    }
+
+    /// Writes a stored block (`bytes` as returned by compression, or the raw block); returns
+    /// the entry naming it, for `push`.
+    pub fn write_block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
+        assert!(matches!(encoding, Encoding::Raw | Encoding::Zstd) && !bytes.is_empty());
+        self.write_stored(block, encoding, bytes, hash)
     }
 
     /// Writes stored bytes to the data region; returns the entry naming them (no group, no
@@ -592,46 +613,75 @@ impl ImageWriter {
     /// Appends a patch of `block` (content hash `hash`, the whole block's): `frame` is one
     /// zstd frame of the parts `mask` names, in order.
     pub fn append_patch(&mut self, block: u64, mask: u16, frame: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
+        let entry = self.write_patch(block, mask, frame, hash)?;
+        self.push(entry)
+    }
+
+    /// Writes a patch (see `append_patch`); returns its entry, for `push`.
+    pub fn write_patch(&mut self, block: u64, mask: u16, frame: &[u8], hash: [u8; 32]) -> Result<IndexEntry> {
         assert!(mask != 0 && !frame.is_empty() && self.header.kind != crate::header::Kind::Full);
         let entry = self.write_stored(block, Encoding::Patch, frame, hash)?;
-        self.push_entry(IndexEntry { patch_mask: mask, ..entry })
+        Ok(IndexEntry { patch_mask: mask, ..entry })
     }
 
     /// Appends a group: `frame` is one zstd frame of the blocks `blocks` (numbers and hashes,
-    /// ascending), each `block_size` long, in that order. Pushes their entries to `entries`.
+    /// ascending, not necessarily adjacent), each `block_size` long, in that order, decoding
+    /// to at most `layout::GROUP_MAX_BYTES`. Pushes their entries to `entries`.
     pub fn append_group(
         &mut self,
         blocks: &[(u64, [u8; 32])],
         frame: &[u8],
         entries: &mut Vec<IndexEntry>,
     ) -> Result<()> {
+        for entry in self.write_group(blocks, frame)? {
+            entries.push(self.push(entry)?);
+        }
+        Ok(())
+    }
+
+    /// Writes a group (see `append_group`); returns its entries, for `push`.
+    pub fn write_group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<Vec<IndexEntry>> {
         let n = blocks.len();
         assert!((2..=crate::layout::GROUP_MAX_BLOCKS as usize).contains(&n) && !frame.is_empty());
+        assert!(n as u64 * u64::from(self.header.block_size) <= u64::from(crate::layout::GROUP_MAX_BYTES));
+        assert!(blocks.windows(2).all(|w| w[0].0 < w[1].0), "a group's blocks ascend");
         let first = self.write_stored(blocks[0].0, Encoding::ZstdGroup, frame, blocks[0].1)?;
-        for (slot, &(block, hash)) in blocks.iter().enumerate() {
-            entries.push(self.push_entry(IndexEntry {
+        Ok(blocks
+            .iter()
+            .enumerate()
+            .map(|(slot, &(block, hash))| IndexEntry {
                 block,
                 hash,
                 group_len: n as u8,
                 group_slot: slot as u8,
                 ..first
-            })?);
-        }
-        Ok(())
+            })
+            .collect())
     }
 
     /// Appends `block`, whose content (hash `hash`) this image already stores as `like`
     /// describes (deduplication within an image): the new entry points at the same bytes.
     pub fn append_ref(&mut self, block: u64, hash: [u8; 32], like: &IndexEntry) -> Result<IndexEntry> {
+        let entry = Self::ref_entry(block, hash, like);
+        self.push(entry)
+    }
+
+    /// The entry of `block` pointing at the stored bytes `like` names (see `append_ref`).
+    pub fn ref_entry(block: u64, hash: [u8; 32], like: &IndexEntry) -> IndexEntry {
         // A patch means something only at its own block (its base is that block's).
         assert!(!matches!(like.encoding, Encoding::Zero | Encoding::Patch));
-        assert!(like.hash == hash && like.data_offset < self.offset);
-        self.push_entry(IndexEntry { block, hash, ..*like })
+        assert!(like.hash == hash);
+        IndexEntry { block, hash, ..*like }
     }
 
     /// Records that `block` is zero in this version although it was not in the parent.
     pub fn append_zero(&mut self, block: u64, zero_hash: [u8; 32]) -> Result<IndexEntry> {
-        self.push_entry(IndexEntry {
+        self.push(Self::zero_entry(block, zero_hash))
+    }
+
+    /// The entry saying that `block` is zero (see `append_zero`).
+    pub fn zero_entry(block: u64, zero_hash: [u8; 32]) -> IndexEntry {
+        IndexEntry {
             block,
             data_offset: 0,
             stored_len: 0,
@@ -641,7 +691,7 @@ impl ImageWriter {
             group_len: 0,
             group_slot: 0,
             patch_mask: 0,
-        })
+        }
     }
 
     pub fn stored_bytes(&self) -> u64 {

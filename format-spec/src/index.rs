@@ -135,7 +135,7 @@ impl IndexEntry {
             let len = u32::from(entry.group_len);
             // (group_len ≤ GROUP_MAX_BLOCKS = 255 holds for every u8)
             if len < 2
-                || u64::from(len) * u64::from(limits.block_size) > u64::from(layout::GROUP_MAX_BYTES)
+                || u64::from(len) * u64::from(limits.block_size) > limits.group_max_bytes
                 || entry.group_slot >= entry.group_len
             {
                 return Err(corrupt(
@@ -202,6 +202,8 @@ pub struct EntryLimits {
     pub zero_entries: bool,
     /// Whether groups may appear (format 2 onwards).
     pub groups: bool,
+    /// What a group may decode to at most (`layout::GROUP_MAX_BYTES` from format 4 on).
+    pub group_max_bytes: u64,
     /// Whether patches may appear (format 3 onwards).
     pub patches: bool,
 }

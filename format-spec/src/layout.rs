@@ -5,7 +5,7 @@
 //! the old version. `tests::constants_match_spec` ties these numbers to `SPEC.md`.
 
 /// The one image format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest format this crate still reads (format 1: no groups).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 
@@ -135,9 +135,11 @@ pub const ENCODING_PATCH: u8 = 4;
 pub const PATCH_PARTS: u32 = 16;
 
 /// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS stored blocks of an
-/// image, decoding to at most GROUP_MAX_BYTES: this bounds what one read decodes.
+/// image, decoding to at most GROUP_MAX_BYTES (format 4; GROUP_MAX_BYTES_FORMAT_2 in formats 2
+/// and 3): this bounds what one read decodes.
 pub const GROUP_MAX_BLOCKS: u8 = 255;
-pub const GROUP_MAX_BYTES: u32 = 1 << 20;
+pub const GROUP_MAX_BYTES: u32 = 4 << 20;
+pub const GROUP_MAX_BYTES_FORMAT_2: u32 = 1 << 20;
 
 /// Image file names in a repository: `v` + 8-digit zero-padded id + this suffix.
 pub const IMAGE_SUFFIX: &str = ".strata";

@@ -70,10 +70,10 @@ fn every_flipped_header_byte_is_detected() {
 #[test]
 fn future_format_version_is_refused_by_name() {
     let mut b = header(1, Kind::Full, None, None, 1 << 20).encode();
-    b[layout::header::FORMAT_VERSION] = 4;
+    b[layout::header::FORMAT_VERSION] = 5;
     let err = ImageHeader::decode(&b, &Loc::file(Path::new("x"))).unwrap_err();
-    assert!(matches!(err, FormatError::UnsupportedFormat { found: 4, .. }), "{err}");
-    assert!(err.to_string().contains("format version 4"), "{err}");
+    assert!(matches!(err, FormatError::UnsupportedFormat { found: 5, .. }), "{err}");
+    assert!(err.to_string().contains("format version 5"), "{err}");
 }
 
 #[test]
@@ -126,6 +126,7 @@ fn footer_and_entry_round_trip_and_self_check() {
         max_stored: BS,
         zero_entries: true,
         groups: true,
+        group_max_bytes: u64::from(layout::GROUP_MAX_BYTES),
         patches: true,
     };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
@@ -150,10 +151,14 @@ fn footer_and_entry_round_trip_and_self_check() {
     ] {
         assert!(IndexEntry::decode(&bad.encode(), &loc, 0, &limits).is_err(), "{bad:?} accepted");
     }
-    let big_blocks = EntryLimits { block_size: 1 << 19, max_stored: 1 << 19, data_end: 1 << 30, ..limits };
-    assert!(
-        IndexEntry::decode(&IndexEntry { group_len: 3, group_slot: 0, ..g }.encode(), &loc, 0, &big_blocks).is_err()
-    );
+    // 3 blocks of 2 MiB decode to more than a group may (4 MiB; 1 MiB before format 4).
+    let big_blocks = EntryLimits { block_size: 2 << 20, max_stored: 2 << 20, data_end: 1 << 30, ..limits };
+    let three = IndexEntry { group_len: 3, group_slot: 0, ..g };
+    assert!(IndexEntry::decode(&three.encode(), &loc, 0, &big_blocks).is_err());
+    let two = IndexEntry { group_len: 2, group_slot: 0, ..g };
+    assert!(IndexEntry::decode(&two.encode(), &loc, 0, &big_blocks).is_ok());
+    let format3 = EntryLimits { group_max_bytes: u64::from(layout::GROUP_MAX_BYTES_FORMAT_2), ..big_blocks };
+    assert!(IndexEntry::decode(&two.encode(), &loc, 0, &format3).is_err(), "4 MiB groups are format 4's");
     let format1 = EntryLimits { groups: false, ..limits };
     assert!(IndexEntry::decode(&g.encode(), &loc, 0, &format1).is_err());
 
@@ -691,7 +696,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 34] = [
+    let numbers: [(&str, u64); 35] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -711,6 +716,7 @@ fn constants_match_spec() {
         ("ENCODING_ZSTD_GROUP", layout::ENCODING_ZSTD_GROUP.into()),
         ("GROUP_MAX_BLOCKS", layout::GROUP_MAX_BLOCKS.into()),
         ("GROUP_MAX_BYTES", layout::GROUP_MAX_BYTES.into()),
+        ("GROUP_MAX_BYTES_FORMAT_2", layout::GROUP_MAX_BYTES_FORMAT_2.into()),
         ("ENCODING_PATCH", layout::ENCODING_PATCH.into()),
         ("PATCH_PARTS", layout::PATCH_PARTS.into()),
         ("RULE_UNSPECIFIED", layout::RULE_UNSPECIFIED.into()),

@@ -104,10 +104,10 @@ fn kill_points_in_backup_merge_and_prune_lose_nothing() {
     std::fs::copy(&fx.src, &new_model).unwrap();
     let backup_points = points(
         &[
-            ("write", &[1, 2, 3, 5, 8, 13, 21, 40, 80, 120, 160]),
+            ("write", &[1, 2, 3, 4, 5, 6, 8, 10, 13, 17, 21, 30, 40, 80, 120, 160]),
             ("fsync", &[1, 2, 3, 4, 5]),
             ("rename", &[1, 2]),
-            ("image.block", &[1, 10, 100]),
+            ("image.block", &[1, 2, 5, 10, 20, 50, 100]),
         ],
         &["repo.before_record", "image.before_rename", "image.after_rename", "image.after_dir_sync"],
     );
@@ -126,7 +126,7 @@ fn kill_points_in_backup_merge_and_prune_lose_nothing() {
     // merge of version 3 (chain 1 <- 2 <- 3): nothing may change
     let merge_points = points(
         &[
-            ("write", &[1, 2, 4, 8, 16, 32, 64]),
+            ("write", &[1, 2, 3, 4, 5, 6, 8, 16, 32, 64]),
             ("fsync", &[1, 2, 3]),
             ("rename", &[1]),
             ("image.block", &[1, 50, 200]),

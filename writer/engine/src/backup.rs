@@ -17,12 +17,14 @@ use strata_format::header::{new_id, BlockSelection};
 use strata_format::layout::{DEFAULT_BLOCK_SIZE, LOCK_FILE, REPO_FILE, TEMP_PREFIX};
 use strata_format::repo::{image_file_name, parse_image_file_name};
 use strata_format::storage::{Folder, Storage};
-use strata_format::{Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, Kind, Repository, VersionReader};
+use strata_format::{
+    Finish, HashCursor, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, Repository, VersionReader,
+};
 
 use crate::config::{Scheme, TaskConfig};
 use crate::dedup::{Decision, Dedup, Stored};
 use crate::merge::merge_version;
-use crate::pack::{pack, Unit};
+use crate::pack::{Packer, Unit};
 use crate::patch::{PatchFrame, Patcher};
 use crate::plan::plan;
 use crate::progress::Progress;
@@ -517,45 +519,36 @@ fn copy_blocks(
     let result = std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || scan(source, parent, block_size, zero_hash, free_rx, scanned_tx));
         scope.spawn(move || pack_batches(parent, bs, level, scanned_rx, packed_tx));
+        let mut order = EntryOrder::default();
         for packed in packed_rx {
-            let Packed { scanned: Scanned { start, buf, results }, decisions, units, patches } = packed?;
+            let Packed { batch, units } = packed?;
             crate::interrupt::check()?;
-            let hashes: Vec<[u8; 32]> = results.iter().map(|r| r.hash).collect();
-            let mut units = units.into_iter().peekable();
-            let mut written = Vec::new();
+            for unit in &units {
+                order.write_unit(writer, unit, &mut stored)?;
+            }
+            let Some((Scanned { start, buf, results }, decisions, patches)) = batch else { continue };
             for (i, (r, decision)) in results.iter().zip(&decisions).enumerate() {
                 let b = start + i as u64;
                 digest.push(&r.hash);
                 present_blocks += u64::from(!r.zero);
-                match (r.action, decision) {
-                    (Action::Unchanged, _) => {}
-                    (Action::Zero, _) => {
-                        writer.append_zero(b, zero_hash)?;
-                    }
-                    (Action::Store, Some(Decision::Store { .. })) => {
-                        if let Some(unit) = units.next_if(|u| u.first() == i) {
-                            written.clear();
-                            unit.write(writer, start, &buf, bs, &hashes, &mut written)?;
-                            for (e, d) in written.iter().zip(&decisions[i..]) {
-                                if *d == Some(Decision::Store { remember: true }) {
-                                    stored.remember(e);
-                                }
-                            }
-                        }
-                    }
+                let held = match (r.action, decision) {
+                    (Action::Unchanged, _) => continue,
+                    (Action::Zero, _) => Held::Entry(ImageWriter::zero_entry(b, zero_hash)),
+                    (Action::Store, Some(Decision::Store { .. })) => Held::Stored(b),
                     (Action::Store, Some(Decision::Patch)) => {
                         let patch = patches[i].as_ref().expect("a patch decision has its patch");
-                        writer.append_patch(b, patch.mask, &patch.frame, r.hash)?;
+                        Held::Entry(writer.write_patch(b, patch.mask, &patch.frame, r.hash)?)
                     }
-                    (Action::Store, _) => {
-                        let like = *stored.find(&r.hash).expect("a copy's content is written before it");
-                        writer.append_ref(b, r.hash, &like)?;
-                    }
-                }
+                    (Action::Store, _) => Held::Copy(b, r.hash),
+                };
+                order.hold(held);
             }
+            order.push_ready(writer, &stored)?;
             progress.advance((buf.len() as u64).min(source.size() - start * bs as u64));
             let _ = free_tx.try_send(buf);
         }
+        order.push_ready(writer, &stored)?;
+        assert!(order.held.is_empty(), "every held entry is pushed once its frame is written");
         Ok(())
     });
     progress.end();
@@ -564,15 +557,73 @@ fn copy_blocks(
     Ok(Outcome { present_blocks, digest: digest.finish() })
 }
 
-/// One batch decided and compressed, ready to be appended.
+/// One batch decided, and the frames that closed with it (they may hold blocks of earlier
+/// batches); the last message has frames only (what was still open at the source's end).
 struct Packed {
-    scanned: Scanned,
-    /// Per block: `None` unless the block changed to a non-zero content.
-    decisions: Vec<Option<Decision>>,
-    /// The stored blocks (`Decision::Store`) in runs, compressed.
+    /// The batch; per block the decision (`None` unless the block changed to a non-zero
+    /// content) and its patch against the parent, when it has one.
+    batch: Option<Decided>,
+    /// The frames that closed, compressed, in block order.
     units: Vec<Unit>,
-    /// Per block: its patch against the parent, when it has one.
-    patches: Vec<Option<PatchFrame>>,
+}
+
+/// A batch, and per block its decision and its patch.
+type Decided = (Scanned, Vec<Option<Decision>>, Vec<Option<PatchFrame>>);
+
+/// An index entry, or what it waits for.
+enum Held {
+    Entry(IndexEntry),
+    /// A stored block, whose frame may still be open.
+    Stored(u64),
+    /// A copy of a content stored earlier in this image (block, hash).
+    Copy(u64, [u8; 32]),
+}
+
+/// Puts the entries in the index in block order although a frame holds blocks that are not
+/// adjacent: the frames' bytes are written as they close, their blocks' entries wait in
+/// `written` until the appender reaches them, and everything after a block whose frame is
+/// still open waits in `held` (at most a frame's span of the disk, `pack::GROUP_MAX_SPAN`).
+#[derive(Default)]
+struct EntryOrder {
+    written: std::collections::BTreeMap<u64, IndexEntry>,
+    held: std::collections::VecDeque<Held>,
+}
+
+impl EntryOrder {
+    /// Writes the frame of `unit` and keeps its entries for their turn.
+    fn write_unit(&mut self, writer: &mut ImageWriter, unit: &Unit, stored: &mut Stored) -> Result<()> {
+        for (i, entry) in unit.write(writer)?.into_iter().enumerate() {
+            if unit.remember(i) {
+                stored.remember(&entry);
+            }
+            self.written.insert(entry.block, entry);
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, held: Held) {
+        self.held.push_back(held);
+    }
+
+    /// Pushes the held entries, in order, up to the first whose frame is still open.
+    fn push_ready(&mut self, writer: &mut ImageWriter, stored: &Stored) -> Result<()> {
+        while let Some(next) = self.held.front() {
+            let entry = match next {
+                Held::Entry(entry) => *entry,
+                Held::Stored(b) => match self.written.remove(b) {
+                    Some(entry) => entry,
+                    None => return Ok(()),
+                },
+                Held::Copy(b, hash) => {
+                    let like = stored.find(hash).expect("a copy's content is written before it");
+                    ImageWriter::ref_entry(*b, *hash, like)
+                }
+            };
+            writer.push(entry)?;
+            self.held.pop_front();
+        }
+        Ok(())
+    }
 }
 
 /// Changed blocks one patch task handles in order (adjacent blocks often share the parent's
@@ -590,6 +641,7 @@ fn pack_batches(
     packed_tx: SyncSender<Result<Packed>>,
 ) {
     let mut dedup = Dedup::default();
+    let mut packer = Packer::new(bs as u32, level);
     for scanned in scanned_rx {
         let packed = scanned.and_then(|scanned| {
             let patches = match parent {
@@ -603,14 +655,18 @@ fn pack_batches(
                 .map(|(r, p)| (r.action == Action::Store).then(|| dedup.decide(&r.hash, p.is_some())))
                 .collect();
             let store: Vec<bool> = decisions.iter().map(|d| matches!(d, Some(Decision::Store { .. }))).collect();
-            let units = pack(&scanned.buf, bs, scanned.start, &store, level);
-            Ok(Packed { scanned, decisions, units, patches })
+            let remember: Vec<bool> =
+                decisions.iter().map(|d| *d == Some(Decision::Store { remember: true })).collect();
+            let hashes: Vec<[u8; 32]> = scanned.results.iter().map(|r| r.hash).collect();
+            let units = packer.pack(&scanned.buf, scanned.start, &hashes, &store, &remember);
+            Ok(Packed { batch: Some((scanned, decisions, patches)), units })
         });
         let failed = packed.is_err();
         if packed_tx.send(packed).is_err() || failed {
             return;
         }
     }
+    let _ = packed_tx.send(Ok(Packed { batch: None, units: packer.finish() }));
 }
 
 /// The patches of the changed blocks of one batch against the parent, on all cores.

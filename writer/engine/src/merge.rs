@@ -57,7 +57,13 @@ pub fn merge_version(state: &RepoState, _lock: &RepoLock, id: u64, progress: &dy
     };
     let mut writer = repo.create_image(id, header)?;
     let mut copier = Copier::new(top.header.compression_level, reader.block_size());
-    copy_version(&reader, &mut writer, &mut copier, progress, id)?;
+    copy_version(
+        &reader,
+        &mut Ordered { writer: &mut writer, waiting: Default::default() },
+        &mut copier,
+        progress,
+        id,
+    )?;
     let blocks = writer.entry_count();
     writer
         .finish_replacing(Finish { present_blocks: top.footer.present_blocks, source_digest: top.footer.source_digest })
@@ -81,6 +87,11 @@ fn copy_version(
     while block < reader.block_count() {
         crate::interrupt::check()
             .with_context(|| format!("merge of version {id} stopped: version {id} is as it was"))?;
+        if copier.copied.remove(&block) {
+            progress.advance(u64::from(reader.block_size()));
+            block += 1;
+            continue;
+        }
         let next = match reader.entry(block)? {
             Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
                 copier.copy_group(reader, sink, block, image, entry)?
@@ -101,26 +112,55 @@ fn copy_version(
         progress.advance((next - block) * u64::from(reader.block_size()));
         block = next;
     }
+    sink.finish()?;
     progress.end();
     Ok(())
 }
 
 /// Where a merge puts the blocks of the full it makes: the new image, or a count of the bytes
-/// it would take (`merged_size`).
+/// it would take (`merged_size`). Blocks come in increasing order; a group may hold blocks
+/// that come later (it is given at its first block).
 trait FullSink {
     fn block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()>;
     fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()>;
+    /// After the last block.
+    fn finish(&mut self) -> Result<()>;
 }
 
-impl FullSink for ImageWriter {
+/// The new image: a group's frame is written at once, its entries go in the index when the
+/// merge reaches a block past each (the index is in block order).
+struct Ordered<'w> {
+    writer: &'w mut ImageWriter,
+    waiting: std::collections::BTreeMap<u64, IndexEntry>,
+}
+
+impl Ordered<'_> {
+    /// Puts the waiting entries of blocks before `block` in the index.
+    fn push_before(&mut self, block: u64) -> Result<()> {
+        while let Some(entry) = self.waiting.first_entry().filter(|e| *e.key() < block) {
+            self.writer.push(entry.remove())?;
+        }
+        Ok(())
+    }
+}
+
+impl FullSink for Ordered<'_> {
     fn block(&mut self, block: u64, encoding: Encoding, bytes: &[u8], hash: [u8; 32]) -> Result<()> {
-        self.append_block(block, encoding, bytes, hash)?;
+        self.push_before(block)?;
+        self.writer.append_block(block, encoding, bytes, hash)?;
         Ok(())
     }
 
     fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()> {
-        self.append_group(blocks, frame, &mut Vec::new())?;
-        Ok(())
+        self.push_before(blocks[0].0)?;
+        for entry in self.writer.write_group(blocks, frame)? {
+            self.waiting.insert(entry.block, entry);
+        }
+        self.push_before(blocks[0].0 + 1)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.push_before(u64::MAX)
     }
 }
 
@@ -141,6 +181,10 @@ impl FullSink for Measure {
     fn group(&mut self, blocks: &[(u64, [u8; 32])], frame: &[u8]) -> Result<()> {
         self.data += frame.len() as u64;
         self.entries += blocks.len() as u64;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
         Ok(())
     }
 }
@@ -169,6 +213,10 @@ struct Copier {
     scratch: ReadScratch,
     /// Frames a patched block's base comes from (its neighbours often share them).
     frames: FrameCache,
+    /// Blocks of groups copied whole, not reached yet.
+    copied: std::collections::BTreeSet<u64>,
+    /// The last group found used in part (image serial, data offset): its blocks are stored alone.
+    partial: Option<(u64, u64)>,
     compressor: zstd::bulk::Compressor<'static>,
 }
 
@@ -180,13 +228,16 @@ impl Copier {
             frame: Vec::new(),
             scratch: ReadScratch::new(),
             frames: FrameCache::new(0, block_size, false),
+            copied: Default::default(),
+            partial: None,
             compressor: zstd::bulk::Compressor::new(level).expect("zstd compressor"),
         }
     }
 
-    /// Copies the blocks of `reader` from `block` on that come from the group of `entry` (in
-    /// `image`); returns the block after them. The frame is copied whole when the version uses
-    /// every block of the group, in order; otherwise each block is decoded and stored alone.
+    /// Copies block `block` of `reader`, which is in the group of `entry` (in `image`); returns
+    /// the block after it. The frame is copied whole when the version uses every block of the
+    /// group, in order (looked for over the span a group may cover; the blocks found are
+    /// skipped when the merge reaches them); otherwise the block is decoded and stored alone.
     fn copy_group(
         &mut self,
         reader: &VersionReader,
@@ -195,28 +246,36 @@ impl Copier {
         image: &ImageFile,
         entry: IndexEntry,
     ) -> Result<u64> {
-        let mut members = vec![(block, entry)];
-        let mut next = block + 1;
-        while next < reader.block_count() && members.len() < usize::from(entry.group_len) {
-            match reader.entry(next)? {
-                Some((other, e)) if std::ptr::eq(other, image) && e.same_frame(&entry) => members.push((next, e)),
-                _ => break,
+        let frame = (image.serial(), entry.data_offset);
+        if self.partial != Some(frame) {
+            let n = usize::from(entry.group_len);
+            let span = (crate::pack::GROUP_MAX_SPAN / u64::from(reader.block_size())).max(n as u64);
+            let end = block.saturating_add(span).min(reader.block_count());
+            let mut members = vec![(block, entry)];
+            let mut at = block + 1;
+            while members.len() < n {
+                let Some(b) = reader.next_stored(at).filter(|&b| b < end) else { break };
+                if let Some((other, e)) = reader.entry(b)? {
+                    if std::ptr::eq(other, image) && e.same_frame(&entry) {
+                        members.push((b, e));
+                    }
+                }
+                at = b + 1;
             }
-            next += 1;
+            let whole = members.len() == n
+                && members.iter().enumerate().all(|(slot, (_, e))| usize::from(e.group_slot) == slot);
+            if whole {
+                image.read_stored(&entry, &mut self.stored)?;
+                let blocks: Vec<(u64, [u8; 32])> = members.iter().map(|(b, e)| (*b, e.hash)).collect();
+                sink.group(&blocks, &self.stored)?;
+                self.copied.extend(members[1..].iter().map(|(b, _)| *b));
+                return Ok(block + 1);
+            }
+            self.partial = Some(frame);
         }
-        let whole = members.len() == usize::from(entry.group_len)
-            && members.iter().enumerate().all(|(slot, (_, e))| usize::from(e.group_slot) == slot);
-        if whole {
-            image.read_stored(&entry, &mut self.stored)?;
-            let blocks: Vec<(u64, [u8; 32])> = members.iter().map(|(b, e)| (*b, e.hash)).collect();
-            sink.group(&blocks, &self.stored)?;
-            return Ok(next);
-        }
-        for (b, e) in members {
-            image.read_block(&e, &mut self.scratch, &mut self.block)?;
-            self.store_decoded(sink, b, e.hash)?;
-        }
-        Ok(next)
+        image.read_block(&entry, &mut self.scratch, &mut self.block)?;
+        self.store_decoded(sink, block, entry.hash)?;
+        Ok(block + 1)
     }
 
     /// Stores the decoded block in `self.block` as block `b` on its own.

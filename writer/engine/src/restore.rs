@@ -21,8 +21,10 @@ use crate::progress::Progress;
 use crate::source::block_device_size;
 
 const BATCH_BYTES: usize = 8 << 20;
-/// Bytes one parallel task reads in order: a group (at most this long) is decoded at most twice.
-const TASK_BYTES: usize = strata_format::layout::GROUP_MAX_BYTES as usize;
+/// Bytes of the disk one parallel task reads in order. A frame that reaches beyond the task (a
+/// group of blocks spread over more of the disk) is decoded once into the shared frame cache,
+/// and the tasks that need the rest of it take it from there.
+const TASK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreSummary {
