@@ -1,7 +1,7 @@
 //! The backup engine: read the source once, batch by batch, hash every block on all cores
 //! (cached data in place through a memory map), compare with the parent version's block hashes,
 //! store each changed content once per image (`dedup`), a block changed in a few pages as a
-//! patch (`patch`), runs of adjacent changed blocks compressed together (`pack`), and write one
+//! patch (`patch`), the stored blocks gathered into frames of a few MiB (`pack`), and write one
 //! new image that is published only when complete.
 
 use std::path::{Path, PathBuf};
