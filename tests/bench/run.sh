@@ -13,19 +13,13 @@ mkdir -p "$work"
 if [ ${#quick[@]} -gt 0 ]; then default_report=$root/BENCHMARKS-quick.md; else default_report=$root/BENCHMARKS.md; fi
 report=${BENCH_REPORT:-$default_report}
 
-need=()
-for pair in qemu-img:qemu-utils qemu-storage-daemon:qemu-utils borg:borgbackup restic:restic \
-  zstd:zstd b3sum:b3sum mkfs.ext4:e2fsprogs fusermount3:fuse3 python3:python3 cmp:diffutils /usr/bin/time:time; do
-  command -v "${pair%%:*}" > /dev/null || need+=("${pair#*:}")
-done
+. "$root/tests/bench/packages.sh"
+mapfile -t need < <(missing_packages qemu-img:qemu-utils qemu-storage-daemon:qemu-utils borg:borgbackup restic:restic \
+  zstd:zstd b3sum:b3sum mkfs.ext4:e2fsprogs fusermount3:fuse3 python3:python3 cmp:diffutils /usr/bin/time:time)
 # borg mount needs its FUSE binding
 python3 -c 'import pyfuse3' 2> /dev/null || python3 -c 'import llfuse' 2> /dev/null || \
   /usr/bin/python3 -c 'import pyfuse3' 2> /dev/null || need+=(python3-pyfuse3)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "bench: installing ${need[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" > /dev/null
-fi
+install_packages bench "${need[@]}"
 
 (cd "$root" && cargo build --release -q -p strata-writer)
 exec python3 "$root/tests/bench/bench.py" "${quick[@]}" --work "$work" --strata "$root/target/release/strata" \

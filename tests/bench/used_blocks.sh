@@ -18,16 +18,10 @@ else
   report=${BENCH_REPORT:-$root/BENCHMARKS.md}; results=(--results "$root/tests/bench/used-blocks-results.json")
 fi
 
-need=()
-for pair in partclone.ext4:partclone zstd:zstd mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkntfs:ntfs-3g \
-  ntfs-3g:ntfs-3g sfdisk:fdisk fusermount3:fuse3 python3:python3 /usr/bin/time:time; do
-  command -v "${pair%%:*}" > /dev/null || need+=("${pair#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "used_blocks: installing ${need[*]}" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" > /dev/null
-fi
+. "$root/tests/bench/packages.sh"
+mapfile -t need < <(missing_packages partclone.ext4:partclone zstd:zstd mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs mkntfs:ntfs-3g \
+  ntfs-3g:ntfs-3g sfdisk:fdisk fusermount3:fuse3 python3:python3 /usr/bin/time:time)
+install_packages used_blocks "${need[@]}"
 
 (cd "$root" && cargo build --release -q -p strata-writer)
 exec python3 "$root/tests/bench/used_blocks.py" "${quick[@]}" --work "$work" --strata "$root/target/release/strata" \

@@ -634,6 +634,15 @@ mod tests {
         img
     }
 
+    /// A fresh default XFS image in `dir`, opened for patching, and its primary superblock's
+    /// first sector.
+    fn fresh_with_superblock(dir: &Path) -> (Disk, Vec<u8>) {
+        let d = disk(&mkfs(dir, "x.img", &[]));
+        let mut sb = vec![0u8; 512];
+        d.file.read_exact_at(&mut sb, 0).unwrap();
+        (d, sb)
+    }
+
     fn db(img: &Path, cmds: &[&str]) -> String {
         let mut args = vec!["-r"];
         for c in cmds {
@@ -898,10 +907,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let img = mkfs(dir.path(), "x.img", &[]);
-        let mut d = disk(&img);
-        let mut sb = vec![0u8; 512];
-        d.file.read_exact_at(&mut sb, 0).unwrap();
+        let (mut d, mut sb) = fresh_with_superblock(dir.path());
         let incompat = u32_at(&sb, 216) | 1 << 30;
         sb[216..220].copy_from_slice(&incompat.to_be_bytes());
         d.patches = vec![(0, sb.clone())];
@@ -917,10 +923,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let img = mkfs(dir.path(), "x.img", &[]);
-        let mut d = disk(&img);
-        let mut sb = vec![0u8; 512];
-        d.file.read_exact_at(&mut sb, 0).unwrap();
+        let (mut d, mut sb) = fresh_with_superblock(dir.path());
         let fdblocks = u64_at(&sb, 144) + 1;
         sb[144..152].copy_from_slice(&fdblocks.to_be_bytes());
         fix_crc(&mut sb, 224);
