@@ -523,8 +523,9 @@ fn copy_blocks(
         for packed in packed_rx {
             let Packed { batch, units } = packed?;
             crate::interrupt::check()?;
+            let batch_buf = batch.as_ref().map_or(&[][..], |(scanned, _, _)| scanned.buf.as_slice());
             for unit in &units {
-                order.write_unit(writer, unit, &mut stored)?;
+                order.write_unit(writer, unit, batch_buf, &mut stored)?;
             }
             let Some((Scanned { start, buf, results }, decisions, patches)) = batch else { continue };
             for (i, (r, decision)) in results.iter().zip(&decisions).enumerate() {
@@ -591,8 +592,8 @@ struct EntryOrder {
 
 impl EntryOrder {
     /// Writes the frame of `unit` and keeps its entries for their turn.
-    fn write_unit(&mut self, writer: &mut ImageWriter, unit: &Unit, stored: &mut Stored) -> Result<()> {
-        for (i, entry) in unit.write(writer)?.into_iter().enumerate() {
+    fn write_unit(&mut self, writer: &mut ImageWriter, unit: &Unit, batch: &[u8], stored: &mut Stored) -> Result<()> {
+        for (i, entry) in unit.write(writer, batch)?.into_iter().enumerate() {
             if unit.remember(i) {
                 stored.remember(&entry);
             }

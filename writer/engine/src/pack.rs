@@ -31,6 +31,21 @@ enum Packed {
     Zstd(Vec<u8>),
     /// zstd could not shrink it: the blocks' own bytes.
     Raw(Vec<u8>),
+    /// zstd could not shrink a whole window: its bytes, where they lie in the batch's buffer.
+    RawInBatch(std::ops::Range<usize>),
+}
+
+/// The bytes of a frame not compressed yet: gathered (copied: the blocks are not adjacent, or
+/// come from several batches), or a whole window, read where it lies in the batch's buffer.
+enum Bytes {
+    Owned(Vec<u8>),
+    InBatch(std::ops::Range<usize>),
+}
+
+impl Default for Bytes {
+    fn default() -> Self {
+        Bytes::Owned(Vec::new())
+    }
 }
 
 /// One frame to append: source blocks `blocks` (ascending, not always adjacent) and their
@@ -47,7 +62,7 @@ pub struct Unit {
 struct Gathered {
     blocks: Vec<(u64, [u8; 32])>,
     remember: Vec<bool>,
-    bytes: Vec<u8>,
+    bytes: Bytes,
 }
 
 /// The packer of one image: what it gathered for the frame still open, across batches.
@@ -97,7 +112,7 @@ impl Packer {
             if whole_window && self.window > 1 && store[i..window_end].iter().all(|&s| s) {
                 closed.extend(self.close());
                 let blocks = (b..b + self.window).zip(hashes[i..window_end].iter().copied()).collect();
-                let bytes = buf[i * bs..window_end * bs].to_vec();
+                let bytes = Bytes::InBatch(i * bs..window_end * bs);
                 closed.push(Gathered { blocks, remember: remember[i..window_end].to_vec(), bytes });
                 i = window_end;
                 continue;
@@ -113,35 +128,43 @@ impl Packer {
                 }
                 self.open.blocks.push((block, hashes[j]));
                 self.open.remember.push(remember[j]);
-                self.open.bytes.extend_from_slice(&buf[j * bs..(j + 1) * bs]);
+                if let Bytes::Owned(bytes) = &mut self.open.bytes {
+                    bytes.extend_from_slice(&buf[j * bs..(j + 1) * bs]);
+                }
             }
             if self.open.blocks.len() >= self.target_blocks {
                 closed.extend(self.close());
             }
             i = window_end;
         }
-        self.compress(closed)
+        self.compress(closed, buf)
     }
 
     /// The frame still open, at the end of the source.
     pub fn finish(&mut self) -> Vec<Unit> {
         let last = self.close().into_iter().collect();
-        self.compress(last)
+        self.compress(last, &[])
     }
 
     fn close(&mut self) -> Option<Gathered> {
         (!self.open.blocks.is_empty()).then(|| std::mem::take(&mut self.open))
     }
 
-    fn compress(&self, frames: Vec<Gathered>) -> Vec<Unit> {
+    /// Compresses `frames` on all cores; `buf` is the batch's buffer that windows lie in.
+    fn compress(&self, frames: Vec<Gathered>, buf: &[u8]) -> Vec<Unit> {
         let level = self.level;
         frames
             .into_par_iter()
             .map(|g| {
+                let bytes = match &g.bytes {
+                    Bytes::Owned(bytes) => bytes.as_slice(),
+                    Bytes::InBatch(range) => &buf[range.clone()],
+                };
                 let mut frame = Vec::new();
-                let packed = match with_compressor(level, |c| compress_into(c, &g.bytes, &mut frame)) {
-                    Encoding::Zstd => Packed::Zstd(frame),
-                    _ => Packed::Raw(g.bytes),
+                let packed = match (with_compressor(level, |c| compress_into(c, bytes, &mut frame)), g.bytes) {
+                    (Encoding::Zstd, _) => Packed::Zstd(frame),
+                    (_, Bytes::Owned(bytes)) => Packed::Raw(bytes),
+                    (_, Bytes::InBatch(range)) => Packed::RawInBatch(range),
                 };
                 Unit { blocks: g.blocks, remember: g.remember, packed }
             })
@@ -173,21 +196,22 @@ impl Unit {
     }
 
     /// Writes the unit's stored bytes to `writer`; returns the entries of its blocks (not yet
-    /// in the index: the caller puts them there in block order).
-    pub fn write(&self, writer: &mut ImageWriter) -> strata_format::Result<Vec<IndexEntry>> {
+    /// in the index: the caller puts them there in block order). `batch` is the buffer of the
+    /// batch whose `Packer::pack` made the unit (empty for `finish`'s).
+    pub fn write(&self, writer: &mut ImageWriter, batch: &[u8]) -> strata_format::Result<Vec<IndexEntry>> {
         let bs = writer.block_size() as usize;
+        let raw = |bytes: &[u8], writer: &mut ImageWriter| -> strata_format::Result<Vec<IndexEntry>> {
+            let blocks = self.blocks.iter().zip(bytes.chunks_exact(bs));
+            blocks.map(|(&(b, h), raw)| writer.write_block(b, Encoding::Raw, raw, h)).collect()
+        };
         match &self.packed {
             Packed::Zstd(frame) if self.blocks.len() == 1 => {
                 let (b, h) = self.blocks[0];
                 Ok(vec![writer.write_block(b, Encoding::Zstd, frame, h)?])
             }
             Packed::Zstd(frame) => writer.write_group(&self.blocks, frame),
-            Packed::Raw(bytes) => self
-                .blocks
-                .iter()
-                .zip(bytes.chunks_exact(bs))
-                .map(|(&(b, h), raw)| writer.write_block(b, Encoding::Raw, raw, h))
-                .collect(),
+            Packed::Raw(bytes) => raw(bytes, writer),
+            Packed::RawInBatch(range) => raw(&batch[range.clone()], writer),
         }
     }
 }
