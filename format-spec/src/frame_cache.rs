@@ -1,9 +1,11 @@
-//! The frame cache: decoded stored frames (one block, a whole group: at most 1 MiB, or a
+//! The frame cache: decoded stored frames (one block, a whole group: at most 4 MiB, or a
 //! patch's parts), keyed by the opened image and the frame's offset in it, so that a frame
 //! shared by several versions or several blocks (deduplication), or read by two requests that
 //! each cover part of a group, is decoded and kept once. Bounded by a byte budget (LRU
 //! eviction). A frame is decoded by one thread at a time: readers that want a frame under way
 //! wait for it. Prefetch decodes the frames of the next blocks of a reader on the other cores.
+//! A frame that reads have taken all of (a sequential reader went through it) leaves the cache,
+//! its buffer kept for the next decode.
 //! A cache that checks hashes hashes each block of a frame once, when the frame is decoded
 //! (by prefetch, on another core, when it gets there first); reads compare those hashes with
 //! the entries of the blocks they serve.
@@ -21,6 +23,9 @@ type Key = (u64, u64);
 /// Evicted frame buffers kept for reuse: at most this many, holding at most a quarter of the
 /// budget.
 const SPARE_BUFFERS: usize = 8;
+/// Frames that readers went through and the cache dropped, remembered (at most this many, the
+/// newest) so that a prefetch queued before the reader got there does not decode them again.
+const REMEMBERED_THROUGH: usize = 64;
 
 pub struct FrameCache {
     frames: Mutex<Frames>,
@@ -30,6 +35,8 @@ pub struct FrameCache {
     spare: Mutex<Vec<Vec<u8>>>,
     in_flight: Mutex<HashSet<Key>>,
     landed: Condvar,
+    /// Frames dropped by `forget`, newest last.
+    read_through: Mutex<std::collections::VecDeque<Key>>,
     budget: usize,
     /// Whether decoded frames carry the BLAKE3 hash of each of their blocks.
     hashes: bool,
@@ -46,6 +53,16 @@ struct Frames {
 pub struct Decoded {
     bytes: Vec<u8>,
     pub hashes: Vec<[u8; 32]>,
+    /// Bytes of it that reads have taken, counted by `FrameCache::took`.
+    taken: std::sync::atomic::AtomicUsize,
+}
+
+impl Decoded {
+    /// The bytes its buffer holds, which the budget counts: a reused buffer may be larger than
+    /// the frame.
+    fn held(&self) -> usize {
+        self.bytes.capacity()
+    }
 }
 
 impl std::ops::Deref for Decoded {
@@ -108,6 +125,7 @@ impl FrameCache {
             spare: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
+            read_through: Mutex::new(std::collections::VecDeque::new()),
             budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
             hashes,
             block_size,
@@ -144,14 +162,14 @@ impl FrameCache {
 
     fn insert(&self, key: Key, data: Arc<Decoded>) {
         let mut f = lock(&self.frames);
-        f.bytes += data.len();
+        f.bytes += data.held();
         if let Some(old) = f.lru.put(key, data) {
-            f.bytes -= old.len();
+            f.bytes -= old.held();
         }
         while f.bytes > self.budget && f.lru.len() > 1 {
             match f.lru.pop_lru() {
                 Some((_, old)) => {
-                    f.bytes -= old.len();
+                    f.bytes -= old.held();
                     self.recycle(old);
                 }
                 None => break,
@@ -170,11 +188,13 @@ impl FrameCache {
         }
     }
 
-    /// A buffer of `len` bytes (contents undefined until decoded into): a spare one of that
-    /// size when there is one, so that the budget, counted in lengths, is what is held.
+    /// A buffer of `len` bytes (contents undefined until decoded into): the smallest spare one
+    /// that holds `len` and is not more than twice that (frames differ in length: groups are
+    /// cut by the data they hold), else a new one.
     fn buffer(&self, len: usize) -> Vec<u8> {
         let mut spare = lock(&self.spare);
-        match spare.iter().position(|b| b.capacity() == len) {
+        let fits = spare.iter().enumerate().filter(|(_, b)| (len..=len.saturating_mul(2)).contains(&b.capacity()));
+        match fits.min_by_key(|(_, b)| b.capacity()).map(|(i, _)| i) {
             Some(i) => {
                 let mut buf = spare.swap_remove(i);
                 buf.resize(len, 0);
@@ -208,7 +228,7 @@ impl FrameCache {
         let mut bytes = self.buffer(image.frame_len(entry));
         let result = decode_frame(image, entry, &mut bytes);
         let hashes = if result.is_ok() { self.hash_blocks(image, entry, &bytes) } else { Vec::new() };
-        let data = Arc::new(Decoded { bytes, hashes });
+        let data = Arc::new(Decoded { bytes, hashes, taken: Default::default() });
         if result.is_ok() {
             self.insert(claim.key, data.clone());
         }
@@ -251,17 +271,38 @@ impl FrameCache {
         Ok(hashes)
     }
 
+    /// Notes that a read took `bytes` of `frame` (the frame of `entry`, which the read has
+    /// dropped its hold on): once reads have taken as many bytes as it holds, which a
+    /// sequential reader does once it has read through it, it is dropped as `frame_into` drops
+    /// the frames it takes whole, and for the same reason. A frame read at random, or again and
+    /// again in one place, stays until evicted.
+    pub fn took(&self, image: &ImageFile, entry: &IndexEntry, frame: Arc<Decoded>, bytes: usize) {
+        let before = frame.taken.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let through = before < frame.len() && before + bytes >= frame.len();
+        drop(frame);
+        if through {
+            self.forget(&key(image, entry));
+        }
+    }
+
     /// Drops a frame that a reader has just taken whole. Its bytes are in the kernel's page
     /// cache now (`FOPEN_KEEP_CACHE`), and its buffer serves the next decode: a sequential
     /// reader, whose frames prefetch decodes into the cache, so cycles through a few buffers
     /// instead of filling the budget with fresh pages (faulting them in and clearing them took
     /// 4-16% of the CPU of a cached read).
     fn forget(&self, key: &Key) {
+        {
+            let mut through = lock(&self.read_through);
+            if through.len() == REMEMBERED_THROUGH {
+                through.pop_front();
+            }
+            through.push_back(*key);
+        }
         let old = {
             let mut f = lock(&self.frames);
             let old = f.lru.pop(key);
             if let Some(old) = &old {
-                f.bytes -= old.len();
+                f.bytes -= old.held();
             }
             old
         };
@@ -270,8 +311,13 @@ impl FrameCache {
         }
     }
 
+    /// Whether a reader went through the frame `key` lately (see `forget`).
+    fn was_read_through(&self, key: &Key) -> bool {
+        lock(&self.read_through).contains(key)
+    }
+
     /// Decodes the frames of `blocks` of `version` in the background (for a patched block, its
-    /// base's and the patch's), skipping those cached or under way. Errors are left for the
+    /// base's and the patch's), skipping those cached, under way or read through lately. Errors are left for the
     /// foreground read to find and report.
     pub fn prefetch(self: &Arc<Self>, version: &Arc<VersionReader>, blocks: std::ops::Range<u64>) {
         let (cache, version) = (self.clone(), version.clone());
@@ -282,10 +328,15 @@ impl FrameCache {
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
                 let patch = entry.encoding == Encoding::Patch;
                 let base = if patch { version.patch_base(block).ok().flatten() } else { None };
-                for (frame, found) in [(Frame::Newest, Some((image, entry))), (Frame::Base, base)] {
+                // A group met past its first slot began before `blocks`: the reader is in it
+                // (the foreground read decoded it, or an earlier prefetch) and may be through
+                // it already, after which decoding it again would be for nothing.
+                let begun = entry.encoding == Encoding::ZstdGroup && entry.group_slot > 0;
+                let newest = (!begun).then_some((image, entry));
+                for (frame, found) in [(Frame::Newest, newest), (Frame::Base, base)] {
                     let Some((image, entry)) = found else { continue };
                     let key = key(image, &entry);
-                    if last == Some(key) || cache.cached(&key).is_some() {
+                    if last == Some(key) || cache.cached(&key).is_some() || cache.was_read_through(&key) {
                         last = Some(key);
                         continue;
                     }
@@ -299,6 +350,9 @@ impl FrameCache {
                             Frame::Base => version.patch_base(block),
                         };
                         let Ok(Some((image, entry))) = found else { return };
+                        if cache.was_read_through(&key) {
+                            return;
+                        }
                         if let Some(Claim::Decode(claim)) = cache.claim(key, false) {
                             // A panic in a rayon job would abort the driver; here it only loses the
                             // prefetch (the foreground read decodes the frame and reports).
@@ -328,10 +382,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicted_buffers_are_reused_only_at_their_own_size() {
+    fn evicted_buffers_are_reused_for_frames_of_at_least_half_their_size() {
         let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four of the largest frames
         let mib = crate::layout::GROUP_MAX_BYTES as usize;
-        let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new() });
+        let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new(), taken: Default::default() });
         for i in 0..6u64 {
             cache.insert((1, i), frame(mib));
         }
@@ -339,6 +393,12 @@ mod tests {
         assert_eq!(lock(&cache.spare).len(), 1, "one buffer kept: spares hold at most a quarter of the budget");
         let small = cache.buffer(64 << 10);
         assert_eq!(small.capacity(), 64 << 10, "a spare of the largest size is not handed out for 64 KiB");
+        let reused = cache.buffer(mib / 2 + 4096);
+        assert_eq!((reused.len(), reused.capacity(), lock(&cache.spare).len()), (mib / 2 + 4096, mib, 0));
+        cache.insert((2, 0), Arc::new(Decoded { bytes: reused, hashes: Vec::new(), taken: Default::default() }));
+        assert_eq!(lock(&cache.frames).bytes, 4 * mib, "the budget counts what the buffers hold");
+        cache.forget(&(2, 0));
+        assert_eq!(lock(&cache.spare).len(), 1, "forgotten, its buffer is a spare again");
         let reused = cache.buffer(mib);
         assert_eq!((reused.len(), lock(&cache.spare).len()), (mib, 0));
         // a frame still held by a reader is not recycled
@@ -371,7 +431,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(waiter.join().unwrap(), "the next reader claims the frame and decodes it itself");
-        cache.insert((1, 1), Arc::new(Decoded { bytes: vec![0; 4096], hashes: Vec::new() }));
+        cache.insert((1, 1), Arc::new(Decoded { bytes: vec![0; 4096], hashes: Vec::new(), taken: Default::default() }));
         assert_eq!(cache.len(), 1, "the cache still works after the panic");
     }
 }

@@ -1,7 +1,7 @@
 //! The one read path of a version: how the bytes of one read are made from its blocks, for the
 //! mount's replies, restore, merge and every `VersionReader::read_at`. The read is cut into
 //! units: a run of zero blocks (filled, never copied), or the blocks it needs of one stored frame
-//! (a block, or a group of at most 1 MiB). A frame the read covers whole, in order, is decoded
+//! (a block, or a group of at most 4 MiB). A frame the read covers whole, in order, is decoded
 //! straight into the caller's buffer (for the mount, the reply, whose pages the kernel keeps with
 //! `FOPEN_KEEP_CACHE`: a copy in the cache would cost a memcpy and cache room for nothing). It
 //! comes from the frame cache only when already there or being decoded there (by prefetch), and
@@ -225,6 +225,7 @@ fn fill(cache: &FrameCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> crate:
             out[at..at + p.len].copy_from_slice(&frame[from..from + p.len]);
             at += p.len;
         }
+        cache.took(image, &entry, frame, at);
     }
     for patch in patches {
         lay_patch(cache, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs])?;

@@ -216,6 +216,31 @@ fn whole_frame_reads_bypass_the_cache_and_partial_ones_fill_it() {
     assert!(part[..] == disk[BS as usize + 10..BS as usize + 110]);
 }
 
+#[test]
+fn a_group_read_through_in_parts_leaves_the_cache_and_prefetch_does_not_decode_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = sample_disk(32);
+    let reader = Arc::new(write_version(dir.path(), &disk));
+    let cache = Arc::new(FrameCache::new(64 * u64::from(BS), BS, true));
+    let bs = BS as usize;
+    // blocks 4-6 are one group (see above): block 4 alone, then 5 and 6
+    let mut part = vec![0u8; bs];
+    read_window(&reader, &cache, 0, disk.len() as u64, 4 * bs as u64, &mut part, false).unwrap();
+    assert_eq!(cache.len(), 1, "a partly read group is kept");
+    read_window(&reader, &cache, 0, disk.len() as u64, 4 * bs as u64 + 10, &mut part[..100], false).unwrap();
+    let mut rest = vec![0u8; 2 * bs];
+    read_window(&reader, &cache, 0, disk.len() as u64, 5 * bs as u64, &mut rest, false).unwrap();
+    assert!(rest[..] == disk[5 * bs..7 * bs]);
+    assert_eq!(cache.len(), 0, "read through (some bytes twice), the group leaves the cache");
+    // A prefetch from block 4 on (queued before the reader got there) decodes the frames of
+    // blocks 8, 9 (block 3's bytes) and 10, not the group again.
+    cache.prefetch(&reader, 4..12);
+    wait_for_frames(&cache, 3);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(cache.len(), 3, "only the frames not read through are decoded");
+    check_random_reads(&reader, &cache, &disk, 0, 7, 200);
+}
+
 /// Waits until the cache holds `n` frames (prefetch runs in the background).
 fn wait_for_frames(cache: &FrameCache, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

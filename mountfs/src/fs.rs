@@ -47,7 +47,7 @@ pub struct StrataFs {
     gid: u32,
     readahead_blocks: u64,
     /// Reads being served now: when the kernel sends several at once they share the cores, and
-    /// one read alone decodes its blocks on all cores and prefetches the next ones.
+    /// one read alone decodes its blocks on all cores.
     active_reads: AtomicUsize,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -285,10 +285,11 @@ impl Filesystem for StrataFs {
         let bs = u64::from(h.reader.block_size());
         let active = Active::enter(&self.active_reads);
         let alone = active.others == 0;
-        // The kernel's readahead keeps several requests of a sequential reader in flight; a
-        // reader it does not read ahead for (O_DIRECT, a loop device) sends one at a time, and
-        // then the next blocks are decoded while its answer travels.
-        if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 && alone {
+        // The next blocks of a sequential reader are decoded ahead, on the other cores. Even
+        // with the kernel's readahead keeping several requests in flight: those requests often
+        // fall in one frame (groups hold 2-4 MiB), and the threads serving them would otherwise
+        // wait for one core to decode it.
+        if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
         }

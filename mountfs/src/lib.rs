@@ -138,7 +138,7 @@ pub fn serve(
     session.run().map_err(|source| MountError::Mount { path: mountpoint, source })
 }
 
-/// Keeps the driver's memory at its cache budget plus a few MiB. Decoded frames (up to 1 MiB)
+/// Keeps the driver's memory at its cache budget plus a few MiB. Decoded frames (up to 4 MiB)
 /// are allocated and freed by different threads; glibc would otherwise serve them from growing
 /// per-thread arenas (its mmap threshold adapts upwards) and keep the freed space: 128 MiB of
 /// cache measured ~207 MiB resident. Large buffers are mapped and unmapped instead, and two

@@ -521,6 +521,7 @@ def bench_image(img, src, strata, runs, work):
         os.unlink(restored)
     subprocess.run(["rm", "-rf", repo, out], check=True)
     r["sector_by_sector"] = strata.backup(v1, repo, "--sector-by-sector")
+    r["sector_by_sector_incremental"] = strata.backup(v2, repo, "--sector-by-sector", "--incremental")
     subprocess.run(["rm", "-rf", repo], check=True)
     return r
 

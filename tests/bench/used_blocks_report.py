@@ -47,11 +47,12 @@ def incremental_table(images):
     rows = []
     for i in images:
         s, d = med(x["stored"] for x in i["incremental"]), i["ideal"]
+        sector = i["sector_by_sector_incremental"]["stored"]
         rows.append([NAMES[i["name"]], d["pages"], mib(d["zstd_4k"]), mib(d["zstd_64k"]), mib(s),
-                     "%.3f×" % (s / d["zstd_4k"]), "%.2f" % med(walls(i["incremental"])),
-                     "%.2f" % med(cpus(i["incremental"]))])
+                     "%.3f×" % (s / d["zstd_4k"]), "%s (%.3f×)" % (mib(sector), sector / d["zstd_4k"]),
+                     "%.2f" % med(walls(i["incremental"])), "%.2f" % med(cpus(i["incremental"]))])
     return table(["source", "changed 4K pages", "ideal 4K MiB", "ideal 64K MiB", "strata MiB", "strata / ideal 4K",
-                  "strata wall s", "strata CPU s"], rows)
+                  "strata sector by sector MiB (/ ideal 4K)", "strata wall s", "strata CPU s"], rows)
 
 
 def framing_rows(name, what, f, strata, ref):
@@ -108,8 +109,8 @@ def targets(images):
         inc = med(x["stored"] for x in i["incremental"]) / i["ideal"]["zstd_4k"]
         rows += [[n, "full stored ≤ 1.02× partclone+zstd", "%.3f×" % s, verdict(s <= 1.02)],
                  [n, "full time ≤ 0.7× partclone+zstd (`-f 0`)", "%.2f×" % t, verdict(t <= 0.7)],
-                 [n, "incremental ≤ %.3f× the ideal 4K (today's)" % (TODAY[0] / TODAY[1]), "%.3f×" % inc,
-                  verdict(inc <= TODAY[0] / TODAY[1] + 0.005)]]
+                 [n, "incremental ≤ %.3f× the ideal 4K (today's, main benchmark)" % (TODAY[0] / TODAY[1]),
+                  "%.3f×" % inc, verdict(inc <= TODAY[0] / TODAY[1])]]
     return table(["source", "target", "measured", ""], rows)
 
 
@@ -163,7 +164,9 @@ def render(r):
            "first version read with its unused pages as zeros (as a used-blocks copy holds it), compressed as "
            "one `zstd -3` stream; *ideal 64K*: the 64 KiB blocks holding those pages, their unused pages as "
            "zeros. Pages that the second version no longer uses are not counted. On the main benchmark's "
-           "dataset strata stores its v1→v2 in %.1f MiB against an ideal 4K of %.1f (%.3f×): *today's*." % (
+           "dataset strata stores its v1→v2 in %.1f MiB against an ideal 4K of %.1f (%.3f×): *today's*. "
+           "*Sector by sector*: the same two versions backed up with `--sector-by-sector` (one run), what "
+           "strata stores for them without the used-blocks mode." % (
                TODAY[0], TODAY[1], TODAY[0] / TODAY[1]), "",
            "### What the frames cost", "",
            "The same pages (the used pages of the first version; the changed pages of the incremental) "

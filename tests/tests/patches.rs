@@ -73,6 +73,39 @@ fn scattered_page_writes_cost_about_their_pages_and_every_version_reads_back() {
     }
 }
 
+/// Writes noise over pages `pages` of 64 KiB block `block`.
+fn write_block_pages(disk: &Path, seed: u64, block: u64, pages: std::ops::Range<u64>) {
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    for page in pages {
+        f.write_all_at(&noise(seed ^ page, PAGE as usize), block * 65536 + page * PAGE).unwrap();
+    }
+}
+
+#[test]
+fn a_first_patch_may_leave_out_one_page_and_a_growing_patch_stops_at_half_the_block() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = noise_repo(t.path(), 5);
+    let mut copies = vec![snapshot(&src, t.path(), 1)];
+    let mut stored = Vec::new();
+    // v2: 15 of block 3's 16 pages over the full's whole block: a patch of 15 pages. v3: one more
+    // page of block 3, whose patch would grow to 16: whole. v4: 3 pages of block 9 (a patch);
+    // v5: 6 more (a patch of 9 over a patch, past half): whole.
+    let steps: [(u64, u64, std::ops::Range<u64>); 4] = [(21, 3, 0..15), (22, 3, 15..16), (23, 9, 0..3), (24, 9, 3..9)];
+    for (id, (seed, block, pages)) in (2u64..).zip(steps) {
+        write_block_pages(&src, seed, block, pages);
+        stored.push(backup_json(&src, &repo)["stored_bytes"].as_u64().unwrap());
+        copies.push(snapshot(&src, t.path(), id));
+    }
+    let pages = |n: u64| n * PAGE;
+    assert!((pages(15)..pages(15) + 512).contains(&stored[0]), "v2 stored {} for 15 pages", stored[0]);
+    assert!(stored[1] >= pages(16), "v3 stored {}: the block whole", stored[1]);
+    assert!((pages(3)..pages(3) + 512).contains(&stored[2]), "v4 stored {} for 3 pages", stored[2]);
+    assert!(stored[3] >= pages(16), "v5 stored {}: a patch of 9 over a patch is stored whole", stored[3]);
+    for (i, copy) in copies.iter().enumerate() {
+        assert_restores_to(&repo, &(i + 1).to_string(), copy, t.path());
+    }
+}
+
 #[test]
 fn a_merge_below_a_patch_leaves_the_patch_meaning_the_same_bytes() {
     let t = tempfile::tempdir().unwrap();

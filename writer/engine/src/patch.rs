@@ -1,6 +1,6 @@
 //! Patches (format 3, SPEC.md §3.2): a changed block that its parent version holds is stored as
 //! only the parts (sixteenths: 4 KiB of a 64 KiB block, a file system page) that differ from
-//! the block's base, when those are at most half of the block. A database that rewrote one page
+//! the block's base, when that leaves out at least one part. A database that rewrote one page
 //! of a block so costs one page, not the block, and a read of the block decodes two frames at
 //! most (the base and the patch) however long the chain.
 //!
@@ -16,8 +16,14 @@ use strata_format::{IndexEntry, ReadScratch, VersionReader};
 
 use crate::pack::with_compressor;
 
-/// A patch names at most this many of a block's parts; past it the block is stored whole (and
-/// becomes the base of later patches).
+/// A patch over a block that the parent holds whole names at most this many of its parts: any
+/// part left out is a part not stored again (file systems that fill freed space put new data in
+/// most pages of many blocks, not all of them).
+pub const MAX_FIRST_PATCH_PARTS: u32 = PATCH_PARTS - 1;
+/// A patch that replaces the parent's patch names at most this many parts. Its mask includes
+/// the parent's, so a block whose pages change one at a time stores a growing patch in every
+/// version: past half the block it is cheaper to store the block whole once, as the base of
+/// short patches again, than to keep storing most of it.
 pub const MAX_PATCH_PARTS: u32 = PATCH_PARTS / 2;
 
 /// A block stored as a patch: the parts it names and their zstd frame.
@@ -62,7 +68,8 @@ impl<'v> Patcher<'v> {
     }
 
     /// The patch of `block`, whose new content is `new`, or `None` when it is to be stored
-    /// whole: zero in the parent (nothing to lay parts over) or changed in more than half.
+    /// whole: zero in the parent (nothing to lay parts over), changed in every part, or a patch
+    /// in the parent that would grow past `MAX_PATCH_PARTS`.
     pub fn patch(&self, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
         if !new.len().is_multiple_of(PATCH_PARTS as usize) {
             return Ok(None);
@@ -75,7 +82,8 @@ impl<'v> Patcher<'v> {
         base.resize(new.len(), 0);
         let Some(inherited) = self.parent.read_patch_base(block, scratch, base)? else { return Ok(None) };
         let mask = inherited | changed_parts(new, base);
-        if mask == 0 || mask.count_ones() > MAX_PATCH_PARTS {
+        let limit = if inherited == 0 { MAX_FIRST_PATCH_PARTS } else { MAX_PATCH_PARTS };
+        if mask == 0 || mask.count_ones() > limit {
             return Ok(None);
         }
         let part = IndexEntry::patch_part_len(self.parent.block_size());
@@ -85,10 +93,11 @@ impl<'v> Patcher<'v> {
                 parts.extend_from_slice(bytes);
             }
         }
-        // Always a zstd frame (format: a patch is never raw); at most half a block and a few
-        // bytes of framing, so within the stored-length limit of one block.
+        // Always a zstd frame (format: a patch is never raw), and at most a block long.
         let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(parts.len()));
-        if with_compressor(self.level, |c| c.compress_to_buffer(parts.as_slice(), &mut frame)).is_err() {
+        if with_compressor(self.level, |c| c.compress_to_buffer(parts.as_slice(), &mut frame)).is_err()
+            || frame.len() > new.len()
+        {
             return Ok(None);
         }
         Ok(Some(PatchFrame { mask, frame }))

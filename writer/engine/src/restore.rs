@@ -21,10 +21,11 @@ use crate::progress::Progress;
 use crate::source::block_device_size;
 
 const BATCH_BYTES: usize = 8 << 20;
-/// Bytes of the disk one parallel task reads in order. A frame that reaches beyond the task (a
-/// group of blocks spread over more of the disk) is decoded once into the shared frame cache,
+/// Bytes of the disk one parallel task reads in order: a backup's window of all-stored blocks,
+/// whose group the task decodes straight into its buffer. A frame that reaches beyond the task
+/// (a group of blocks spread over more of the disk) is decoded once into the shared frame cache,
 /// and the tasks that need the rest of it take it from there.
-const TASK_BYTES: usize = 1 << 20;
+const TASK_BYTES: usize = crate::pack::WINDOW_BYTES;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreSummary {
