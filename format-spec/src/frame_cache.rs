@@ -11,6 +11,7 @@
 //! the entries of the blocks they serve.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::block::hash_block;
@@ -23,9 +24,6 @@ type Key = (u64, u64);
 /// Evicted frame buffers kept for reuse: at most this many, holding at most a quarter of the
 /// budget.
 const SPARE_BUFFERS: usize = 8;
-/// Frames that readers went through and the cache dropped, remembered (at most this many, the
-/// newest) so that a prefetch queued before the reader got there does not decode them again.
-const REMEMBERED_THROUGH: usize = 64;
 
 pub struct FrameCache {
     frames: Mutex<Frames>,
@@ -35,8 +33,6 @@ pub struct FrameCache {
     spare: Mutex<Vec<Vec<u8>>>,
     in_flight: Mutex<HashSet<Key>>,
     landed: Condvar,
-    /// Frames dropped by `forget`, newest last.
-    read_through: Mutex<std::collections::VecDeque<Key>>,
     budget: usize,
     /// Whether decoded frames carry the BLAKE3 hash of each of their blocks.
     hashes: bool,
@@ -54,7 +50,7 @@ pub struct Decoded {
     bytes: Vec<u8>,
     pub hashes: Vec<[u8; 32]>,
     /// Bytes of it that reads have taken, counted by `FrameCache::took`.
-    taken: std::sync::atomic::AtomicUsize,
+    taken: AtomicUsize,
 }
 
 impl Decoded {
@@ -125,7 +121,6 @@ impl FrameCache {
             spare: Mutex::new(Vec::new()),
             in_flight: Mutex::new(HashSet::new()),
             landed: Condvar::new(),
-            read_through: Mutex::new(std::collections::VecDeque::new()),
             budget: usize::try_from(budget.max(floor)).unwrap_or(usize::MAX),
             hashes,
             block_size,
@@ -277,7 +272,7 @@ impl FrameCache {
     /// the frames it takes whole, and for the same reason. A frame read at random, or again and
     /// again in one place, stays until evicted.
     pub fn took(&self, image: &ImageFile, entry: &IndexEntry, frame: Arc<Decoded>, bytes: usize) {
-        let before = frame.taken.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        let before = frame.taken.fetch_add(bytes, Ordering::Relaxed);
         let through = before < frame.len() && before + bytes >= frame.len();
         drop(frame);
         if through {
@@ -291,13 +286,6 @@ impl FrameCache {
     /// instead of filling the budget with fresh pages (faulting them in and clearing them took
     /// 4-16% of the CPU of a cached read).
     fn forget(&self, key: &Key) {
-        {
-            let mut through = lock(&self.read_through);
-            if through.len() == REMEMBERED_THROUGH {
-                through.pop_front();
-            }
-            through.push_back(*key);
-        }
         let old = {
             let mut f = lock(&self.frames);
             let old = f.lru.pop(key);
@@ -311,20 +299,27 @@ impl FrameCache {
         }
     }
 
-    /// Whether a reader went through the frame `key` lately (see `forget`).
-    fn was_read_through(&self, key: &Key) -> bool {
-        lock(&self.read_through).contains(key)
-    }
-
     /// Decodes the frames of `blocks` of `version` in the background (for a patched block, its
-    /// base's and the patch's), skipping those cached, under way or read through lately. Errors are left for the
-    /// foreground read to find and report.
-    pub fn prefetch(self: &Arc<Self>, version: &Arc<VersionReader>, blocks: std::ops::Range<u64>) {
-        let (cache, version) = (self.clone(), version.clone());
+    /// base's and the patch's), skipping those cached or under way, and those of blocks before
+    /// `reached` (the first block the reader has not read yet) when the job gets to them: a
+    /// prefetch queued behind a fast reader would otherwise decode again frames the reader
+    /// decoded itself, or went through and dropped. Errors are left for the foreground read to
+    /// find and report.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        version: &Arc<VersionReader>,
+        blocks: std::ops::Range<u64>,
+        reached: &Arc<AtomicU64>,
+    ) {
+        let (cache, version, reached) = (self.clone(), version.clone(), reached.clone());
         rayon::spawn(move || {
             let mut last = None;
             let end = blocks.end.min(version.block_count());
+            let passed = move |block: u64| block < reached.load(Ordering::Relaxed);
             for block in version.stored_blocks(blocks.start).map(|s| s.block).take_while(|&b| b < end) {
+                if passed(block) {
+                    continue;
+                }
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
                 let patch = entry.encoding == Encoding::Patch;
                 let base = if patch { version.patch_base(block).ok().flatten() } else { None };
@@ -336,12 +331,12 @@ impl FrameCache {
                 for (frame, found) in [(Frame::Newest, newest), (Frame::Base, base)] {
                     let Some((image, entry)) = found else { continue };
                     let key = key(image, &entry);
-                    if last == Some(key) || cache.cached(&key).is_some() || cache.was_read_through(&key) {
+                    if last == Some(key) || cache.cached(&key).is_some() {
                         last = Some(key);
                         continue;
                     }
                     last = Some(key);
-                    let (cache, version) = (cache.clone(), version.clone());
+                    let (cache, version, passed) = (cache.clone(), version.clone(), passed.clone());
                     // Claimed only once running: a frame is in flight only while a running thread
                     // decodes it, so waiting for one can never wait on a queued job.
                     rayon::spawn(move || {
@@ -350,7 +345,7 @@ impl FrameCache {
                             Frame::Base => version.patch_base(block),
                         };
                         let Ok(Some((image, entry))) = found else { return };
-                        if cache.was_read_through(&key) {
+                        if passed(block) {
                             return;
                         }
                         if let Some(Claim::Decode(claim)) = cache.claim(key, false) {

@@ -38,6 +38,9 @@ struct Handle {
     name: String,
     /// Where the previous read ended, to detect sequential reading.
     next: AtomicU64,
+    /// The first block of the disk that no read of this handle has gone past: prefetch leaves
+    /// the blocks before it alone.
+    reached: Arc<AtomicU64>,
 }
 
 pub struct StrataFs {
@@ -261,7 +264,8 @@ impl Filesystem for StrataFs {
             },
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handle = Handle { reader, start, len, version: id, name, next: AtomicU64::new(u64::MAX) };
+        let reached = Arc::new(AtomicU64::new(0));
+        let handle = Handle { reader, start, len, version: id, name, next: AtomicU64::new(u64::MAX), reached };
         self.handles.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(fh, Arc::new(handle));
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
@@ -289,9 +293,10 @@ impl Filesystem for StrataFs {
         // with the kernel's readahead keeping several requests in flight: those requests often
         // fall in one frame (groups hold 2-4 MiB), and the threads serving them would otherwise
         // wait for one core to decode it.
+        h.reached.fetch_max((h.start + offset + want as u64) / bs, Ordering::Relaxed);
         if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
-            self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks);
+            self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks, &h.reached);
         }
         h.reader.prime_from((h.start + offset) / bs);
         if want > 0 && want <= MAX_READ as usize && all_zero(&h.reader, h.start + offset, want) {
