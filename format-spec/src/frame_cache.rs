@@ -304,12 +304,15 @@ impl FrameCache {
     /// `reached` (the first block the reader has not read yet) when the job gets to them: a
     /// prefetch queued behind a fast reader would otherwise decode again frames the reader
     /// decoded itself, or went through and dropped. Errors are left for the foreground read to
-    /// find and report.
+    /// find and report. With `groups_only` (the cores are busy with other reads), only groups
+    /// are decoded: the requests in flight often fall in one, and would wait for one core to
+    /// decode it, while smaller frames (single blocks, patches) decode as fast as they are read.
     pub fn prefetch(
         self: &Arc<Self>,
         version: &Arc<VersionReader>,
         blocks: std::ops::Range<u64>,
         reached: &Arc<AtomicU64>,
+        groups_only: bool,
     ) {
         let (cache, version, reached) = (self.clone(), version.clone(), reached.clone());
         rayon::spawn(move || {
@@ -321,14 +324,12 @@ impl FrameCache {
                     continue;
                 }
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
+                if groups_only && entry.encoding != Encoding::ZstdGroup {
+                    continue;
+                }
                 let patch = entry.encoding == Encoding::Patch;
                 let base = if patch { version.patch_base(block).ok().flatten() } else { None };
-                // A group met past its first slot began before `blocks`: the reader is in it
-                // (the foreground read decoded it, or an earlier prefetch) and may be through
-                // it already, after which decoding it again would be for nothing.
-                let begun = entry.encoding == Encoding::ZstdGroup && entry.group_slot > 0;
-                let newest = (!begun).then_some((image, entry));
-                for (frame, found) in [(Frame::Newest, newest), (Frame::Base, base)] {
+                for (frame, found) in [(Frame::Newest, Some((image, entry))), (Frame::Base, base)] {
                     let Some((image, entry)) = found else { continue };
                     let key = key(image, &entry);
                     if last == Some(key) || cache.cached(&key).is_some() {

@@ -236,11 +236,11 @@ fn a_group_read_through_in_parts_leaves_the_cache_and_prefetch_leaves_what_the_r
     // A prefetch from block 4 on, queued before the reader got there and run once it has read
     // to block 7, decodes the frames of blocks 8, 9 (block 3's bytes) and 10, not the group
     // again; one that runs with the reader still at block 4 does.
-    cache.prefetch(&reader, 4..12, &Arc::new(AtomicU64::new(7)));
+    cache.prefetch(&reader, 4..12, &Arc::new(AtomicU64::new(7)), false);
     wait_for_frames(&cache, 3);
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert_eq!(cache.len(), 3, "only the frames of blocks the reader has not reached are decoded");
-    cache.prefetch(&reader, 4..12, &Arc::new(AtomicU64::new(4)));
+    cache.prefetch(&reader, 4..12, &Arc::new(AtomicU64::new(4)), false);
     wait_for_frames(&cache, 4);
     check_random_reads(&reader, &cache, &disk, 0, 7, 200);
 }
@@ -260,7 +260,7 @@ fn prefetched(dir: &Path, blocks: usize, cache_blocks: u64) -> (Vec<u8>, Arc<Ver
     let disk = sample_disk(blocks);
     let reader = Arc::new(write_version(dir, &disk));
     let cache = Arc::new(FrameCache::new(cache_blocks * u64::from(BS), BS, true));
-    cache.prefetch(&reader, 0..reader.block_count() + 10, &Default::default());
+    cache.prefetch(&reader, 0..reader.block_count() + 10, &Default::default(), false);
     wait_for_frames(&cache, frames(&reader, 0..reader.block_count()));
     (disk, reader, cache)
 }
@@ -297,7 +297,7 @@ fn concurrent_readers_and_prefetch_see_the_right_bytes() {
             let (reader, cache, disk) = (reader.clone(), cache.clone(), disk.clone());
             std::thread::spawn(move || {
                 for round in 0..20 {
-                    cache.prefetch(&reader, (t * 40 + round)..(t * 40 + round + 16), &Default::default());
+                    cache.prefetch(&reader, (t * 40 + round)..(t * 40 + round + 16), &Default::default(), false);
                     check_random_reads(&reader, &cache, &disk, 0, t * 100 + round, 20);
                 }
             })
@@ -453,7 +453,7 @@ fn patched_blocks_read_as_their_base_with_the_parts_laid_over() {
     assert_eq!(read_window(&reader, &cache, 0, v3.len() as u64, 0, &mut whole, true).unwrap(), v3.len());
     assert!(whole == v3);
     let fresh = Arc::new(FrameCache::new(64 * u64::from(BS), BS, true));
-    fresh.prefetch(&reader, 0..reader.block_count(), &Default::default());
+    fresh.prefetch(&reader, 0..reader.block_count(), &Default::default(), false);
     check_random_reads(&reader, &fresh, &v3, 0, 9, 300);
 }
 
@@ -479,7 +479,7 @@ fn a_block_of_a_group_that_does_not_match_its_hash_fails_its_reads_only() {
     let named = format!("{} (version 1) block 5 at offset {}", image.path().display(), entry.data_offset);
     let fresh = || Arc::new(FrameCache::new(64 * bs, BS, true));
     let prefetched = fresh();
-    prefetched.prefetch(&reader, 0..reader.block_count(), &Default::default());
+    prefetched.prefetch(&reader, 0..reader.block_count(), &Default::default(), false);
     wait_for_frames(&prefetched, frames(&reader, 0..reader.block_count()));
     for (cache, parallel) in [(fresh(), false), (fresh(), true), (prefetched, true)] {
         for (offset, n) in [(4 * bs, 3 * BS as usize), (5 * bs + 100, 10), (0, 12 * BS as usize)] {

@@ -289,14 +289,13 @@ impl Filesystem for StrataFs {
         let bs = u64::from(h.reader.block_size());
         let active = Active::enter(&self.active_reads);
         let alone = active.others == 0;
-        // The next blocks of a sequential reader are decoded ahead, on the other cores. Even
-        // with the kernel's readahead keeping several requests in flight: those requests often
-        // fall in one frame (groups hold 2-4 MiB), and the threads serving them would otherwise
-        // wait for one core to decode it.
+        // The next blocks of a sequential reader are decoded ahead, on the other cores; its
+        // groups even while the kernel's readahead keeps other requests in flight (see
+        // `FrameCache::prefetch`).
         h.reached.fetch_max((h.start + offset + want as u64) / bs, Ordering::Relaxed);
         if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
-            self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks, &h.reached);
+            self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks, &h.reached, !alone);
         }
         h.reader.prime_from((h.start + offset) / bs);
         if want > 0 && want <= MAX_READ as usize && all_zero(&h.reader, h.start + offset, want) {
