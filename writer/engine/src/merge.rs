@@ -13,8 +13,8 @@ use strata_format::block::compress_into;
 use strata_format::frame_cache::FrameCache;
 use strata_format::layout;
 use strata_format::{
-    Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, ReadScratch, RepoLock,
-    RepoState, Rule, VersionReader,
+    Encoding, Finish, ImageFile, ImageHeader, ImageRef, ImageWriter, IndexEntry, Kind, RepoLock, RepoState, Rule,
+    VersionReader,
 };
 
 use crate::progress::Progress;
@@ -210,8 +210,8 @@ struct Copier {
     stored: Vec<u8>,
     block: Vec<u8>,
     frame: Vec<u8>,
-    scratch: ReadScratch,
-    /// Frames a patched block's base comes from (its neighbours often share them).
+    /// Frames of the groups used in part and of patched blocks' bases, decoded once for the
+    /// blocks that share them (which other frames' blocks come between).
     frames: FrameCache,
     /// Blocks of groups copied whole, not reached yet.
     copied: std::collections::BTreeSet<u64>,
@@ -226,7 +226,6 @@ impl Copier {
             stored: Vec::new(),
             block: vec![0; block_size as usize],
             frame: Vec::new(),
-            scratch: ReadScratch::new(),
             frames: FrameCache::new(0, block_size, false),
             copied: Default::default(),
             partial: None,
@@ -273,7 +272,7 @@ impl Copier {
             }
             self.partial = Some(frame);
         }
-        image.read_block(&entry, &mut self.scratch, &mut self.block)?;
+        reader.read_block(block, &self.frames, &mut self.block)?;
         self.store_decoded(sink, block, entry.hash)?;
         Ok(block + 1)
     }
