@@ -58,7 +58,7 @@ pub fn decode_into(
             }
             out.copy_from_slice(stored);
         }
-        Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch => {
+        Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch | Encoding::PatchGroup => {
             match decompressor.decompress_to_buffer(stored, out) {
                 Ok(n) if n == out.len() => {}
                 Ok(n) => return Err(DecodeError::Decompress(format!("decompressed to {n} bytes, not {}", out.len()))),

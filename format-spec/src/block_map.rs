@@ -256,7 +256,7 @@ impl Builder {
                 let slot = &mut map[block as usize];
                 match encoding {
                     // A patch on a patch keeps the older one's base (patches never stack).
-                    Encoding::Patch => {
+                    _ if encoding.is_patch() => {
                         bases.entry(block).or_insert(*slot);
                     }
                     _ if !bases.is_empty() => {
@@ -267,7 +267,7 @@ impl Builder {
                 *slot = word;
             }
             Building::Sparse { records } => {
-                records.push(Record { block, word, patch: encoding == Encoding::Patch });
+                records.push(Record { block, word, patch: encoding.is_patch() });
             }
         }
     }
@@ -362,10 +362,10 @@ mod tests {
 
         fn base(&self, block: u64) -> Option<BlockLocation> {
             let h = self.history(block);
-            if h.last()?.2 != Encoding::Patch {
+            if !h.last()?.2.is_patch() {
                 return None;
             }
-            Some(Model::location(h.iter().rev().find(|e| e.2 != Encoding::Patch)))
+            Some(Model::location(h.iter().rev().find(|e| !e.2.is_patch())))
         }
     }
 
@@ -380,7 +380,8 @@ mod tests {
                         let enc = match (layer, rng.below(5)) {
                             (0, _) => Encoding::Zstd,
                             (_, 0) => Encoding::Zero,
-                            (_, 1 | 2) => Encoding::Patch,
+                            (_, 1) => Encoding::Patch,
+                            (_, 2) => Encoding::PatchGroup,
                             _ => Encoding::Raw,
                         };
                         entries.push((block, entries.len() as u64, enc));

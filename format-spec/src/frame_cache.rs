@@ -1,5 +1,5 @@
-//! The frame cache: decoded stored frames (one block, a whole group: at most 4 MiB, or a
-//! patch's parts), keyed by the opened image and the frame's offset in it, so that a frame
+//! The frame cache: decoded stored frames (one block, a whole group: at most 4 MiB, a patch's
+//! parts, or a patch group), keyed by the opened image and the frame's offset in it, so that a frame
 //! shared by several versions or several blocks (deduplication), or read by two requests that
 //! each cover part of a group, is decoded and kept once. Bounded by a byte budget (LRU
 //! eviction). A frame is decoded by one thread at a time: readers that want a frame under way
@@ -96,11 +96,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<ReadScratch> = std::cell::RefCell::new(ReadScratch::new());
+}
+
 /// Decodes the frame of `entry` into `out` with this thread's scratch buffers.
 fn decode_frame(image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> crate::Result<()> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<ReadScratch> = std::cell::RefCell::new(ReadScratch::new());
-    }
     SCRATCH.with(|s| image.decode_frame(entry, &mut s.borrow_mut(), out))
 }
 
@@ -139,7 +140,7 @@ impl FrameCache {
 
     /// The hashes of the blocks of the decoded frame `bytes` of `entry`.
     fn hash_blocks(&self, image: &ImageFile, entry: &IndexEntry, bytes: &[u8]) -> Vec<[u8; 32]> {
-        if !self.hashes || entry.encoding == Encoding::Patch {
+        if !self.hashes || entry.encoding.is_patch() {
             return Vec::new();
         }
         bytes.chunks_exact(image.header.block_size as usize).map(hash_block).collect()
@@ -220,15 +221,15 @@ impl FrameCache {
     /// Decodes a claimed frame into the cache; the claim is released when this returns or
     /// unwinds.
     fn decode(&self, image: &ImageFile, entry: &IndexEntry, claim: Claimed<'_>) -> crate::Result<Arc<Decoded>> {
-        let mut bytes = self.buffer(image.frame_len(entry));
-        let result = decode_frame(image, entry, &mut bytes);
-        let hashes = if result.is_ok() { self.hash_blocks(image, entry, &bytes) } else { Vec::new() };
-        let data = Arc::new(Decoded { bytes, hashes, taken: Default::default() });
-        if result.is_ok() {
+        let result = SCRATCH.with(|s| image.decode_frame_with(entry, &mut s.borrow_mut(), |len| self.buffer(len)));
+        let data = result.map(|bytes| {
+            let hashes = self.hash_blocks(image, entry, &bytes);
+            let data = Arc::new(Decoded { bytes, hashes, taken: Default::default() });
             self.insert(claim.key, data.clone());
-        }
+            data
+        });
         drop(claim);
-        result.map(|_| data)
+        data
     }
 
     /// The decoded frame of `entry`, from the cache or decoded now.
@@ -244,7 +245,7 @@ impl FrameCache {
         }
     }
 
-    /// The decoded frame of `entry` into `out` (`frame_len` bytes): taken from the cache when it
+    /// The decoded frame of `entry` (not a patch group) into `out` (`frame_len` bytes): taken from the cache when it
     /// is there or being decoded there (and then dropped from it), else decoded straight into
     /// `out` and not kept. Returns the hashes of its blocks (see `Decoded`).
     pub fn frame_into(&self, image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> crate::Result<Vec<[u8; 32]>> {
@@ -324,10 +325,10 @@ impl FrameCache {
                     continue;
                 }
                 let Ok(Some((image, entry))) = version.entry(block) else { continue };
-                if groups_only && entry.encoding != Encoding::ZstdGroup {
+                if groups_only && !matches!(entry.encoding, Encoding::ZstdGroup | Encoding::PatchGroup) {
                     continue;
                 }
-                let patch = entry.encoding == Encoding::Patch;
+                let patch = entry.encoding.is_patch();
                 let base = if patch { version.patch_base(block).ok().flatten() } else { None };
                 for (frame, found) in [(Frame::Newest, Some((image, entry))), (Frame::Base, base)] {
                     let Some((image, entry)) = found else { continue };

@@ -110,6 +110,7 @@ impl ImageFile {
                 crate::layout::GROUP_MAX_BYTES_FORMAT_2
             }),
             patches: format >= 3,
+            patch_groups: format >= 4,
         };
         let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data_len = footer.index_offset - HEADER_SIZE as u64;
@@ -241,7 +242,7 @@ impl ImageFile {
     /// read it through its version (`VersionReader::read_block`), which finds its base.
     pub fn read_block(&self, entry: &IndexEntry, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<()> {
         match entry.encoding {
-            Encoding::Patch => Err(FormatError::Invalid(format!(
+            Encoding::Patch | Encoding::PatchGroup => Err(FormatError::Invalid(format!(
                 "{}: block {} is a patch; it is read through its version",
                 self.path.display(),
                 entry.block
@@ -252,7 +253,7 @@ impl ImageFile {
             }
             Encoding::ZstdGroup => {
                 let bs = self.header.block_size as usize;
-                let group = self.decode_group(entry, scratch)?;
+                let group = self.decode_shared(entry, scratch)?;
                 let at = entry.group_slot as usize * bs;
                 out.copy_from_slice(&group[at..at + bs]);
                 Ok(())
@@ -266,18 +267,18 @@ impl ImageFile {
         }
     }
 
-    /// The decoded bytes of the group `entry` belongs to (`group_len` blocks), from `scratch`
-    /// when it holds them already.
-    pub(crate) fn decode_group<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
-        debug_assert_eq!(entry.encoding, Encoding::ZstdGroup);
+    /// The decoded frame of a group or a patch group that `entry` belongs to, from `scratch`
+    /// when it holds it already.
+    fn decode_shared<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
+        debug_assert!(matches!(entry.encoding, Encoding::ZstdGroup | Encoding::PatchGroup));
         let key = (self.serial, entry.data_offset);
         if scratch.group_key != Some(key) {
             scratch.group_key = None;
-            let ReadScratch { decompressor, stored, group, .. } = scratch;
-            self.read_stored_unchecked(entry, stored)?;
-            group.resize(entry.group_len as usize * self.header.block_size as usize, 0);
-            block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, group)
-                .map_err(|e| self.decode_error(entry, e))?;
+            let mut group = std::mem::take(&mut scratch.group);
+            scratch.group = self.decode_frame_with(entry, scratch, |len| {
+                group.resize(len, 0);
+                group
+            })?;
             scratch.group_key = Some(key);
         }
         Ok(&scratch.group)
@@ -290,32 +291,59 @@ impl ImageFile {
         self.serial
     }
 
-    /// Bytes the frame of `entry` decodes to: its whole group, one block, or a patch's parts.
+    /// Bytes the frame of `entry` decodes to: its whole group, one block, or a patch's parts. Not
+    /// for a patch group, whose length its frame declares (see `decode_frame_with`).
     pub fn frame_len(&self, entry: &IndexEntry) -> usize {
+        debug_assert!(entry.encoding != Encoding::PatchGroup, "a patch group's length is in its frame");
         if entry.encoding == Encoding::Patch {
-            return entry.patch_mask.count_ones() as usize * IndexEntry::patch_part_len(self.header.block_size);
+            return self.patch_len(entry);
         }
         usize::from(entry.group_len.max(1)) * self.header.block_size as usize
     }
 
+    /// Bytes of parts the patch `entry` stores.
+    fn patch_len(&self, entry: &IndexEntry) -> usize {
+        entry.patch_mask.count_ones() as usize * IndexEntry::patch_part_len(self.header.block_size)
+    }
+
+    /// The parts of the patch `entry` in its decoded frame: all of it for a patch of its own, its
+    /// slot's for a patch in a patch group (checked against the group's table).
+    pub fn patch_parts<'f>(&self, entry: &IndexEntry, frame: &'f [u8]) -> Result<&'f [u8]> {
+        let len = self.patch_len(entry);
+        let found = match entry.encoding {
+            Encoding::Patch if frame.len() == len => Ok(0..len),
+            Encoding::Patch => Err(format!("{} bytes of parts, not {len}", frame.len())),
+            _ => crate::patch_group::slot_parts(frame, usize::from(entry.group_slot), len),
+        };
+        found.map(|r| &frame[r]).map_err(|detail| FormatError::Corrupt {
+            loc: self.loc().block(entry.block).at(entry.data_offset),
+            what: "patch",
+            detail: format!("block {}: {detail}", entry.block),
+        })
+    }
+
     /// Overwrites the parts of `block` (holding the patch's base) that the patch `entry` stores,
-    /// from its decoded frame `parts` (`frame_len` bytes).
-    pub(crate) fn apply_patch(&self, entry: &IndexEntry, parts: &[u8], block: &mut [u8]) {
+    /// from its decoded frame `frame`; returns the bytes of parts laid.
+    pub fn lay_patch(&self, entry: &IndexEntry, frame: &[u8], block: &mut [u8]) -> Result<usize> {
+        let parts = self.patch_parts(entry, frame)?;
         let part = IndexEntry::patch_part_len(self.header.block_size);
         let stored = (0..crate::layout::PATCH_PARTS as usize).filter(|i| entry.patch_mask & (1 << i) != 0);
         for (from, to) in parts.chunks_exact(part).zip(stored) {
             block[to * part..(to + 1) * part].copy_from_slice(from);
         }
+        Ok(parts.len())
     }
 
-    /// Decodes the patch `entry` and applies it to `block`, which holds the patch's base.
-    pub fn read_patch(&self, entry: &IndexEntry, scratch: &mut ReadScratch, block: &mut [u8]) -> Result<()> {
+    /// Checks that the frame of the patch `entry` decodes and holds its parts (a patch group is
+    /// kept in `scratch` for the next patches of the group).
+    pub fn check_patch_frame(&self, entry: &IndexEntry, scratch: &mut ReadScratch) -> Result<()> {
+        if entry.encoding == Encoding::PatchGroup {
+            let frame = self.decode_shared(entry, scratch)?;
+            return self.patch_parts(entry, frame).map(|_| ());
+        }
         let mut parts = std::mem::take(&mut scratch.patch);
         parts.resize(self.frame_len(entry), 0);
         let decoded = self.decode_frame(entry, scratch, &mut parts);
-        if decoded.is_ok() {
-            self.apply_patch(entry, &parts, block);
-        }
         scratch.patch = parts;
         decoded
     }
@@ -331,6 +359,42 @@ impl ImageFile {
         self.read_stored_unchecked(entry, stored)?;
         block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, out)
             .map_err(|e| self.decode_error(entry, e))
+    }
+
+    /// Decodes the frame `entry` points at into the buffer `buffer(len)` gives for the `len`
+    /// bytes it decodes to, checking the crc32c: `frame_len` bytes, or for a patch group the
+    /// content size its zstd frame declares (at most `GROUP_MAX_BYTES`; a frame that declares
+    /// none, or more, is corrupt).
+    pub fn decode_frame_with(
+        &self,
+        entry: &IndexEntry,
+        scratch: &mut ReadScratch,
+        buffer: impl FnOnce(usize) -> Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        if entry.encoding != Encoding::PatchGroup {
+            let mut out = buffer(self.frame_len(entry));
+            self.decode_frame(entry, scratch, &mut out)?;
+            return Ok(out);
+        }
+        let ReadScratch { decompressor, stored, .. } = scratch;
+        self.read_stored_unchecked(entry, stored)?;
+        let declared = zstd::zstd_safe::get_frame_content_size(stored).ok().flatten();
+        let len = match declared {
+            Some(n) if (1..=self.limits.group_max_bytes).contains(&n) => n as usize,
+            _ => {
+                let actual = crc32c::crc32c(stored);
+                let error = if crate::layout::checksum_matches(entry.data_crc, actual) {
+                    DecodeError::Decompress(format!("a patch group's frame declares {declared:?} bytes"))
+                } else {
+                    DecodeError::Crc { expected: entry.data_crc, actual }
+                };
+                return Err(self.decode_error(entry, error));
+            }
+        };
+        let mut out = buffer(len);
+        block::decode_into(decompressor, entry.encoding, stored, entry.data_crc, &mut out)
+            .map_err(|e| self.decode_error(entry, e))?;
+        Ok(out)
     }
 
     /// Checks `actual`, the BLAKE3 hash of the block `entry` names as it was read (for a patch:
@@ -624,6 +688,31 @@ impl ImageWriter {
         Ok(IndexEntry { patch_mask: mask, ..entry })
     }
 
+    /// Writes a patch group: `frame` is one zstd frame of the parts of the patches `patches`
+    /// (block, mask, content hash; ascending blocks), laid out as `patch_group` builds them,
+    /// decoding to at most `layout::GROUP_MAX_BYTES`. Returns their entries, for `push`.
+    pub fn write_patch_group(&mut self, patches: &[(u64, u16, [u8; 32])], frame: &[u8]) -> Result<Vec<IndexEntry>> {
+        let n = patches.len();
+        assert!((1..=crate::patch_group::PATCH_GROUP_MAX_PATCHES).contains(&n) && !frame.is_empty());
+        assert!(
+            frame.len() <= crate::layout::GROUP_MAX_BYTES as usize && self.header.kind != crate::header::Kind::Full
+        );
+        assert!(patches.windows(2).all(|w| w[0].0 < w[1].0), "a patch group's blocks ascend");
+        assert!(patches.iter().all(|p| p.1 != 0));
+        let first = self.write_stored(patches[0].0, Encoding::PatchGroup, frame, patches[0].2)?;
+        Ok(patches
+            .iter()
+            .enumerate()
+            .map(|(slot, &(block, patch_mask, hash))| IndexEntry {
+                block,
+                hash,
+                patch_mask,
+                group_slot: slot as u8,
+                ..first
+            })
+            .collect())
+    }
+
     /// Appends a group: `frame` is one zstd frame of the blocks `blocks` (numbers and hashes,
     /// ascending, not necessarily adjacent), each `block_size` long, in that order, decoding
     /// to at most `layout::GROUP_MAX_BYTES`. Pushes their entries to `entries`.
@@ -669,7 +758,7 @@ impl ImageWriter {
     /// The entry of `block` pointing at the stored bytes `like` names (see `append_ref`).
     pub fn ref_entry(block: u64, hash: [u8; 32], like: &IndexEntry) -> IndexEntry {
         // A patch means something only at its own block (its base is that block's).
-        assert!(!matches!(like.encoding, Encoding::Zero | Encoding::Patch));
+        assert!(like.encoding != Encoding::Zero && !like.encoding.is_patch());
         assert!(like.hash == hash);
         IndexEntry { block, hash, ..*like }
     }

@@ -2,7 +2,8 @@
 //! their crc32c, and the BLAKE3 hash of the block's content. Each entry carries its own crc32c so
 //! that a single entry read on the hot path is verified without rereading the whole index.
 //! A patch entry (format 3) names only some parts of its block; the rest comes from the block's
-//! base in an older layer, which `version` resolves.
+//! base in an older layer, which `version` resolves. A patch in a patch group (format 4) also
+//! names its slot in the group's frame.
 
 use crate::error::{FormatError, Loc, Result};
 use crate::layout::{self, entry as off, INDEX_ENTRY_SIZE};
@@ -23,6 +24,9 @@ pub enum Encoding {
     /// One zstd frame holding the parts of the block named by `patch_mask`, in order; the other
     /// parts are those of the block's base (deltas only, format 3).
     Patch,
+    /// A patch whose parts lie in a patch group, a frame shared with other patches of the image,
+    /// at `group_slot` (deltas only, format 4; see `patch_group`).
+    PatchGroup,
 }
 
 impl Encoding {
@@ -33,7 +37,13 @@ impl Encoding {
             Encoding::Zstd => layout::ENCODING_ZSTD,
             Encoding::ZstdGroup => layout::ENCODING_ZSTD_GROUP,
             Encoding::Patch => layout::ENCODING_PATCH,
+            Encoding::PatchGroup => layout::ENCODING_PATCH_GROUP,
         }
+    }
+
+    /// Whether the entry stores some parts of its block over the block's base.
+    pub fn is_patch(self) -> bool {
+        matches!(self, Encoding::Patch | Encoding::PatchGroup)
     }
 }
 
@@ -47,16 +57,17 @@ pub struct IndexEntry {
     pub data_crc: u32,
     /// BLAKE3 of the block's content, zero-padded to the block size.
     pub hash: [u8; 32],
-    /// Blocks in this entry's group and this block's place in it (0 and 0 unless `ZstdGroup`).
+    /// Blocks in this entry's group and this block's place in it (0 and 0 unless `ZstdGroup`);
+    /// `PatchGroup`: `group_len` is 0 and `group_slot` the patch's place in its group.
     pub group_len: u8,
     pub group_slot: u8,
-    /// `Patch`: bit i set when part i (of `PATCH_PARTS`) is stored; 0 for other encodings.
+    /// Patches: bit i set when part i (of `PATCH_PARTS`) is stored; 0 for other encodings.
     pub patch_mask: u16,
 }
 
 impl IndexEntry {
-    /// Whether this entry and `other`, of one image, name the same stored frame: one group, or
-    /// one stored block that several entries share (deduplication).
+    /// Whether this entry and `other`, of one image, name the same stored frame: one group, one
+    /// patch group, or one stored block that several entries share (deduplication).
     pub fn same_frame(&self, other: &IndexEntry) -> bool {
         self.encoding != Encoding::Zero
             && self.encoding == other.encoding
@@ -64,7 +75,7 @@ impl IndexEntry {
             && self.stored_len == other.stored_len
             && self.data_crc == other.data_crc
             && self.group_len == other.group_len
-            && self.patch_mask == other.patch_mask
+            && (self.encoding == Encoding::PatchGroup || self.patch_mask == other.patch_mask)
     }
 
     /// Bytes one part of a patch covers.
@@ -78,8 +89,11 @@ impl IndexEntry {
         put_u64(&mut b, off::DATA_OFFSET, self.data_offset);
         put_u32(&mut b, off::STORED_LEN, self.stored_len);
         b[off::ENCODING] = self.encoding.to_byte();
-        if self.encoding == Encoding::Patch {
+        if self.encoding.is_patch() {
             put_u16(&mut b, off::PATCH_MASK, self.patch_mask);
+            if self.encoding == Encoding::PatchGroup {
+                b[off::PATCH_SLOT] = self.group_slot;
+            }
         } else {
             b[off::GROUP_LEN] = self.group_len;
             b[off::GROUP_SLOT] = self.group_slot;
@@ -107,9 +121,15 @@ impl IndexEntry {
             layout::ENCODING_ZSTD => Encoding::Zstd,
             layout::ENCODING_ZSTD_GROUP => Encoding::ZstdGroup,
             layout::ENCODING_PATCH => Encoding::Patch,
+            layout::ENCODING_PATCH_GROUP => Encoding::PatchGroup,
             other => return Err(corrupt(off::ENCODING, format!("unknown encoding {other}"))),
         };
-        let patch = encoding == Encoding::Patch;
+        let patch = encoding.is_patch();
+        let slot = match encoding {
+            Encoding::PatchGroup => b[off::PATCH_SLOT],
+            _ if patch => 0,
+            _ => b[off::GROUP_SLOT],
+        };
         let entry = IndexEntry {
             block: get_u64(b, off::BLOCK),
             data_offset: get_u64(b, off::DATA_OFFSET),
@@ -118,7 +138,7 @@ impl IndexEntry {
             data_crc: get_u32(b, off::DATA_CRC),
             hash: get_array(b, off::HASH),
             group_len: if patch { 0 } else { b[off::GROUP_LEN] },
-            group_slot: if patch { 0 } else { b[off::GROUP_SLOT] },
+            group_slot: slot,
             patch_mask: if patch { get_u16(b, off::PATCH_MASK) } else { 0 },
         };
         if entry.block >= limits.block_count {
@@ -148,6 +168,12 @@ impl IndexEntry {
             if !limits.patches {
                 return Err(corrupt(off::ENCODING, "a patch in an image of format 2 or older".into()));
             }
+            if encoding == Encoding::PatchGroup {
+                if !limits.patch_groups {
+                    return Err(corrupt(off::ENCODING, "a patch group in an image of format 3 or older".into()));
+                }
+                max_stored = u32::try_from(limits.group_max_bytes).unwrap_or(u32::MAX);
+            }
             if !limits.zero_entries {
                 return Err(corrupt(off::ENCODING, "a patch in a full".into()));
             }
@@ -169,7 +195,7 @@ impl IndexEntry {
                     return Err(corrupt(off::ENCODING, "a zero entry in a full".into()));
                 }
             }
-            Encoding::Raw | Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch => {
+            Encoding::Raw | Encoding::Zstd | Encoding::ZstdGroup | Encoding::Patch | Encoding::PatchGroup => {
                 let end = entry.data_offset.checked_add(u64::from(entry.stored_len));
                 let in_range = entry.data_offset >= limits.data_start && end.is_some_and(|e| e <= limits.data_end);
                 if !in_range || entry.stored_len == 0 || entry.stored_len > max_stored {
@@ -206,4 +232,6 @@ pub struct EntryLimits {
     pub group_max_bytes: u64,
     /// Whether patches may appear (format 3 onwards).
     pub patches: bool,
+    /// Whether patch groups may appear (format 4 onwards).
+    pub patch_groups: bool,
 }

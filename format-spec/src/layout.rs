@@ -93,9 +93,11 @@ pub mod entry {
     pub const ENCODING: usize = 20;
     pub const GROUP_LEN: usize = 21;
     pub const GROUP_SLOT: usize = 22;
-    /// Encoding 4 (format 3): the patch's 16-bit part mask, over the group fields' two bytes.
+    /// Encodings 4 (format 3) and 5 (format 4): the patch's 16-bit part mask, over the group
+    /// fields' two bytes.
     pub const PATCH_MASK: usize = 21;
-    pub const RESERVED: usize = 23;
+    /// Encoding 5: the patch's place in its patch group (0 for the other encodings).
+    pub const PATCH_SLOT: usize = 23;
     pub const DATA_CRC: usize = 24;
     pub const HASH: usize = 28;
     pub const ENTRY_CRC: usize = 60;
@@ -129,10 +131,16 @@ pub const ENCODING_RAW: u8 = 1;
 pub const ENCODING_ZSTD: u8 = 2;
 pub const ENCODING_ZSTD_GROUP: u8 = 3;
 pub const ENCODING_PATCH: u8 = 4;
+pub const ENCODING_PATCH_GROUP: u8 = 5;
 
 /// A patch (encoding 4) replaces some of a block's `PATCH_PARTS` equal parts (4 KiB of a 64 KiB
 /// block: a file system page) and takes the rest from the block's base (SPEC.md §3.2).
 pub const PATCH_PARTS: u32 = 16;
+
+/// A patch group (encoding 5, format 4) is one zstd frame holding the parts of 1..=255 patches
+/// of an image, after a table of one little-endian u32 of this size per patch: where its parts
+/// start in the decoded frame (SPEC.md §3.2). It decodes to at most GROUP_MAX_BYTES.
+pub const PATCH_TABLE_ENTRY: usize = 4;
 
 /// A group (encoding 3) is one zstd frame holding 2..=GROUP_MAX_BLOCKS stored blocks of an
 /// image, decoding to at most GROUP_MAX_BYTES (format 4; GROUP_MAX_BYTES_FORMAT_2 in formats 2
@@ -160,7 +168,7 @@ const _: () = assert!(footer::CRC + 4 == FOOTER_SIZE);
 const _: () = assert!(footer::SOURCE_DIGEST + 32 == footer::RESERVED1);
 const _: () = assert!(entry::HASH + 32 == entry::ENTRY_CRC);
 const _: () = assert!(entry::ENTRY_CRC + 4 == INDEX_ENTRY_SIZE);
-const _: () = assert!(entry::PATCH_MASK + 2 == entry::RESERVED && PATCH_PARTS == u16::BITS);
+const _: () = assert!(entry::PATCH_MASK + 2 == entry::PATCH_SLOT && PATCH_PARTS == u16::BITS);
 
 /// Whether a stored crc32c matches the computed one. Fuzzing builds (`--cfg fuzzing`, set by
 /// cargo fuzz) accept every checksum so that the fuzzer reaches the parsing behind them.

@@ -19,6 +19,7 @@ pub mod index;
 pub mod layout;
 mod le;
 pub mod mounts;
+pub mod patch_group;
 mod read_ahead;
 pub mod read_plan;
 pub mod repo;

@@ -149,7 +149,7 @@ fn plan(reader: &VersionReader, mut pos: u64, n: usize) -> crate::Result<Vec<Uni
             (BlockLocation::Zero, _) => units.push(Unit::Zero { len }),
             (BlockLocation::Stored { .. }, _) => {
                 let (image, entry) = reader.entry(block)?.expect("a stored block has an entry");
-                if entry.encoding != Encoding::Patch {
+                if !entry.encoding.is_patch() {
                     join_frame(
                         &mut units,
                         image,
@@ -228,7 +228,7 @@ fn fill(cache: &FrameCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> crate:
         cache.took(image, &entry, frame, at);
     }
     for patch in patches {
-        lay_patch(cache, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs])?;
+        lay_patch(cache, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs], true)?;
     }
     Ok(())
 }
@@ -243,19 +243,34 @@ fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> crate::Res
 }
 
 /// Lays the parts of the patch `entry` over `block`, which holds its base, and checks the
-/// patched block's hash when the cache checks hashes. The parts are not kept in the cache (a
-/// sequential reader needs them once) unless prefetch put them there.
-fn lay_patch(cache: &FrameCache, image: &ImageFile, entry: &IndexEntry, block: &mut [u8]) -> crate::Result<()> {
+/// patched block's hash when the cache checks hashes. The parts of a patch of its own are not
+/// kept in the cache (a sequential reader needs them once) unless prefetch put them there; a
+/// patch group is, for the group's next patches, and leaves once reads have taken all of it
+/// (`took`: the whole block is read this time).
+fn lay_patch(
+    cache: &FrameCache,
+    image: &ImageFile,
+    entry: &IndexEntry,
+    block: &mut [u8],
+    took: bool,
+) -> crate::Result<()> {
     thread_local! {
         static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    PARTS.with(|cell| -> crate::Result<()> {
-        let mut parts = cell.borrow_mut();
-        parts.resize(image.frame_len(entry), 0);
-        cache.frame_into(image, entry, &mut parts)?;
-        image.apply_patch(entry, &parts, block);
-        Ok(())
-    })?;
+    if entry.encoding == Encoding::PatchGroup {
+        let frame = cache.frame(image, entry)?;
+        let laid = image.lay_patch(entry, &frame, block)?;
+        if took {
+            cache.took(image, entry, frame, laid + crate::layout::PATCH_TABLE_ENTRY);
+        }
+    } else {
+        PARTS.with(|cell| -> crate::Result<()> {
+            let mut parts = cell.borrow_mut();
+            parts.resize(image.frame_len(entry), 0);
+            cache.frame_into(image, entry, &mut parts)?;
+            image.lay_patch(entry, &parts, block).map(|_| ())
+        })?;
+    }
     if cache.checks_hashes() {
         image.check_hash(entry, &hash_block(block))?;
     }
@@ -289,7 +304,7 @@ fn fill_patch(
         }
         None => block.fill(0),
     }
-    lay_patch(cache, image, entry, block)?;
+    lay_patch(cache, image, entry, block, whole)?;
     if !whole {
         out.copy_from_slice(&spare[part.within..part.within + part.len]);
     }

@@ -15,6 +15,7 @@ use crate::header::{new_id, ImageHeader, ImageRef, Kind, Rule};
 use crate::{Encoding, Finish, ImageFile, ImageWriter, IndexEntry, VersionReader};
 
 use crate::frame_cache::FrameCache;
+use crate::patch_group::PatchGroupBuilder;
 use crate::read_plan::{all_zero, read_window};
 
 const BS: u32 = 4096;
@@ -357,6 +358,15 @@ fn only_reads_within_zero_blocks_count_as_all_zero() {
     assert!(!all_zero(&reader, 10 * bs, 2 * BS as usize));
 }
 
+/// How a delta stores its patches.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Patches {
+    /// A frame each (encoding 4).
+    Alone,
+    /// All in one patch group (encoding 5).
+    Grouped,
+}
+
 /// A delta on top of `parent` (whose disk was `old`) in which the blocks `patched` are patches
 /// of `new` naming the parts where they differ, and the blocks `zeroed` are zero entries.
 fn write_patch_delta(
@@ -366,11 +376,13 @@ fn write_patch_delta(
     old: &[u8],
     patched: &[u64],
     zeroed: &[u64],
+    how: Patches,
 ) -> std::path::PathBuf {
-    write_forged_patch_delta(dir, parent, new, old, patched, zeroed, &[])
+    write_forged_patch_delta(dir, parent, new, old, patched, zeroed, &[], how)
 }
 
 /// As `write_patch_delta`, with the patches of the blocks `forged` recording `forged_hash`.
+#[allow(clippy::too_many_arguments)]
 fn write_forged_patch_delta(
     dir: &Path,
     parent: &ImageFile,
@@ -379,6 +391,7 @@ fn write_forged_patch_delta(
     patched: &[u64],
     zeroed: &[u64],
     forged: &[u64],
+    how: Patches,
 ) -> std::path::PathBuf {
     let (bs, part) = (BS as usize, BS as usize / 16);
     let version = parent.header.version + 1;
@@ -394,6 +407,7 @@ fn write_forged_patch_delta(
     let mut w = ImageWriter::create(&final_path, header).unwrap();
     let mut digest = SourceDigest::new(new.len() as u64, BS);
     let mut present = 0;
+    let (mut entries, mut group, mut in_group) = (Vec::new(), PatchGroupBuilder::default(), Vec::new());
     for (b, chunk) in new.chunks(bs).enumerate() {
         let mut block = chunk.to_vec();
         block.resize(bs, 0);
@@ -402,7 +416,7 @@ fn write_forged_patch_delta(
         present += u64::from(!is_zero(&block));
         let b = b as u64;
         if zeroed.contains(&b) {
-            w.append_zero(b, hash).unwrap();
+            entries.push(ImageWriter::zero_entry(b, hash));
         } else if patched.contains(&b) {
             let mut old_block = old[b as usize * bs..].to_vec();
             old_block.resize(bs, 0);
@@ -413,8 +427,24 @@ fn write_forged_patch_delta(
                 .flat_map(|i| block[i * part..(i + 1) * part].to_vec())
                 .collect();
             let hash = if forged.contains(&b) { forged_hash() } else { hash };
-            w.append_patch(b, mask, &zstd::bulk::compress(&parts, 3).unwrap(), hash).unwrap();
+            match how {
+                Patches::Alone => {
+                    entries.push(w.write_patch(b, mask, &zstd::bulk::compress(&parts, 3).unwrap(), hash).unwrap())
+                }
+                Patches::Grouped => {
+                    group.push(&parts);
+                    in_group.push((b, mask, hash));
+                }
+            }
         }
+    }
+    if !in_group.is_empty() {
+        let frame = zstd::bulk::compress(&group.finish(), 3).unwrap();
+        entries.extend(w.write_patch_group(&in_group, &frame).unwrap());
+        entries.sort_by_key(|e| e.block);
+    }
+    for entry in entries {
+        w.push(entry).unwrap();
     }
     w.finish(Finish { present_blocks: present, source_digest: digest.finish() }).unwrap()
 }
@@ -436,14 +466,16 @@ fn patched_blocks_read_as_their_base_with_the_parts_laid_over() {
         v2[at..end].iter_mut().for_each(|x| *x = !*x);
     }
     v2[12 * bs..13 * bs].fill(0);
-    let i2 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i1, &v2, &v1, &patched2, &[12])).unwrap());
+    let delta = write_patch_delta(dir.path(), &i1, &v2, &v1, &patched2, &[12], Patches::Grouped);
+    let i2 = Arc::new(ImageFile::open(&delta).unwrap());
     // v3: a patch over a patch (block 2, another part too) and over the zero block 12
     let mut v3 = v2.clone();
     v3[2 * bs + 15 * part..3 * bs].fill(0x5a);
     v3[12 * bs + 4 * part..12 * bs + 5 * part].fill(0x33);
     let mut base3 = v1.clone();
     base3[12 * bs..13 * bs].fill(0); // block 12's base is v2's zero entry
-    let i3 = Arc::new(ImageFile::open(&write_patch_delta(dir.path(), &i2, &v3, &base3, &[2, 12], &[])).unwrap());
+    let delta = write_patch_delta(dir.path(), &i2, &v3, &base3, &[2, 12], &[], Patches::Alone);
+    let i3 = Arc::new(ImageFile::open(&delta).unwrap());
     let reader = Arc::new(VersionReader::from_chain(vec![i1, i2, i3]).unwrap());
     assert!(reader.patch_base(12).unwrap().is_none());
     let cache = Arc::new(FrameCache::new(64 * u64::from(BS), BS, true));
@@ -505,6 +537,12 @@ fn a_block_of_a_group_that_does_not_match_its_hash_fails_its_reads_only() {
 
 #[test]
 fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only() {
+    for how in [Patches::Alone, Patches::Grouped] {
+        a_patched_block_that_does_not_match_its_hash_fails_its_reads_only_when(how);
+    }
+}
+
+fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only_when(how: Patches) {
     let dir = tempfile::tempdir().unwrap();
     let (bs, part) = (BS as usize, BS as usize / 16);
     let v1 = sample_disk(30);
@@ -515,13 +553,14 @@ fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only() {
     for b in [5usize, 6, 7] {
         v2[b * bs + part..b * bs + 2 * part].fill(0x77);
     }
-    let delta = write_forged_patch_delta(dir.path(), &i1, &v2, &v1, &[5, 6, 7], &[], &[5]);
+    let delta = write_forged_patch_delta(dir.path(), &i1, &v2, &v1, &[5, 6, 7], &[], &[5], how);
     let i2 = Arc::new(ImageFile::open(&delta).unwrap());
     let reader = VersionReader::from_chain(vec![i1, i2]).unwrap();
     assert!(reader.patch_base(7).unwrap().is_none());
     let len = v2.len() as u64;
     let (image, entry) = reader.entry(5).unwrap().expect("block 5 is stored");
-    assert_eq!(entry.encoding, Encoding::Patch);
+    let encoding = if how == Patches::Alone { Encoding::Patch } else { Encoding::PatchGroup };
+    assert_eq!(entry.encoding, encoding, "{how:?}");
     let named = format!("{} (version 2) block 5 at offset {}", image.path().display(), entry.data_offset);
     for parallel in [false, true] {
         let cache = FrameCache::new(64 * u64::from(BS), BS, true);

@@ -128,6 +128,7 @@ fn footer_and_entry_round_trip_and_self_check() {
         groups: true,
         group_max_bytes: u64::from(layout::GROUP_MAX_BYTES),
         patches: true,
+        patch_groups: true,
     };
     assert_eq!(IndexEntry::decode(&e.encode(), &loc, 0, &limits).unwrap(), e);
     for i in 0..INDEX_ENTRY_SIZE {
@@ -172,16 +173,54 @@ fn footer_and_entry_round_trip_and_self_check() {
     assert!(IndexEntry::decode(&raw, &loc, 0, &format2).is_err(), "a patch in a format 2 image");
     let full = EntryLimits { zero_entries: false, ..limits };
     assert!(IndexEntry::decode(&raw, &loc, 0, &full).is_err(), "a patch in a full");
+
+    // Patch groups: the mask, and the slot in byte 23; stored up to a group's size (more than
+    // a block), in deltas of format 4 only. Entries of one group name one frame.
+    let pg = IndexEntry { encoding: Encoding::PatchGroup, patch_mask: 0x0102, group_slot: 7, stored_len: 3000, ..e };
+    let raw = pg.encode();
+    let (mask_at, slot_at) = (layout::entry::PATCH_MASK, layout::entry::PATCH_SLOT);
+    assert_eq!((raw[mask_at], raw[mask_at + 1], raw[slot_at]), (0x02, 0x01, 7));
+    let small_blocks = EntryLimits { block_size: 1024, max_stored: 1024, block_count: 40, ..limits };
+    assert_eq!(IndexEntry::decode(&raw, &loc, 0, &small_blocks).unwrap(), pg);
+    assert!(IndexEntry::decode(&IndexEntry { patch_mask: 0, ..pg }.encode(), &loc, 0, &limits).is_err());
+    let format3 = EntryLimits { patch_groups: false, ..limits };
+    assert!(IndexEntry::decode(&raw, &loc, 0, &format3).is_err(), "a patch group in a format 3 image");
+    assert!(IndexEntry::decode(&raw, &loc, 0, &full).is_err(), "a patch group in a full");
+    let other = IndexEntry { block: 4, patch_mask: 0x8000, group_slot: 8, ..pg };
+    assert!(pg.same_frame(&other) && !p.same_frame(&IndexEntry { patch_mask: 1, ..p }));
+}
+
+/// Writes the patches of `blocks` of `disk` (block and mask, ascending) as one patch group;
+/// returns their entries, for `push`.
+fn write_patch_group(w: &mut ImageWriter, disk: &[u8], blocks: &[(usize, u16)]) -> Vec<IndexEntry> {
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let mut group = crate::patch_group::PatchGroupBuilder::default();
+    let mut patches = Vec::new();
+    for &(block, mask) in blocks {
+        let content = &disk[block * bs..(block + 1) * bs];
+        let parts: Vec<u8> =
+            (0..16).filter(|i| mask & (1 << i) != 0).flat_map(|i| content[i * part..(i + 1) * part].to_vec()).collect();
+        group.push(&parts);
+        patches.push((block as u64, mask, hash_block(content)));
+    }
+    let frame = zstd::bulk::compress(&group.finish(), 3).unwrap();
+    w.write_patch_group(&patches, &frame).unwrap()
 }
 
 /// A patch of `block` of `disk` naming the parts in `mask` (parts of BS / 16 bytes).
 fn append_patch(w: &mut ImageWriter, disk: &[u8], block: usize, mask: u16) -> IndexEntry {
+    let entry = write_patch(w, disk, block, mask);
+    w.push(entry).unwrap()
+}
+
+/// Writes the patch `append_patch` appends; returns its entry, for `push`.
+fn write_patch(w: &mut ImageWriter, disk: &[u8], block: usize, mask: u16) -> IndexEntry {
     let (bs, part) = (BS as usize, BS as usize / 16);
     let content = &disk[block * bs..(block + 1) * bs];
     let parts: Vec<u8> =
         (0..16).filter(|i| mask & (1 << i) != 0).flat_map(|i| content[i * part..(i + 1) * part].to_vec()).collect();
     let frame = zstd::bulk::compress(&parts, 3).unwrap();
-    w.append_patch(block as u64, mask, &frame, hash_block(content)).unwrap()
+    w.write_patch(block as u64, mask, &frame, hash_block(content)).unwrap()
 }
 
 fn finish_like(w: ImageWriter, disk: &[u8]) -> PathBuf {
@@ -218,8 +257,9 @@ fn a_patch_lays_its_parts_over_the_newest_entry_below_that_is_not_a_patch() {
     v3[3 * bs + part..3 * bs + 2 * part].fill(0xa4);
     let h3 = header(3, Kind::Incremental, Some(r2), Some(r1), size as u64);
     let mut w = ImageWriter::create(&dir.path().join("v00000003.strata"), h3).unwrap();
-    append_patch(&mut w, &v3, 0, 0b10_1001);
-    append_patch(&mut w, &v3, 3, 0b10);
+    for entry in write_patch_group(&mut w, &v3, &[(0, 0b10_1001), (3, 0b10)]) {
+        w.push(entry).unwrap();
+    }
     let p3 = finish_like(w, &v3);
     let open = |p: &Path| Arc::new(ImageFile::open(p).unwrap());
     let (i1, i2, i3) = (open(&p1), open(&p2), open(&p3));
@@ -696,7 +736,7 @@ fn spec_table(spec: &str, heading: &str) -> Vec<(usize, usize, String)> {
 #[test]
 fn constants_match_spec() {
     let spec = spec_text();
-    let numbers: [(&str, u64); 35] = [
+    let numbers: [(&str, u64); 37] = [
         ("FORMAT_VERSION", layout::FORMAT_VERSION.into()),
         ("HEADER_SIZE", HEADER_SIZE as u64),
         ("FOOTER_SIZE", FOOTER_SIZE as u64),
@@ -719,6 +759,8 @@ fn constants_match_spec() {
         ("GROUP_MAX_BYTES_FORMAT_2", layout::GROUP_MAX_BYTES_FORMAT_2.into()),
         ("ENCODING_PATCH", layout::ENCODING_PATCH.into()),
         ("PATCH_PARTS", layout::PATCH_PARTS.into()),
+        ("ENCODING_PATCH_GROUP", layout::ENCODING_PATCH_GROUP.into()),
+        ("PATCH_TABLE_ENTRY", layout::PATCH_TABLE_ENTRY as u64),
         ("RULE_UNSPECIFIED", layout::RULE_UNSPECIFIED.into()),
         ("RULE_FIRST", layout::RULE_FIRST.into()),
         ("RULE_REQUESTED", layout::RULE_REQUESTED.into()),
@@ -792,7 +834,7 @@ fn constants_match_spec() {
         e::ENCODING,
         e::GROUP_LEN,
         e::GROUP_SLOT,
-        e::RESERVED,
+        e::PATCH_SLOT,
         e::DATA_CRC,
         e::HASH,
         e::ENTRY_CRC,
@@ -878,12 +920,16 @@ fn random_chain(dir: &Path, seed: u64, blocks: usize, depth: usize) -> RandomCha
         let name = crate::repo::image_file_name(h.version);
         let mut w = ImageWriter::create(&dir.join(name), h).unwrap();
         let mut entries = 0u64;
+        // Every other delta keeps its patches in one patch group, written at the end: its
+        // entries wait in `held` (None for a patch) to go in the index in block order.
+        let grouped = layer % 2 == 0;
+        let (mut held, mut grouped_patches) = (Vec::new(), Vec::new());
         for b in 0..blocks {
             let block = b * bs..(b + 1) * bs;
             let choice = if layer == 0 { [0, 2][next(2) as usize] } else { next(5) };
             match choice {
                 1 => {
-                    w.append_zero(b as u64, zero_block_hash(BS)).unwrap();
+                    held.push(Some(ImageWriter::zero_entry(b as u64, zero_block_hash(BS))));
                     disk[block].fill(0);
                     base_bytes[b].fill(0);
                     (masks[b], newest[b], bases[b], base_loc[b]) = (0, None, None, None);
@@ -899,7 +945,7 @@ fn random_chain(dir: &Path, seed: u64, blocks: usize, depth: usize) -> RandomCha
                     };
                     let enc = if bytes.len() >= bs { Encoding::Raw } else { enc };
                     let bytes = if enc == Encoding::Raw { disk[block.clone()].to_vec() } else { bytes };
-                    w.append_block(b as u64, enc, &bytes, hash_block(&disk[block.clone()])).unwrap();
+                    held.push(Some(w.write_block(b as u64, enc, &bytes, hash_block(&disk[block.clone()])).unwrap()));
                     base_bytes[b].copy_from_slice(&disk[block]);
                     newest[b] = Some((layer, entries));
                     (masks[b], bases[b], base_loc[b]) = (0, None, newest[b]);
@@ -914,7 +960,12 @@ fn random_chain(dir: &Path, seed: u64, blocks: usize, depth: usize) -> RandomCha
                         })
                         .fold(0u16, |m, i| m | 1 << i);
                     let mask = differs | masks[b] | changed;
-                    append_patch(&mut w, &disk, b, mask);
+                    if grouped {
+                        grouped_patches.push((b, mask));
+                        held.push(None);
+                    } else {
+                        held.push(Some(write_patch(&mut w, &disk, b, mask)));
+                    }
                     bases[b] = Some(base_loc[b]);
                     masks[b] = mask;
                     newest[b] = Some((layer, entries));
@@ -922,6 +973,15 @@ fn random_chain(dir: &Path, seed: u64, blocks: usize, depth: usize) -> RandomCha
                 _ => continue,
             }
             entries += 1;
+        }
+        let mut in_group =
+            if grouped_patches.is_empty() { Vec::new() } else { write_patch_group(&mut w, &disk, &grouped_patches) }
+                .into_iter();
+        for entry in held {
+            match entry {
+                Some(e) => drop(w.push(e).unwrap()),
+                None => drop(w.push(in_group.next().unwrap()).unwrap()),
+            }
         }
         let present = newest.iter().filter(|n| n.is_some()).count() as u64;
         let mut digest = SourceDigest::new(size, BS);

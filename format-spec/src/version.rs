@@ -263,7 +263,7 @@ impl VersionReader {
     pub fn read_patch_base(&self, block: u64, scratch: &mut ReadScratch, out: &mut [u8]) -> Result<Option<u16>> {
         let Some((image, entry)) = self.entry(block)? else { return Ok(None) };
         let (inherited, base) = match entry.encoding {
-            Encoding::Patch => (entry.patch_mask, self.patch_base(block)?),
+            Encoding::Patch | Encoding::PatchGroup => (entry.patch_mask, self.patch_base(block)?),
             _ => (0, Some((image, entry))),
         };
         match base {

@@ -1,5 +1,5 @@
-//! Patches (format 3): a block rewritten in a few 4 KiB pages is stored as those pages over its
-//! base. The pages must cost about what they are, every version must read back byte for byte
+//! Patches (format 3; in patch groups, format 4): a block rewritten in a few 4 KiB pages is
+//! stored as those pages over its base, the pages of a backup's patches compressed together. The pages must cost about what they are, every version must read back byte for byte
 //! through restore and the mount, a merge below a patch must not change what the patch means,
 //! and a damaged patch must make exactly the versions that need it unrestorable.
 
@@ -156,21 +156,70 @@ fn a_damaged_patch_makes_exactly_the_versions_that_need_it_unrestorable() {
     assert!(r.stderr.contains("v00000002.strata"), "{}", r.stderr);
 }
 
+/// The index entries of the image at `path` (64 bytes each).
+fn index_entries(path: &Path) -> Vec<Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let footer = bytes.len() - 128;
+    let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+    let (index, count) = (le64(footer + 32), le64(footer + 40));
+    (0..count).map(|i| bytes[index + 64 * i..index + 64 * (i + 1)].to_vec()).collect()
+}
+
+#[test]
+fn the_patches_of_a_backup_share_one_frame_and_its_damage_fails_exactly_them() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, repo) = noise_repo(t.path(), 6);
+    let v1 = snapshot(&src, t.path(), 1);
+    // v2: one page of the same noise in each of 100 blocks. Alone, each patch is a page of
+    // noise that zstd cannot shrink; in one frame, the copies compress to about one page.
+    let page = noise(60, PAGE as usize);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    for block in 0..100u64 {
+        f.write_all_at(&page, block * 2 * 65536 + (block % 16) * PAGE).unwrap();
+    }
+    let s = backup_json(&src, &repo);
+    let stored = s["stored_bytes"].as_u64().unwrap();
+    assert!(stored < 10 * PAGE, "{stored} bytes stored for 100 copies of one page: each patch compressed alone?");
+    let v2 = snapshot(&src, t.path(), 2);
+    let image = repo.join("v00000002.strata");
+    let entries = index_entries(&image);
+    assert_eq!(entries.len(), 100);
+    let offset = |e: &[u8]| u64::from_le_bytes(e[8..16].try_into().unwrap());
+    for (slot, e) in entries.iter().enumerate() {
+        assert_eq!((e[20], e[23], offset(e)), (5, slot as u8, offset(&entries[0])), "entry {slot}: one patch group");
+    }
+    assert_restores_to(&repo, "2", &v2, t.path());
+    if have_fuse("the_patches_of_a_backup_share_one_frame_and_its_damage_fails_exactly_them") {
+        let m = StrataMount::new(&repo, &t.path().join("mnt"), &[]);
+        assert!(same_file(&m.path("2/disk.img"), &v2), "mounted v2 differs");
+    }
+
+    flip_byte(&image, offset(&entries[0]) + 7);
+    let v = strata(["verify", "--json", &p(&repo)]).expect_code(1).json();
+    let image2 = v["images"].as_array().unwrap().iter().find(|i| i["version"] == 2).unwrap();
+    assert_eq!(image2["bad_blocks"], 100, "every patch of the group, nothing else: {v}");
+    let restorable: Vec<bool> = v["versions"].as_array().unwrap().iter().map(|r| r["restorable"] == true).collect();
+    assert_eq!(restorable, [true, false], "{v}");
+    let r = strata(["restore", &p(&repo), "2", &p(&t.path().join("out"))]).expect_code(1);
+    assert!(r.stderr.contains("v00000002.strata") && r.stderr.contains("block "), "{}", r.stderr);
+    assert_restores_to(&repo, "1", &v1, t.path());
+}
+
 #[test]
 fn a_patch_laid_over_the_wrong_parts_is_found_by_verify() {
     let t = tempfile::tempdir().unwrap();
     let (src, repo) = noise_repo(t.path(), 4);
     let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
     f.write_all_at(&noise(40, PAGE as usize), 3 * PAGE).unwrap();
-    backup_json(&src, &repo); // v2: one patch of block 0, part 3
-                              // Move the patch to part 4: the frame still decodes to one part and every crc is made to
-                              // match, so only the content hash over the base can tell.
+    backup_json(&src, &repo); // v2: one patch of block 0, part 3, in a patch group
+                              // Move the patch to part 4: its slot still holds one part and every crc is made to match,
+                              // so only the content hash over the base can tell.
     let v2 = repo.join("v00000002.strata");
     let mut bytes = std::fs::read(&v2).unwrap();
     let footer = bytes.len() - 128;
     let le64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
     let (index, count) = (le64(footer + 32), le64(footer + 40));
-    let entry = (0..count).map(|i| index + 64 * i).find(|&e| bytes[e + 20] == 4).expect("a patch entry");
+    let entry = (0..count).map(|i| index + 64 * i).find(|&e| bytes[e + 20] == 5).expect("a patch entry");
     assert_eq!(&bytes[entry + 21..entry + 23], &(1u16 << 3).to_le_bytes());
     bytes[entry + 21..entry + 23].copy_from_slice(&(1u16 << 4).to_le_bytes());
     let entry_crc = crc32c::crc32c(&bytes[entry..entry + 60]);

@@ -523,11 +523,11 @@ fn copy_blocks(
         for packed in packed_rx {
             let Packed { batch, units } = packed?;
             crate::interrupt::check()?;
-            let batch_buf = batch.as_ref().map_or(&[][..], |(scanned, _, _)| scanned.buf.as_slice());
+            let batch_buf = batch.as_ref().map_or(&[][..], |(scanned, _)| scanned.buf.as_slice());
             for unit in &units {
                 order.write_unit(writer, unit, batch_buf, &mut stored)?;
             }
-            let Some((Scanned { start, buf, results }, decisions, patches)) = batch else { continue };
+            let Some((Scanned { start, buf, results }, decisions)) = batch else { continue };
             for (i, (r, decision)) in results.iter().zip(&decisions).enumerate() {
                 let b = start + i as u64;
                 digest.push(&r.hash);
@@ -535,11 +535,7 @@ fn copy_blocks(
                 let held = match (r.action, decision) {
                     (Action::Unchanged, _) => continue,
                     (Action::Zero, _) => Held::Entry(ImageWriter::zero_entry(b, zero_hash)),
-                    (Action::Store, Some(Decision::Store { .. })) => Held::Stored(b),
-                    (Action::Store, Some(Decision::Patch)) => {
-                        let patch = patches[i].as_ref().expect("a patch decision has its patch");
-                        Held::Entry(writer.write_patch(b, patch.mask, &patch.frame, r.hash)?)
-                    }
+                    (Action::Store, Some(Decision::Store { .. } | Decision::Patch)) => Held::Stored(b),
                     (Action::Store, _) => Held::Copy(b, r.hash),
                 };
                 order.hold(held);
@@ -561,20 +557,17 @@ fn copy_blocks(
 /// One batch decided, and the frames that closed with it (they may hold blocks of earlier
 /// batches); the last message has frames only (what was still open at the source's end).
 struct Packed {
-    /// The batch; per block the decision (`None` unless the block changed to a non-zero
-    /// content) and its patch against the parent, when it has one.
-    batch: Option<Decided>,
+    /// The batch, and per block the decision (`None` unless the block changed to a non-zero
+    /// content).
+    batch: Option<(Scanned, Vec<Option<Decision>>)>,
     /// The frames that closed, compressed, in block order.
     units: Vec<Unit>,
 }
 
-/// A batch, and per block its decision and its patch.
-type Decided = (Scanned, Vec<Option<Decision>>, Vec<Option<PatchFrame>>);
-
 /// An index entry, or what it waits for.
 enum Held {
     Entry(IndexEntry),
-    /// A stored block, whose frame may still be open.
+    /// A stored block or a patch, whose frame may still be open.
     Stored(u64),
     /// A copy of a content stored earlier in this image (block, hash).
     Copy(u64, [u8; 32]),
@@ -646,7 +639,7 @@ fn pack_batches(
     for scanned in scanned_rx {
         let packed = scanned.and_then(|scanned| {
             let patches = match parent {
-                Some(parent) => patch_batch(parent, level, &scanned, bs)?,
+                Some(parent) => patch_batch(parent, &scanned, bs)?,
                 None => (0..scanned.results.len()).map(|_| None).collect(),
             };
             let decisions: Vec<Option<Decision>> = scanned
@@ -659,8 +652,11 @@ fn pack_batches(
             let remember: Vec<bool> =
                 decisions.iter().map(|d| *d == Some(Decision::Store { remember: true })).collect();
             let hashes: Vec<[u8; 32]> = scanned.results.iter().map(|r| r.hash).collect();
-            let units = packer.pack(&scanned.buf, scanned.start, &hashes, &store, &remember);
-            Ok(Packed { batch: Some((scanned, decisions, patches)), units })
+            let patched = patches.into_iter().enumerate().filter(|(i, _)| decisions[*i] == Some(Decision::Patch));
+            let patched =
+                patched.map(|(i, p)| (scanned.start + i as u64, hashes[i], p.expect("a patch decision has its patch")));
+            let units = packer.pack(&scanned.buf, scanned.start, &hashes, &store, &remember, patched.collect());
+            Ok(Packed { batch: Some((scanned, decisions)), units })
         });
         let failed = packed.is_err();
         if packed_tx.send(packed).is_err() || failed {
@@ -671,10 +667,10 @@ fn pack_batches(
 }
 
 /// The patches of the changed blocks of one batch against the parent, on all cores.
-fn patch_batch(parent: &VersionReader, level: i32, scanned: &Scanned, bs: usize) -> Result<Vec<Option<PatchFrame>>> {
+fn patch_batch(parent: &VersionReader, scanned: &Scanned, bs: usize) -> Result<Vec<Option<PatchFrame>>> {
     let changed: Vec<usize> =
         (0..scanned.results.len()).filter(|&i| scanned.results[i].action == Action::Store).collect();
-    let patcher = Patcher::new(parent, level);
+    let patcher = Patcher::new(parent);
     let made = changed
         .par_chunks(PATCH_TASK_BLOCKS)
         .map(|chunk| {

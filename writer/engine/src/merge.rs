@@ -96,7 +96,7 @@ fn copy_version(
             Some((image, entry)) if entry.encoding == Encoding::ZstdGroup => {
                 copier.copy_group(reader, sink, block, image, entry)?
             }
-            Some((_, entry)) if entry.encoding == Encoding::Patch => {
+            Some((_, entry)) if entry.encoding.is_patch() => {
                 reader.read_block(block, &copier.frames, &mut copier.block)?;
                 copier.store_decoded(sink, block, entry.hash)?;
                 block + 1

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use strata_format::frame_cache::FrameCache;
-use strata_format::{Encoding, Kind, Repository};
+use strata_format::{Kind, Repository};
 
 use crate::backup::{backup, BackupRequest};
 use crate::config::Retention;
@@ -130,7 +130,7 @@ fn run_model(seed: u64, dir: &Path) -> usize {
             .unwrap();
     assert!(report.ok, "seed {seed}: verify finds problems: {:?}", report.images);
     let images = state.images.values().filter_map(|slot| slot.image.as_ref().ok());
-    images.map(|image| image.stream_entries().filter(|e| e.as_ref().unwrap().encoding == Encoding::Patch).count()).sum()
+    images.map(|image| image.stream_entries().filter(|e| e.as_ref().unwrap().encoding.is_patch()).count()).sum()
 }
 
 #[test]

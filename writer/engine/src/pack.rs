@@ -7,15 +7,20 @@
 //! (`layout::GROUP_MAX_BYTES` at most, and never over more than `GROUP_MAX_SPAN` of the disk). A
 //! file system that uses a third of its blocks then compresses like one stream instead of
 //! paying a fresh zstd history every 300 KiB. A lone block is its own frame, and what zstd
-//! cannot shrink is kept raw. Compression runs on all cores, each with a compressor of its own
-//! that lives as long as the thread.
+//! cannot shrink is kept raw. The parts of patches gather the same way, apart, into patch
+//! groups (`strata_format::patch_group`): one small frame per patch paid a fresh history for a
+//! few pages each. Compression runs on all cores, each with a compressor of its own that lives
+//! as long as the thread.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 use strata_format::block::compress_into;
-use strata_format::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES};
+use strata_format::layout::{GROUP_MAX_BLOCKS, GROUP_MAX_BYTES, PATCH_TABLE_ENTRY};
+use strata_format::patch_group::{PatchGroupBuilder, PATCH_GROUP_MAX_PATCHES};
 use strata_format::{Encoding, ImageWriter, IndexEntry};
+
+use crate::patch::PatchFrame;
 
 /// A group is closed at the end of a window once it holds this much data. Larger frames
 /// compress better (on aged file systems, frames of 1 MiB of data cost 2.4–3.7% over one
@@ -29,9 +34,14 @@ pub const GROUP_MAX_SPAN: u64 = 64 << 20;
 /// of data cost 1.2–1.9% over one zstd stream on aged file systems, 1 MiB ones 2.4–3.7%; a
 /// mount's 1 MiB requests take them through the frame cache either way.
 pub const WINDOW_BYTES: usize = 2 << 20;
+/// What a patch group decodes to at most: room for zstd's worst case (incompressible parts)
+/// within `GROUP_MAX_BYTES`, which bounds the stored frame too.
+const PATCH_GROUP_MAX_BYTES: usize = GROUP_MAX_BYTES as usize - GROUP_MAX_BYTES as usize / 128;
 
 enum Packed {
     Zstd(Vec<u8>),
+    /// A patch group's frame (always zstd: a patch is never stored raw).
+    Patches(Vec<u8>),
     /// zstd could not shrink it: the blocks' own bytes.
     Raw(Vec<u8>),
     /// zstd could not shrink a whole window: its bytes, where they lie in the batch's buffer.
@@ -53,10 +63,11 @@ impl Default for Bytes {
 
 /// One frame to append: source blocks `blocks` (ascending, not always adjacent) and their
 /// content hashes, whether later blocks of the same content may point at each (`remember`),
-/// and how they are stored.
+/// and how they are stored; for a patch group, each patch's mask (`masks`, else empty).
 pub struct Unit {
     blocks: Vec<(u64, [u8; 32])>,
     remember: Vec<bool>,
+    masks: Vec<u16>,
     packed: Packed,
 }
 
@@ -65,7 +76,16 @@ pub struct Unit {
 struct Gathered {
     blocks: Vec<(u64, [u8; 32])>,
     remember: Vec<bool>,
+    masks: Vec<u16>,
     bytes: Bytes,
+}
+
+/// Patches gathered for one patch group.
+#[derive(Default)]
+struct GatheredPatches {
+    patches: Vec<(u64, [u8; 32])>,
+    masks: Vec<u16>,
+    parts: PatchGroupBuilder,
 }
 
 /// The packer of one image: what it gathered for the frame still open, across batches.
@@ -77,6 +97,7 @@ pub struct Packer {
     target_blocks: usize,
     span_blocks: u64,
     open: Gathered,
+    open_patches: GatheredPatches,
 }
 
 impl Packer {
@@ -91,12 +112,14 @@ impl Packer {
             target_blocks: (GROUP_TARGET_BYTES / bs).clamp(1, max_blocks),
             span_blocks: (GROUP_MAX_SPAN / bs as u64).max(1),
             open: Gathered::default(),
+            open_patches: GatheredPatches::default(),
         }
     }
 
     /// Takes the blocks of one batch (`buf`, blocks from source block `block0`, content hashes
-    /// `hashes`) whose `store` flag is set (`remember`: later copies may point at them); returns
-    /// the frames that closed, compressed, in block order.
+    /// `hashes`) whose `store` flag is set (`remember`: later copies may point at them), and the
+    /// batch's patches (block, content hash, patch; ascending); returns the frames that closed,
+    /// compressed (block frames in block order, then patch groups).
     pub fn pack(
         &mut self,
         buf: &[u8],
@@ -104,6 +127,7 @@ impl Packer {
         hashes: &[[u8; 32]],
         store: &[bool],
         remember: &[bool],
+        patches: Vec<(u64, [u8; 32], PatchFrame)>,
     ) -> Vec<Unit> {
         let bs = self.bs;
         let mut closed = Vec::new();
@@ -116,7 +140,7 @@ impl Packer {
                 closed.extend(self.close());
                 let blocks = (b..b + self.window).zip(hashes[i..window_end].iter().copied()).collect();
                 let bytes = Bytes::InBatch(i * bs..window_end * bs);
-                closed.push(Gathered { blocks, remember: remember[i..window_end].to_vec(), bytes });
+                closed.push(Gathered { blocks, remember: remember[i..window_end].to_vec(), masks: Vec::new(), bytes });
                 i = window_end;
                 continue;
             }
@@ -140,17 +164,41 @@ impl Packer {
             }
             i = window_end;
         }
+        for (block, hash, patch) in patches {
+            let open = &self.open_patches;
+            let full = open.patches.len() == PATCH_GROUP_MAX_PATCHES
+                || open.parts.decoded_len() + PATCH_TABLE_ENTRY + patch.parts.len() > PATCH_GROUP_MAX_BYTES;
+            if full || open.patches.first().is_some_and(|&(first, _)| block - first >= self.span_blocks) {
+                closed.extend(self.close_patches());
+            }
+            let open = &mut self.open_patches;
+            open.patches.push((block, hash));
+            open.masks.push(patch.mask);
+            open.parts.push(&patch.parts);
+            if open.parts.decoded_len() >= GROUP_TARGET_BYTES {
+                closed.extend(self.close_patches());
+            }
+        }
         self.compress(closed, buf)
     }
 
-    /// The frame still open, at the end of the source.
+    /// The frames still open, at the end of the source.
     pub fn finish(&mut self) -> Vec<Unit> {
-        let last = self.close().into_iter().collect();
+        let last = self.close().into_iter().chain(self.close_patches()).collect();
         self.compress(last, &[])
     }
 
     fn close(&mut self) -> Option<Gathered> {
         (!self.open.blocks.is_empty()).then(|| std::mem::take(&mut self.open))
+    }
+
+    fn close_patches(&mut self) -> Option<Gathered> {
+        if self.open_patches.patches.is_empty() {
+            return None;
+        }
+        let GatheredPatches { patches, masks, parts } = std::mem::take(&mut self.open_patches);
+        let remember = vec![false; patches.len()];
+        Some(Gathered { blocks: patches, remember, masks, bytes: Bytes::Owned(parts.finish()) })
     }
 
     /// Compresses `frames` on all cores; `buf` is the batch's buffer that windows lie in.
@@ -164,12 +212,23 @@ impl Packer {
                     Bytes::InBatch(range) => &buf[range.clone()],
                 };
                 let mut frame = Vec::new();
+                if !g.masks.is_empty() {
+                    frame.reserve(zstd::zstd_safe::compress_bound(bytes.len()));
+                    with_compressor(level, |c| c.compress_to_buffer(bytes, &mut frame))
+                        .expect("a buffer of zstd's bound holds any frame");
+                    return Unit {
+                        blocks: g.blocks,
+                        remember: g.remember,
+                        masks: g.masks,
+                        packed: Packed::Patches(frame),
+                    };
+                }
                 let packed = match (with_compressor(level, |c| compress_into(c, bytes, &mut frame)), g.bytes) {
                     (Encoding::Zstd, _) => Packed::Zstd(frame),
                     (_, Bytes::Owned(bytes)) => Packed::Raw(bytes),
                     (_, Bytes::InBatch(range)) => Packed::RawInBatch(range),
                 };
-                Unit { blocks: g.blocks, remember: g.remember, packed }
+                Unit { blocks: g.blocks, remember: g.remember, masks: g.masks, packed }
             })
             .collect()
     }
@@ -213,6 +272,11 @@ impl Unit {
                 Ok(vec![writer.write_block(b, Encoding::Zstd, frame, h)?])
             }
             Packed::Zstd(frame) => writer.write_group(&self.blocks, frame),
+            Packed::Patches(frame) => {
+                let patches: Vec<(u64, u16, [u8; 32])> =
+                    self.blocks.iter().zip(&self.masks).map(|(&(b, h), &m)| (b, m, h)).collect();
+                writer.write_patch_group(&patches, frame)
+            }
             Packed::Raw(bytes) => raw(bytes, writer),
             Packed::RawInBatch(range) => raw(&batch[range.clone()], writer),
         }
@@ -234,7 +298,7 @@ mod tests {
             let buf = vec![7u8; store.len() * BS];
             let remember = vec![true; store.len()];
             let hashes = vec![[0u8; 32]; store.len()];
-            out.extend(packer.pack(&buf, *block0, &hashes, store, &remember));
+            out.extend(packer.pack(&buf, *block0, &hashes, store, &remember, Vec::new()));
         }
         out.extend(packer.finish());
         out.into_iter().map(|u| u.blocks.iter().map(|(b, _)| *b).collect()).collect()

@@ -14,8 +14,6 @@ use std::cell::RefCell;
 use strata_format::layout::PATCH_PARTS;
 use strata_format::{IndexEntry, ReadScratch, VersionReader};
 
-use crate::pack::with_compressor;
-
 /// A patch over a block that the parent holds whole names at most this many of its parts: any
 /// part left out is a part not stored again (file systems that fill freed space put new data in
 /// most pages of many blocks, not all of them).
@@ -26,10 +24,11 @@ pub const MAX_FIRST_PATCH_PARTS: u32 = PATCH_PARTS - 1;
 /// short patches again, than to keep storing most of it.
 pub const MAX_PATCH_PARTS: u32 = PATCH_PARTS / 2;
 
-/// A block stored as a patch: the parts it names and their zstd frame.
+/// A block to store as a patch: the parts it names and their bytes, in order (compressed
+/// with other patches' into a patch group by `pack`).
 pub struct PatchFrame {
     pub mask: u16,
-    pub frame: Vec<u8>,
+    pub parts: Vec<u8>,
 }
 
 /// The parts of `new` that differ from `base`.
@@ -44,27 +43,24 @@ pub fn changed_parts(new: &[u8], base: &[u8]) -> u16 {
 /// Makes patches against one parent version, on any number of threads.
 pub struct Patcher<'v> {
     parent: &'v VersionReader,
-    level: i32,
 }
 
 /// What a thread makes patches with, kept for the thread's life: made per task, the decoder's
-/// buffers and the compressor's tables were allocated and faulted in again for every 16 blocks.
-/// The scratch keeps the parent's last decoded group (adjacent blocks of one group decode it
-/// once); it is named by the opened image and offset, so it never stands for another image.
+/// buffers were allocated and faulted in again for every 16 blocks. The scratch keeps the
+/// parent's last decoded group (adjacent blocks of one group decode it once); it is named by
+/// the opened image and offset, so it never stands for another image.
 struct Tools {
     scratch: ReadScratch,
     base: Vec<u8>,
-    parts: Vec<u8>,
 }
 
 thread_local! {
-    static TOOLS: RefCell<Tools> =
-        RefCell::new(Tools { scratch: ReadScratch::new(), base: Vec::new(), parts: Vec::new() });
+    static TOOLS: RefCell<Tools> = RefCell::new(Tools { scratch: ReadScratch::new(), base: Vec::new() });
 }
 
 impl<'v> Patcher<'v> {
-    pub fn new(parent: &'v VersionReader, level: i32) -> Patcher<'v> {
-        Patcher { parent, level }
+    pub fn new(parent: &'v VersionReader) -> Patcher<'v> {
+        Patcher { parent }
     }
 
     /// The patch of `block`, whose new content is `new`, or `None` when it is to be stored
@@ -78,7 +74,7 @@ impl<'v> Patcher<'v> {
     }
 
     fn patch_with(&self, tools: &mut Tools, block: u64, new: &[u8]) -> strata_format::Result<Option<PatchFrame>> {
-        let Tools { scratch, base, parts } = tools;
+        let Tools { scratch, base } = tools;
         base.resize(new.len(), 0);
         let Some(inherited) = self.parent.read_patch_base(block, scratch, base)? else { return Ok(None) };
         let mask = inherited | changed_parts(new, base);
@@ -87,20 +83,13 @@ impl<'v> Patcher<'v> {
             return Ok(None);
         }
         let part = IndexEntry::patch_part_len(self.parent.block_size());
-        parts.clear();
+        let mut parts = Vec::with_capacity(mask.count_ones() as usize * part);
         for (i, bytes) in new.chunks_exact(part).enumerate() {
             if mask & (1 << i) != 0 {
                 parts.extend_from_slice(bytes);
             }
         }
-        // Always a zstd frame (format: a patch is never raw), and at most a block long.
-        let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(parts.len()));
-        if with_compressor(self.level, |c| c.compress_to_buffer(parts.as_slice(), &mut frame)).is_err()
-            || frame.len() > new.len()
-        {
-            return Ok(None);
-        }
-        Ok(Some(PatchFrame { mask, frame }))
+        Ok(Some(PatchFrame { mask, parts }))
     }
 }
 

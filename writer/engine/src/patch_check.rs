@@ -2,15 +2,21 @@
 //! patch's parts laid over, and the base lies in another image, so the check waits until every
 //! image has been read: patches are collected while their images are checked, then checked
 //! sorted by base frame. Each base frame (often a 1 MiB group that many versions patch) is then
-//! decoded once for all the patches over it, not once per patch: the check costs about one read
-//! of what the repository stores, however many versions patch the same blocks.
+//! decoded once for all the patches over it, not once per patch, and the patches' own frames
+//! (patch groups, which hold the patches of a stretch of the disk) come from a frame cache: the
+//! check costs about one read of what the repository stores, however many versions patch the
+//! same blocks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rayon::prelude::*;
 use strata_format::block::hash_block;
+use strata_format::frame_cache::FrameCache;
 use strata_format::{FormatError, ImageFile, IndexEntry, ReadScratch, RepoState};
+
+/// What the cache of patch frames holds at most.
+const PATCH_FRAMES_BUDGET: u64 = 256 << 20;
 
 /// Patches waiting for their check: (version id of their image, entry).
 #[derive(Default)]
@@ -29,6 +35,11 @@ impl Check {
     /// Which frame the base lies in (`None` first: zero bases).
     fn base_frame(&self) -> Option<(u64, u64)> {
         self.base.as_ref().map(|(image, entry)| (image.serial(), entry.data_offset))
+    }
+
+    /// Which frame the patch's parts lie in.
+    fn patch_frame(&self) -> (u64, u64) {
+        (self.image.serial(), self.entry.data_offset)
     }
 }
 
@@ -57,13 +68,15 @@ impl PatchChecks {
                 checks.push(Check { image: image.clone(), entry, base });
             }
         }
-        checks.sort_by_key(Check::base_frame);
+        checks.sort_by_key(|c| (c.base_frame(), c.patch_frame()));
         let runs: Vec<&[Check]> = checks.chunk_by(|a, b| a.base_frame() == b.base_frame()).collect();
+        let Some(first) = checks.first() else { return BTreeMap::new() };
+        let patch_frames = FrameCache::new(PATCH_FRAMES_BUDGET, first.image.header.block_size, false);
         let bad: Vec<(u64, FormatError)> = runs
             .par_iter()
             .map_init(
                 || (ReadScratch::new(), Vec::new(), Vec::new()),
-                |(scratch, frame, block), run| check_run(run, scratch, frame, block),
+                |(scratch, frame, block), run| check_run(run, &patch_frames, scratch, frame, block),
             )
             .flatten()
             .collect();
@@ -78,6 +91,7 @@ impl PatchChecks {
 /// Checks patches that share one base frame, decoding it once.
 fn check_run(
     run: &[Check],
+    patch_frames: &FrameCache,
     scratch: &mut ReadScratch,
     frame: &mut Vec<u8>,
     block: &mut Vec<u8>,
@@ -99,8 +113,11 @@ fn check_run(
             }
             None => block.fill(0),
         }
-        // A patch frame that does not decode was reported with its image's blocks.
-        if check.image.read_patch(&check.entry, scratch, block).is_ok() && hash_block(block) != check.entry.hash {
+        // A patch frame that does not decode, or lacks the patch's parts, was reported with its
+        // image's blocks.
+        let laid =
+            patch_frames.frame(&check.image, &check.entry).and_then(|f| check.image.lay_patch(&check.entry, &f, block));
+        if laid.is_ok() && hash_block(block) != check.entry.hash {
             let loc = check.image.loc().block(check.entry.block).at(check.entry.data_offset);
             bad.push((check.image.header.version, FormatError::HashMismatch { loc, block: check.entry.block }));
         }

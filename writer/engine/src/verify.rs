@@ -159,7 +159,7 @@ fn check_image(
         if quick {
             continue;
         }
-        for e in entries.iter().filter(|e| e.encoding == Encoding::Patch) {
+        for e in entries.iter().filter(|e| e.encoding.is_patch()) {
             patches.add(image.header.version, *e);
         }
         let bad: Vec<FormatError> = entries
@@ -200,8 +200,7 @@ fn check_block(
 ) -> strata_format::Result<()> {
     match entry.encoding {
         Encoding::Zero => return Ok(()),
-        // at most a block of parts
-        Encoding::Patch => return image.decode_frame(entry, scratch, &mut out[..image.frame_len(entry)]),
+        Encoding::Patch | Encoding::PatchGroup => return image.check_patch_frame(entry, scratch),
         _ => image.read_block(entry, scratch, out)?,
     }
     if hash_block(out) != entry.hash {
