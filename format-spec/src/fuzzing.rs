@@ -1,17 +1,18 @@
-//! What the `open_image` fuzz target does with its input, shared with the regression test that
-//! replays the corpus and every input a fuzzer crashed on (`tests/fuzz_regressions.rs`), so that
-//! both drive the same calls: open, index check, version resolution, and every block read
-//! through `read_plan::read_window` and the frame cache, the one read path of the mount and
-//! restore (block by block, as restore and merge ask, and in 128 KiB windows decoded on all
-//! cores with hash checks, as the mount serves them). Each must end in data or an error, never
-//! a panic, a huge allocation or a hang.
+//! What the `open_image` and `open_repository` fuzz targets do with their input, shared with
+//! the regression test that replays their corpora and every input a fuzzer crashed on
+//! (`tests/fuzz_regressions.rs`), so that both drive the same calls: open, index check, version
+//! resolution, and every block read through `read_plan::read_window` and the frame cache, the
+//! one read path of the mount and restore (block by block, as restore and merge ask, and in
+//! 128 KiB windows decoded on all cores with hash checks, as the mount serves them). A lone
+//! image is a full; a repository's deltas bring patches and patch groups over their bases. Each
+//! must end in data or an error, never a panic, a huge allocation or a hang.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::frame_cache::FrameCache;
 use crate::read_plan::read_window;
-use crate::{ImageFile, VersionReader};
+use crate::{ImageFile, Repository, VersionReader};
 
 /// Opens `path` as the only image of a version and reads everything of it there is to read.
 pub fn open_and_read(path: &Path) {
@@ -23,6 +24,11 @@ pub fn open_and_read(path: &Path) {
         return;
     }
     let Ok(reader) = VersionReader::from_chain(vec![Arc::new(image)]) else { return };
+    read_version(&reader);
+}
+
+/// Reads every block of `reader` (at most 4096 blocks) as restore and the mount do.
+fn read_version(reader: &VersionReader) {
     if reader.block_count() > 4096 {
         return;
     }
@@ -39,4 +45,41 @@ pub fn open_and_read(path: &Path) {
         at += window.len() as u64;
     }
     let _ = reader.digest_from_index();
+}
+
+/// Splits `data` at 0xFF 0x00 0xFF markers into an identity file and up to three images, puts
+/// them in a repository folder, and opens, scans, checks and reads every restorable version;
+/// returns how many versions it read.
+pub fn open_repository_and_read(data: &[u8]) -> usize {
+    let mut parts = Vec::new();
+    let mut rest = data;
+    while let Some(i) = rest.windows(3).position(|w| w == [0xFF, 0x00, 0xFF]) {
+        parts.push(&rest[..i]);
+        rest = &rest[i + 3..];
+    }
+    parts.push(rest);
+    let Ok(dir) = tempfile::tempdir() else { return 0 };
+    let _ = std::fs::write(dir.path().join("strata.repo"), parts[0]);
+    for (i, image) in parts.iter().skip(1).take(3).enumerate() {
+        let _ = std::fs::write(dir.path().join(format!("v{:08}.strata", i + 1)), image);
+    }
+    let Ok(repo) = Repository::open(dir.path()) else { return 0 };
+    let Ok(mut state) = repo.scan() else { return 0 };
+    state.check_indexes();
+    let mut read = 0;
+    for status in state.statuses() {
+        let small = status.image.as_ref().is_some_and(|i| i.header.block_count() <= 1 << 25);
+        if status.restorable() && small {
+            if let Ok(reader) = state.open_version(status.id) {
+                if reader.block_count() <= 4096 {
+                    let _ = reader.digest_from_index();
+                    read_version(&reader);
+                    read += 1;
+                }
+            }
+        }
+    }
+    let _ = state.latest_restorable();
+    let _ = repo.next_version_id(&state);
+    read
 }

@@ -11,8 +11,9 @@
 //! read is being served; when the kernel sends many requests at once, the requests share the
 //! cores instead). A whole block whose newest entry is a patch joins the unit of its base's frame
 //! (usually a group its neighbours read too), and the patch's parts, decoded into a per-thread
-//! buffer, are laid over it afterwards; part of a patched block, or one over a zero base, is a
-//! unit of its own. With a cache that checks hashes, every stored block served is checked
+//! buffer (a patch group's through the cache, which keeps it for the group's next patches), are
+//! laid over it afterwards; part of a patched block, or one over a zero base, is a unit of its
+//! own. With a cache that checks hashes, every stored block served is checked
 //! against its entry's BLAKE3 hash: a block of a frame against the hashes taken when the frame
 //! was decoded, a patched block once its parts are laid over its base. Each block is checked
 //! against the entry that names it for this version, so a block that points into another block's

@@ -1,7 +1,6 @@
 //! Every input a fuzzer ever crashed on, kept in tests/fuzz-regressions/, and the `open_image`
-//! seed corpus, opened and read the way the `open_image` fuzz target does
-//! (`strata_format::fuzzing::open_and_read`): each must end in data or an error, never a panic
-//! or an abort.
+//! and `open_repository` corpora, opened and read the way those fuzz targets do
+//! (`strata_format::fuzzing`): each must end in data or an error, never a panic or an abort.
 
 #[test]
 fn fuzz_crashes_and_the_image_corpus_stay_fixed() {
@@ -18,7 +17,20 @@ fn fuzz_crashes_and_the_image_corpus_stay_fixed() {
         }
         assert!(seen > 0, "no inputs in {}", dir.display());
     }
+    let dir = root.join("fuzz/corpus/open_repository");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        strata_format::fuzzing::open_repository_and_read(&std::fs::read(entry.unwrap().path()).unwrap());
+        seen += 1;
+    }
+    assert!(seen > 0, "no inputs in {}", dir.display());
+    // A full and two incrementals whose patches are in patch groups (4 KiB blocks), made by
+    // strata 0.6.0: the seed that brings the fuzzer to patches laid over their bases.
+    let seed = std::fs::read(dir.join(PATCH_GROUP_SEED)).unwrap();
+    assert_eq!(strata_format::fuzzing::open_repository_and_read(&seed), 3, "the patch group seed reads");
 }
+
+const PATCH_GROUP_SEED: &str = "539122ed83545a79bfc91256c380ee1dc10ea89e";
 
 /// The `volume_maps` seed corpus holds what its names say, and the fuzz target's invariant
 /// holds on it: unused ranges sorted, disjoint and inside a region read by its used blocks.

@@ -337,6 +337,59 @@ mod tests {
         assert!(sparse.iter().all(|frame| (frame.last().unwrap() - frame[0]) < span as u64), "{sparse:?}");
     }
 
+    /// The blocks of each patch group `pack` and `finish` make of batches of patches (block and
+    /// number of 4 KiB parts), with nothing else stored.
+    fn patch_groups(batches: &[Vec<(u64, u32)>]) -> Vec<Vec<u64>> {
+        let mut packer = Packer::new(BS as u32, 1);
+        let mut out = Vec::new();
+        for batch in batches {
+            let patches = batch
+                .iter()
+                .map(|&(b, parts)| {
+                    let mask = (1u32 << parts) - 1;
+                    (b, [0u8; 32], PatchFrame { mask: mask as u16, parts: vec![b as u8; parts as usize * 4096] })
+                })
+                .collect();
+            out.extend(packer.pack(&[], batch[0].0, &[], &[], &[], patches));
+        }
+        out.extend(packer.finish());
+        assert!(out.iter().all(|u| matches!(u.packed, Packed::Patches(_)) && u.masks.len() == u.blocks.len()));
+        out.into_iter().map(|u| u.blocks.iter().map(|(b, _)| *b).collect()).collect()
+    }
+
+    #[test]
+    fn patches_gather_into_groups_until_the_target_the_span_or_255_patches() {
+        // 8 pages each (32 KiB): 96 to the 3 MiB target, across batches
+        let batches: Vec<Vec<(u64, u32)>> = (0..4).map(|i| (i * 64..i * 64 + 64).map(|b| (b, 8)).collect()).collect();
+        let g = patch_groups(&batches);
+        assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), [96, 96, 64], "{g:?}");
+        assert_eq!(g.concat(), (0..256).collect::<Vec<u64>>(), "every patch, once, in order");
+        // one page each: 255 at most
+        let g = patch_groups(&[(0..600).map(|b| (b, 1)).collect()]);
+        assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), [255, 255, 90]);
+        // one patch every 400 blocks (25 MiB): the 64 MiB span first
+        let g = patch_groups(&[(0..10).map(|i| (i * 400, 1)).collect()]);
+        let span = GROUP_MAX_SPAN / BS as u64;
+        assert!(g.iter().all(|group| group.last().unwrap() - group[0] < span) && g.len() == 4, "{g:?}");
+    }
+
+    #[test]
+    fn a_patch_group_decodes_to_its_table_and_parts_and_declares_its_size() {
+        let mut packer = Packer::new(BS as u32, 1);
+        let patches = vec![
+            (3, [1u8; 32], PatchFrame { mask: 0b101, parts: vec![7u8; 8192] }),
+            (9, [2u8; 32], PatchFrame { mask: 0b1, parts: vec![8u8; 4096] }),
+        ];
+        let mut units = packer.pack(&[], 0, &[], &[], &[], patches);
+        units.extend(packer.finish());
+        let Packed::Patches(frame) = &units[0].packed else { panic!("a patch group") };
+        let declared = zstd::zstd_safe::get_frame_content_size(frame).unwrap();
+        assert_eq!(declared, Some(2 * 4 + 3 * 4096), "readers size the frame by what it declares");
+        let decoded = zstd::bulk::decompress(frame, 1 << 20).unwrap();
+        let slot1 = strata_format::patch_group::slot_parts(&decoded, 1, 4096).unwrap();
+        assert!(decoded[slot1].iter().all(|&x| x == 8));
+    }
+
     #[test]
     fn no_frame_holds_more_than_the_format_allows() {
         let f = frames(&[(0, (0..1024).map(|i| i % 16 != 0).collect())]);
