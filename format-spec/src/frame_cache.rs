@@ -365,6 +365,16 @@ impl FrameCache {
     }
 }
 
+/// Records in `reached` (see [`FrameCache::prefetch`]) a read of blocks `first..end`: forward
+/// reads, and requests the kernel sends a little out of order, only move it on; a read that
+/// starts more than `slack` blocks behind it is a seek back, from which the reader goes on, so
+/// `reached` follows it there (else a second pass over a file would find no prefetch).
+pub fn note_read(reached: &AtomicU64, first: u64, end: u64, slack: u64) {
+    let _ = reached.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        Some(if first.saturating_add(slack) < now { end } else { now.max(end) })
+    });
+}
+
 /// Which frame of a block a prefetch job decodes.
 #[derive(Clone, Copy)]
 enum Frame {
@@ -377,6 +387,20 @@ enum Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_move_reached_on_and_a_seek_back_brings_it_back() {
+        let reached = AtomicU64::new(0);
+        note_read(&reached, 0, 100, 8);
+        note_read(&reached, 100, 200, 8);
+        assert_eq!(reached.load(Ordering::Relaxed), 200);
+        note_read(&reached, 195, 199, 8);
+        assert_eq!(reached.load(Ordering::Relaxed), 200, "a request a little out of order does not move it back");
+        note_read(&reached, 10, 20, 8);
+        assert_eq!(reached.load(Ordering::Relaxed), 20, "a seek back: the reader goes on from there");
+        note_read(&reached, 20, 30, 8);
+        assert_eq!(reached.load(Ordering::Relaxed), 30);
+    }
 
     #[test]
     fn evicted_buffers_are_reused_for_frames_of_at_least_half_their_size() {

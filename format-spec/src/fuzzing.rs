@@ -41,7 +41,7 @@ fn read_version(reader: &VersionReader) {
     let mut window = vec![0u8; 128 << 10];
     let mut at = 0;
     while at < reader.source_size() {
-        let _ = read_window(&reader, &cache, 0, reader.source_size(), at, &mut window, true);
+        let _ = read_window(reader, &cache, 0, reader.source_size(), at, &mut window, true);
         at += window.len() as u64;
     }
     let _ = reader.digest_from_index();

@@ -16,7 +16,7 @@ use fuser::{
 use strata_format::VersionReader;
 
 use crate::tree::{Catalogue, Node, VersionInfo};
-use strata_format::frame_cache::FrameCache;
+use strata_format::frame_cache::{self, FrameCache};
 use strata_format::read_plan::{all_zero, read_window};
 
 /// Versions never change: the kernel may keep their attributes, entries and pages for long.
@@ -292,12 +292,13 @@ impl Filesystem for StrataFs {
         // The next blocks of a sequential reader are decoded ahead, on the other cores; its
         // groups even while the kernel's readahead keeps other requests in flight (see
         // `FrameCache::prefetch`).
-        h.reached.fetch_max((h.start + offset + want as u64) / bs, Ordering::Relaxed);
+        let first = (h.start + offset) / bs;
+        frame_cache::note_read(&h.reached, first, (h.start + offset + want as u64) / bs, self.readahead_blocks);
         if h.next.swap(offset + want as u64, Ordering::Relaxed) == offset && want > 0 {
             let next_block = (h.start + offset + want as u64).div_ceil(bs);
             self.cache.prefetch(&h.reader, next_block..next_block + self.readahead_blocks, &h.reached, !alone);
         }
-        h.reader.prime_from((h.start + offset) / bs);
+        h.reader.prime_from(first);
         if want > 0 && want <= MAX_READ as usize && all_zero(&h.reader, h.start + offset, want) {
             static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
             return reply.data(&ZEROS.get_or_init(|| vec![0; MAX_READ as usize])[..want]);
