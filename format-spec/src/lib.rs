@@ -1,11 +1,13 @@
 //! The strata on-disk format. This crate owns every byte strata writes: the image header, the
 //! block index, the footer, how stored blocks are encoded and checked, how a repository is laid
 //! out and where its files live (`storage`), and how a read of version N resolves through its
-//! chain. It knows nothing of the command line or of FUSE; `mounts` reads the mount table that the engines and the mount both
+//! chain, and the keys and seals of encrypted repositories (`crypto`). It knows nothing of the
+//! command line or of FUSE; `mounts` reads the mount table that the engines and the mount both
 //! consult. `SPEC.md` next to this crate is the normative description.
 
 pub mod block;
 pub mod block_map;
+pub mod crypto;
 pub mod digest;
 pub mod error;
 pub mod fault;
