@@ -34,6 +34,12 @@ pub const GROUP_MAX_SPAN: u64 = 64 << 20;
 /// of data cost 1.2–1.9% over one zstd stream on aged file systems, 1 MiB ones 2.4–3.7%; a
 /// mount's 1 MiB requests take them through the frame cache either way.
 pub const WINDOW_BYTES: usize = 2 << 20;
+/// The disk a patch group may spread over at most. A reader keeps a decoded patch group from
+/// its first patch to its last, so a sequential reader of a deep chain of scattered changes
+/// holds one per layer at once, and a wider span costs it more memory to hold (fresh pages to
+/// fault in); a narrower one compresses sparse patches worse. Measured both ways in
+/// BENCHMARKS.md (used blocks, incrementals against the ideal).
+pub const PATCH_GROUP_MAX_SPAN: u64 = 32 << 20;
 /// What a patch group decodes to at most: room for zstd's worst case (incompressible parts)
 /// within `GROUP_MAX_BYTES`, which bounds the stored frame too.
 const PATCH_GROUP_MAX_BYTES: usize = GROUP_MAX_BYTES as usize - GROUP_MAX_BYTES as usize / 128;
@@ -96,6 +102,7 @@ pub struct Packer {
     max_blocks: usize,
     target_blocks: usize,
     span_blocks: u64,
+    patch_span_blocks: u64,
     open: Gathered,
     open_patches: GatheredPatches,
 }
@@ -111,6 +118,7 @@ impl Packer {
             max_blocks,
             target_blocks: (GROUP_TARGET_BYTES / bs).clamp(1, max_blocks),
             span_blocks: (GROUP_MAX_SPAN / bs as u64).max(1),
+            patch_span_blocks: (PATCH_GROUP_MAX_SPAN / bs as u64).max(1),
             open: Gathered::default(),
             open_patches: GatheredPatches::default(),
         }
@@ -168,7 +176,7 @@ impl Packer {
             let open = &self.open_patches;
             let full = open.patches.len() == PATCH_GROUP_MAX_PATCHES
                 || open.parts.decoded_len() + PATCH_TABLE_ENTRY + patch.parts.len() > PATCH_GROUP_MAX_BYTES;
-            if full || open.patches.first().is_some_and(|&(first, _)| block - first >= self.span_blocks) {
+            if full || open.patches.first().is_some_and(|&(first, _)| block - first >= self.patch_span_blocks) {
                 closed.extend(self.close_patches());
             }
             let open = &mut self.open_patches;
@@ -367,9 +375,9 @@ mod tests {
         // one page each: 255 at most
         let g = patch_groups(&[(0..600).map(|b| (b, 1)).collect()]);
         assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), [255, 255, 90]);
-        // one patch every 400 blocks (25 MiB): the 64 MiB span first
-        let g = patch_groups(&[(0..10).map(|i| (i * 400, 1)).collect()]);
-        let span = GROUP_MAX_SPAN / BS as u64;
+        // one patch every 200 blocks (12.5 MiB): the 32 MiB span first
+        let g = patch_groups(&[(0..10).map(|i| (i * 200, 1)).collect()]);
+        let span = PATCH_GROUP_MAX_SPAN / BS as u64;
         assert!(g.iter().all(|group| group.last().unwrap() - group[0] < span) && g.len() == 4, "{g:?}");
     }
 
