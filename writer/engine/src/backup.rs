@@ -24,7 +24,7 @@ use strata_format::{
 use crate::config::{Scheme, TaskConfig};
 use crate::dedup::{Decision, Dedup, Stored};
 use crate::merge::merge_version;
-use crate::pack::{Packer, Unit};
+use crate::pack::{Packer, Pending, Unit};
 use crate::patch::{PatchFrame, Patcher};
 use crate::plan::plan;
 use crate::progress::Progress;
@@ -496,8 +496,9 @@ struct Outcome {
 
 /// The pipeline, in three stages that overlap: a scanner thread reads each batch on all cores
 /// (hashing data in place through a memory map where it is cached, see `scan_batch`), a packer
-/// thread decides what to store and compresses it on all cores, and this thread appends to the
-/// image in block order and feeds the digest.
+/// thread decides what to store and compresses it on all cores (gathered frames in the
+/// background while it packs the next batch, see `Packer::compress`), and this thread appends
+/// to the image in block order, waiting for each frame's compression, and feeds the digest.
 fn copy_blocks(
     source: &Source,
     parent: Option<&VersionReader>,
@@ -524,8 +525,9 @@ fn copy_blocks(
             let Packed { batch, units } = packed?;
             crate::interrupt::check()?;
             let batch_buf = batch.as_ref().map_or(&[][..], |(scanned, _)| scanned.buf.as_slice());
-            for unit in &units {
-                order.write_unit(writer, unit, batch_buf, &mut stored)?;
+            for unit in units {
+                let unit = unit.wait().context("compressing a frame failed (a strata bug: please report it)")?;
+                order.write_unit(writer, &unit, batch_buf, &mut stored)?;
             }
             let Some((Scanned { start, buf, results }, decisions)) = batch else { continue };
             for (i, (r, decision)) in results.iter().zip(&decisions).enumerate() {
@@ -560,8 +562,8 @@ struct Packed {
     /// The batch, and per block the decision (`None` unless the block changed to a non-zero
     /// content).
     batch: Option<(Scanned, Vec<Option<Decision>>)>,
-    /// The frames that closed, compressed, in block order.
-    units: Vec<Unit>,
+    /// The frames that closed, in block order (compressed, or being compressed).
+    units: Vec<Pending>,
 }
 
 /// An index entry, or what it waits for.

@@ -126,8 +126,8 @@ impl Packer {
 
     /// Takes the blocks of one batch (`buf`, blocks from source block `block0`, content hashes
     /// `hashes`) whose `store` flag is set (`remember`: later copies may point at them), and the
-    /// batch's patches (block, content hash, patch; ascending); returns the frames that closed,
-    /// compressed (block frames in block order, then patch groups).
+    /// batch's patches (block, content hash, patch; ascending); returns the frames that closed
+    /// (block frames in block order, then patch groups), see `compress`.
     pub fn pack(
         &mut self,
         buf: &[u8],
@@ -136,7 +136,7 @@ impl Packer {
         store: &[bool],
         remember: &[bool],
         patches: Vec<(u64, [u8; 32], PatchFrame)>,
-    ) -> Vec<Unit> {
+    ) -> Vec<Pending> {
         let bs = self.bs;
         let mut closed = Vec::new();
         let mut i = 0;
@@ -191,7 +191,7 @@ impl Packer {
     }
 
     /// The frames still open, at the end of the source.
-    pub fn finish(&mut self) -> Vec<Unit> {
+    pub fn finish(&mut self) -> Vec<Pending> {
         let last = self.close().into_iter().chain(self.close_patches()).collect();
         self.compress(last, &[])
     }
@@ -209,37 +209,79 @@ impl Packer {
         Some(Gathered { blocks: patches, remember, masks, bytes: Bytes::Owned(parts.finish()) })
     }
 
-    /// Compresses `frames` on all cores; `buf` is the batch's buffer that windows lie in.
-    fn compress(&self, frames: Vec<Gathered>, buf: &[u8]) -> Vec<Unit> {
+    /// Compresses `frames`, in their order; `buf` is the batch's buffer that windows lie in.
+    /// The windows are compressed now, on all cores (they borrow `buf`, which the caller reuses
+    /// once they are written). Gathered frames own their bytes and are compressed in the
+    /// background while the caller packs the next batch: on a file system whose used blocks are
+    /// scattered a batch closes one gathered frame or none, and compressing it before going on
+    /// left a core idle.
+    fn compress(&self, frames: Vec<Gathered>, buf: &[u8]) -> Vec<Pending> {
         let level = self.level;
-        frames
-            .into_par_iter()
-            .map(|g| {
-                let bytes = match &g.bytes {
-                    Bytes::Owned(bytes) => bytes.as_slice(),
-                    Bytes::InBatch(range) => &buf[range.clone()],
-                };
-                let mut frame = Vec::new();
-                if !g.masks.is_empty() {
-                    frame.reserve(zstd::zstd_safe::compress_bound(bytes.len()));
-                    with_compressor(level, |c| c.compress_to_buffer(bytes, &mut frame))
-                        .expect("a buffer of zstd's bound holds any frame");
-                    return Unit {
-                        blocks: g.blocks,
-                        remember: g.remember,
-                        masks: g.masks,
-                        packed: Packed::Patches(frame),
-                    };
+        let mut pending = Vec::with_capacity(frames.len());
+        let mut windows = Vec::new();
+        for g in frames {
+            match g.bytes {
+                Bytes::InBatch(_) => {
+                    windows.push((pending.len(), g));
+                    pending.push(None);
                 }
-                let packed = match (with_compressor(level, |c| compress_into(c, bytes, &mut frame)), g.bytes) {
-                    (Encoding::Zstd, _) => Packed::Zstd(frame),
-                    (_, Bytes::Owned(bytes)) => Packed::Raw(bytes),
-                    (_, Bytes::InBatch(range)) => Packed::RawInBatch(range),
-                };
-                Unit { blocks: g.blocks, remember: g.remember, masks: g.masks, packed }
-            })
-            .collect()
+                Bytes::Owned(_) => {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    rayon::spawn(move || {
+                        // A panic in a rayon job would abort the backup's process; here the
+                        // appender finds the unit missing and fails the backup.
+                        let unit =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compress_one(level, g, &[])));
+                        let _ = tx.send(unit.ok());
+                    });
+                    pending.push(Some(Pending::Compressing(rx)));
+                }
+            }
+        }
+        let compressed: Vec<(usize, Unit)> =
+            windows.into_par_iter().map(|(at, g)| (at, compress_one(level, g, buf))).collect();
+        for (at, unit) in compressed {
+            pending[at] = Some(Pending::Ready(unit));
+        }
+        pending.into_iter().map(|p| p.expect("every frame is compressed or being compressed")).collect()
     }
+}
+
+/// A frame `Packer` closed: compressed, or being compressed on another core.
+pub enum Pending {
+    Ready(Unit),
+    Compressing(std::sync::mpsc::Receiver<Option<Unit>>),
+}
+
+impl Pending {
+    /// The compressed frame, once it is; `None` if its compression failed (panicked).
+    pub fn wait(self) -> Option<Unit> {
+        match self {
+            Pending::Ready(unit) => Some(unit),
+            Pending::Compressing(rx) => rx.recv().ok().flatten(),
+        }
+    }
+}
+
+/// Compresses one gathered frame (`buf`: the batch's buffer, for a window that lies in it).
+fn compress_one(level: i32, g: Gathered, buf: &[u8]) -> Unit {
+    let bytes = match &g.bytes {
+        Bytes::Owned(bytes) => bytes.as_slice(),
+        Bytes::InBatch(range) => &buf[range.clone()],
+    };
+    let mut frame = Vec::new();
+    if !g.masks.is_empty() {
+        frame.reserve(zstd::zstd_safe::compress_bound(bytes.len()));
+        with_compressor(level, |c| c.compress_to_buffer(bytes, &mut frame))
+            .expect("a buffer of zstd's bound holds any frame");
+        return Unit { blocks: g.blocks, remember: g.remember, masks: g.masks, packed: Packed::Patches(frame) };
+    }
+    let packed = match (with_compressor(level, |c| compress_into(c, bytes, &mut frame)), g.bytes) {
+        (Encoding::Zstd, _) => Packed::Zstd(frame),
+        (_, Bytes::Owned(bytes)) => Packed::Raw(bytes),
+        (_, Bytes::InBatch(range)) => Packed::RawInBatch(range),
+    };
+    Unit { blocks: g.blocks, remember: g.remember, masks: g.masks, packed }
 }
 
 /// Runs `f` with this thread's zstd compressor for `level`. A compressor holds about a megabyte
@@ -297,6 +339,10 @@ mod tests {
 
     const BS: usize = 64 << 10; // 32 blocks to a window
 
+    fn wait(pending: Pending) -> Unit {
+        pending.wait().expect("compressed")
+    }
+
     /// The blocks of each frame `pack` and `finish` make of `batches` (each: first block and
     /// store flags), with incompressible data so that every frame is raw and easy to check.
     fn frames(batches: &[(u64, Vec<bool>)]) -> Vec<Vec<u64>> {
@@ -306,9 +352,9 @@ mod tests {
             let buf = vec![7u8; store.len() * BS];
             let remember = vec![true; store.len()];
             let hashes = vec![[0u8; 32]; store.len()];
-            out.extend(packer.pack(&buf, *block0, &hashes, store, &remember, Vec::new()));
+            out.extend(packer.pack(&buf, *block0, &hashes, store, &remember, Vec::new()).into_iter().map(wait));
         }
-        out.extend(packer.finish());
+        out.extend(packer.finish().into_iter().map(wait));
         out.into_iter().map(|u| u.blocks.iter().map(|(b, _)| *b).collect()).collect()
     }
 
@@ -358,9 +404,9 @@ mod tests {
                     (b, [0u8; 32], PatchFrame { mask: mask as u16, parts: vec![b as u8; parts as usize * 4096] })
                 })
                 .collect();
-            out.extend(packer.pack(&[], batch[0].0, &[], &[], &[], patches));
+            out.extend(packer.pack(&[], batch[0].0, &[], &[], &[], patches).into_iter().map(wait));
         }
-        out.extend(packer.finish());
+        out.extend(packer.finish().into_iter().map(wait));
         assert!(out.iter().all(|u| matches!(u.packed, Packed::Patches(_)) && u.masks.len() == u.blocks.len()));
         out.into_iter().map(|u| u.blocks.iter().map(|(b, _)| *b).collect()).collect()
     }
@@ -388,8 +434,8 @@ mod tests {
             (3, [1u8; 32], PatchFrame { mask: 0b101, parts: vec![7u8; 8192] }),
             (9, [2u8; 32], PatchFrame { mask: 0b1, parts: vec![8u8; 4096] }),
         ];
-        let mut units = packer.pack(&[], 0, &[], &[], &[], patches);
-        units.extend(packer.finish());
+        let mut units: Vec<Unit> = packer.pack(&[], 0, &[], &[], &[], patches).into_iter().map(wait).collect();
+        units.extend(packer.finish().into_iter().map(wait));
         let Packed::Patches(frame) = &units[0].packed else { panic!("a patch group") };
         let declared = zstd::zstd_safe::get_frame_content_size(frame).unwrap();
         assert_eq!(declared, Some(2 * 4 + 3 * 4096), "readers size the frame by what it declares");
