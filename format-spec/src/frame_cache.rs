@@ -51,9 +51,18 @@ pub struct Decoded {
     pub hashes: Vec<[u8; 32]>,
     /// Bytes of it that reads have taken, counted by `FrameCache::took`.
     taken: AtomicUsize,
+    /// Bytes of it that its reader takes at most, when that is less than all of it (a patch
+    /// group some of whose patches the version does not read); 0: all of it.
+    share: AtomicUsize,
 }
 
 impl Decoded {
+    fn set_share(&self, share: Option<usize>) {
+        if let Some(share) = share.filter(|&s| s > 0) {
+            self.share.store(share, Ordering::Relaxed);
+        }
+    }
+
     /// The bytes its buffer holds, which the budget counts: a reused buffer may be larger than
     /// the frame.
     fn held(&self) -> usize {
@@ -224,7 +233,7 @@ impl FrameCache {
         let result = SCRATCH.with(|s| image.decode_frame_with(entry, &mut s.borrow_mut(), |len| self.buffer(len)));
         let data = result.map(|bytes| {
             let hashes = self.hash_blocks(image, entry, &bytes);
-            let data = Arc::new(Decoded { bytes, hashes, taken: Default::default() });
+            let data = Arc::new(Decoded { bytes, hashes, taken: Default::default(), share: Default::default() });
             self.insert(claim.key, data.clone());
             data
         });
@@ -232,15 +241,36 @@ impl FrameCache {
         data
     }
 
+    /// Whether the decoded frame of `entry` is in the cache.
+    #[cfg(test)]
+    pub(crate) fn holds(&self, image: &ImageFile, entry: &IndexEntry) -> bool {
+        self.cached(&key(image, entry)).is_some()
+    }
+
     /// The decoded frame of `entry`, from the cache or decoded now.
     pub fn frame(&self, image: &ImageFile, entry: &IndexEntry) -> crate::Result<Arc<Decoded>> {
+        self.frame_shared(image, entry, |_| None)
+    }
+
+    /// `frame`; when it decodes the frame now, `share` (given the decoded bytes) may tell how
+    /// many of them its reader takes, so that the frame leaves once those are taken (`took`).
+    pub fn frame_shared(
+        &self,
+        image: &ImageFile,
+        entry: &IndexEntry,
+        share: impl FnOnce(&[u8]) -> Option<usize>,
+    ) -> crate::Result<Arc<Decoded>> {
         let key = key(image, entry);
         if let Some(hit) = self.cached(&key) {
             return Ok(hit);
         }
         match self.claim(key, true) {
             Some(Claim::Cached(hit)) => Ok(hit),
-            Some(Claim::Decode(claim)) => self.decode(image, entry, claim),
+            Some(Claim::Decode(claim)) => {
+                let data = self.decode(image, entry, claim)?;
+                data.set_share(share(&data));
+                Ok(data)
+            }
             None => unreachable!("a waiting claim returns a frame or a claim"),
         }
     }
@@ -268,13 +298,18 @@ impl FrameCache {
     }
 
     /// Notes that a read took `bytes` of `frame` (the frame of `entry`, which the read has
-    /// dropped its hold on): once reads have taken as many bytes as it holds, which a
+    /// dropped its hold on): once reads have taken as many bytes as it holds (or its share,
+    /// see `frame_shared`), which a
     /// sequential reader does once it has read through it, it is dropped as `frame_into` drops
     /// the frames it takes whole, and for the same reason. A frame read at random, or again and
     /// again in one place, stays until evicted.
     pub fn took(&self, image: &ImageFile, entry: &IndexEntry, frame: Arc<Decoded>, bytes: usize) {
+        let goal = match frame.share.load(Ordering::Relaxed) {
+            0 => frame.len(),
+            share => share.min(frame.len()),
+        };
         let before = frame.taken.fetch_add(bytes, Ordering::Relaxed);
-        let through = before < frame.len() && before + bytes >= frame.len();
+        let through = before < goal && before + bytes >= goal;
         drop(frame);
         if through {
             self.forget(&key(image, entry));
@@ -353,7 +388,13 @@ impl FrameCache {
                         if let Some(Claim::Decode(claim)) = cache.claim(key, false) {
                             // A panic in a rayon job would abort the driver; here it only loses the
                             // prefetch (the foreground read decodes the frame and reports).
-                            let decode = std::panic::AssertUnwindSafe(|| cache.decode(image, &entry, claim));
+                            let decode = std::panic::AssertUnwindSafe(|| {
+                                let data = cache.decode(image, &entry, claim)?;
+                                if entry.encoding == Encoding::PatchGroup {
+                                    data.set_share(version.patch_group_share(block, &data));
+                                }
+                                Ok::<_, crate::FormatError>(data)
+                            });
                             if std::panic::catch_unwind(decode).is_err() {
                                 log::error!("prefetch of block {block} panicked; the read will retry it");
                             }
@@ -406,7 +447,14 @@ mod tests {
     fn evicted_buffers_are_reused_for_frames_of_at_least_half_their_size() {
         let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four of the largest frames
         let mib = crate::layout::GROUP_MAX_BYTES as usize;
-        let frame = |len| Arc::new(Decoded { bytes: vec![0u8; len], hashes: Vec::new(), taken: Default::default() });
+        let frame = |len| {
+            Arc::new(Decoded {
+                bytes: vec![0u8; len],
+                hashes: Vec::new(),
+                taken: Default::default(),
+                share: Default::default(),
+            })
+        };
         for i in 0..6u64 {
             cache.insert((1, i), frame(mib));
         }
@@ -416,7 +464,15 @@ mod tests {
         assert_eq!(small.capacity(), 64 << 10, "a spare of the largest size is not handed out for 64 KiB");
         let reused = cache.buffer(mib / 2 + 4096);
         assert_eq!((reused.len(), reused.capacity(), lock(&cache.spare).len()), (mib / 2 + 4096, mib, 0));
-        cache.insert((2, 0), Arc::new(Decoded { bytes: reused, hashes: Vec::new(), taken: Default::default() }));
+        cache.insert(
+            (2, 0),
+            Arc::new(Decoded {
+                bytes: reused,
+                hashes: Vec::new(),
+                taken: Default::default(),
+                share: Default::default(),
+            }),
+        );
         assert_eq!(lock(&cache.frames).bytes, 4 * mib, "the budget counts what the buffers hold");
         cache.forget(&(2, 0));
         assert_eq!(lock(&cache.spare).len(), 1, "forgotten, its buffer is a spare again");
@@ -452,7 +508,15 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(waiter.join().unwrap(), "the next reader claims the frame and decodes it itself");
-        cache.insert((1, 1), Arc::new(Decoded { bytes: vec![0; 4096], hashes: Vec::new(), taken: Default::default() }));
+        cache.insert(
+            (1, 1),
+            Arc::new(Decoded {
+                bytes: vec![0; 4096],
+                hashes: Vec::new(),
+                taken: Default::default(),
+                share: Default::default(),
+            }),
+        );
         assert_eq!(cache.len(), 1, "the cache still works after the panic");
     }
 }

@@ -302,7 +302,7 @@ impl ImageFile {
     }
 
     /// Bytes of parts the patch `entry` stores.
-    fn patch_len(&self, entry: &IndexEntry) -> usize {
+    pub(crate) fn patch_len(&self, entry: &IndexEntry) -> usize {
         entry.patch_mask.count_ones() as usize * IndexEntry::patch_part_len(self.header.block_size)
     }
 

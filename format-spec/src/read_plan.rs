@@ -115,9 +115,9 @@ pub fn read_window(
         rest = tail;
     }
     if jobs.len() == 1 || !parallel {
-        jobs.into_iter().try_for_each(|(unit, out)| fill(cache, reader.block_size() as usize, unit, out))?;
+        jobs.into_iter().try_for_each(|(unit, out)| fill(cache, reader, unit, out))?;
     } else {
-        jobs.into_par_iter().try_for_each(|(unit, out)| fill(cache, reader.block_size() as usize, unit, out))?;
+        jobs.into_par_iter().try_for_each(|(unit, out)| fill(cache, reader, unit, out))?;
     }
     Ok(n)
 }
@@ -203,13 +203,14 @@ fn join_frame<'v>(
     parts.push(part);
 }
 
-fn fill(cache: &FrameCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> crate::Result<()> {
+fn fill(cache: &FrameCache, reader: &VersionReader, unit: Unit<'_>, out: &mut [u8]) -> crate::Result<()> {
+    let bs = reader.block_size() as usize;
     let (image, entry, parts, patches) = match unit {
         Unit::Zero { .. } => {
             out.fill(0);
             return Ok(());
         }
-        Unit::Patch { image, entry, base, part } => return fill_patch(cache, bs, image, &entry, base, &part, out),
+        Unit::Patch { image, entry, base, part } => return fill_patch(cache, reader, image, &entry, base, &part, out),
         Unit::Frame { image, entry, parts, patches } => (image, entry, parts, patches),
     };
     let whole = out.len() == image.frame_len(&entry)
@@ -229,7 +230,7 @@ fn fill(cache: &FrameCache, bs: usize, unit: Unit<'_>, out: &mut [u8]) -> crate:
         cache.took(image, &entry, frame, at);
     }
     for patch in patches {
-        lay_patch(cache, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs], true)?;
+        lay_patch(cache, reader, patch.image, &patch.entry, &mut out[patch.at..patch.at + bs], true)?;
     }
     Ok(())
 }
@@ -246,10 +247,12 @@ fn check_part(image: &ImageFile, part: &Part, hashes: &[[u8; 32]]) -> crate::Res
 /// Lays the parts of the patch `entry` over `block`, which holds its base, and checks the
 /// patched block's hash when the cache checks hashes. The parts of a patch of its own are not
 /// kept in the cache (a sequential reader needs them once) unless prefetch put them there; a
-/// patch group is, for the group's next patches, and leaves once reads have taken all of it
-/// (`took`: the whole block is read this time).
+/// patch group is, for the group's next patches, and leaves once reads have taken what this
+/// version reads of it (`took`: the whole block is read this time; `patch_group_share`: a
+/// later version may have rewritten some of the group's blocks).
 fn lay_patch(
     cache: &FrameCache,
+    reader: &VersionReader,
     image: &ImageFile,
     entry: &IndexEntry,
     block: &mut [u8],
@@ -259,7 +262,7 @@ fn lay_patch(
         static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     if entry.encoding == Encoding::PatchGroup {
-        let frame = cache.frame(image, entry)?;
+        let frame = cache.frame_shared(image, entry, |bytes| reader.patch_group_share(entry.block, bytes))?;
         let laid = image.lay_patch(entry, &frame, block)?;
         if took {
             cache.took(image, entry, frame, laid + crate::layout::PATCH_TABLE_ENTRY);
@@ -282,13 +285,14 @@ fn lay_patch(
 /// (in `out` itself when the part is the whole block).
 fn fill_patch(
     cache: &FrameCache,
-    bs: usize,
+    reader: &VersionReader,
     image: &ImageFile,
     entry: &IndexEntry,
     base: Option<(&ImageFile, IndexEntry)>,
     part: &Part,
     out: &mut [u8],
 ) -> crate::Result<()> {
+    let bs = reader.block_size() as usize;
     let whole = part.within == 0 && part.len == bs;
     let mut spare = Vec::new();
     let block: &mut [u8] = if whole {
@@ -305,7 +309,7 @@ fn fill_patch(
         }
         None => block.fill(0),
     }
-    lay_patch(cache, image, entry, block, whole)?;
+    lay_patch(cache, reader, image, entry, block, whole)?;
     if !whole {
         out.copy_from_slice(&spare[part.within..part.within + part.len]);
     }

@@ -583,3 +583,48 @@ fn a_patched_block_that_does_not_match_its_hash_fails_its_reads_only_when(how: P
     read_window(&reader, &unchecked, 0, len, 0, &mut whole, true).unwrap();
     assert!(whole == v2);
 }
+
+#[test]
+fn a_patch_group_leaves_the_cache_once_the_patches_its_version_reads_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bs, part) = (BS as usize, BS as usize / 16);
+    let v1 = sample_disk(60);
+    let r1 = write_version(dir.path(), &v1);
+    let i1 = r1.layers()[0].clone();
+    let flip = |disk: &mut Vec<u8>, b: usize, p: usize| {
+        disk[b * bs + p * part..b * bs + (p + 1) * part].iter_mut().for_each(|x| *x = !*x)
+    };
+    // v2: one part of blocks 1, 3, 5 and 9, in one patch group; v3: block 3 patched again, so
+    // that v3 reads three of the group's four patches
+    let mut v2 = v1.clone();
+    [1, 3, 5, 9].into_iter().for_each(|b| flip(&mut v2, b, 2));
+    let delta = write_patch_delta(dir.path(), &i1, &v2, &v1, &[1, 3, 5, 9], &[], Patches::Grouped);
+    let i2 = Arc::new(ImageFile::open(&delta).unwrap());
+    let mut v3 = v2.clone();
+    flip(&mut v3, 3, 7);
+    let delta = write_patch_delta(dir.path(), &i2, &v3, &v1, &[3], &[], Patches::Alone);
+    let i3 = Arc::new(ImageFile::open(&delta).unwrap());
+    let r2 = VersionReader::from_chain(vec![i1.clone(), i2.clone()]).unwrap();
+    let r3 = VersionReader::from_chain(vec![i1, i2, i3]).unwrap();
+
+    let cache = FrameCache::new(64 * u64::from(BS), BS, true);
+    let (image, entry) = r2.entry(1).unwrap().unwrap();
+    assert_eq!(entry.encoding, Encoding::PatchGroup);
+    let frame = cache.frame(image, &entry).unwrap();
+    assert_eq!(r2.patch_group_share(1, &frame), Some(frame.len()), "v2 reads all four patches");
+    assert_eq!(r3.patch_group_share(5, &frame), Some(3 * (4 + part)), "v3 reads three");
+    assert_eq!(r3.patch_group_share(3, &frame), None, "block 3 is not in the group in v3");
+    drop(frame);
+
+    for (reader, disk) in [(&r3, &v3), (&r2, &v2)] {
+        let cache = FrameCache::new(64 * u64::from(BS), BS, true);
+        let mut whole = vec![0u8; disk.len()];
+        for at in (0..disk.len()).step_by(bs) {
+            let end = (at + bs).min(disk.len());
+            read_window(reader, &cache, 0, disk.len() as u64, at as u64, &mut whole[at..end], false).unwrap();
+        }
+        assert!(whole == *disk);
+        let (image, entry) = r2.entry(1).unwrap().unwrap();
+        assert!(!cache.holds(image, &entry), "read through, the patch group left the cache (version {})", reader.id());
+    }
+}

@@ -17,7 +17,7 @@ use crate::error::{FormatError, Loc, Result};
 use crate::header::Kind;
 use crate::image::{ImageFile, ReadScratch};
 use crate::index::{Encoding, IndexEntry};
-use crate::layout::MAX_CHAIN_LEN;
+use crate::layout::{MAX_CHAIN_LEN, PATCH_TABLE_ENTRY};
 
 /// One version opened for reading. Shareable between threads; each thread brings its own
 /// `ReadScratch`.
@@ -240,6 +240,59 @@ impl VersionReader {
         }
     }
 
+    /// The bytes of the decoded patch group `frame` of `block` (whose newest entry is a patch in
+    /// that group) that a reader of this version takes: a table entry and the parts of each
+    /// patch of the group this version resolves to. A later version may have rewritten some of
+    /// the group's blocks, and those parts are never read here. Found by reading the layer's
+    /// index around the block's entry until every slot of the group is met, at most
+    /// `PATCH_SHARE_SCAN` entries each way; `None` when that does not find them all (then a
+    /// reader keeps the group until its cache evicts it).
+    pub fn patch_group_share(&self, block: u64, frame: &[u8]) -> Option<usize> {
+        const CHUNK: u64 = 256;
+        let BlockLocation::Stored { layer, entry: at } = self.locate(block) else { return None };
+        let image = &self.layers[layer];
+        let me = image.read_entry(at, block).ok()?;
+        if me.encoding != Encoding::PatchGroup || frame.len() < PATCH_TABLE_ENTRY {
+            return None;
+        }
+        let slots = crate::le::get_u32(frame, 0) as usize / PATCH_TABLE_ENTRY;
+        let (mut found, mut share) = (0usize, 0usize);
+        let mut tally = |first: u64, entries: &[IndexEntry]| {
+            for (i, e) in entries.iter().enumerate() {
+                if e.encoding == Encoding::PatchGroup && e.data_offset == me.data_offset {
+                    found += 1;
+                    if self.locate(e.block) == (BlockLocation::Stored { layer, entry: first + i as u64 }) {
+                        share += PATCH_TABLE_ENTRY + image.patch_len(e);
+                    }
+                }
+            }
+            found
+        };
+        let mut met = tally(at, std::slice::from_ref(&me));
+        let (count, mut below, mut above) = (image.entry_count(), at, at + 1);
+        let mut entries = Vec::new();
+        while met < slots {
+            let up = above < count && above - at <= PATCH_SHARE_SCAN;
+            let down = below > 0 && at - below < PATCH_SHARE_SCAN;
+            if !up && !down {
+                break;
+            }
+            if up {
+                let n = CHUNK.min(count - above);
+                image.read_entries(above, n as usize, &mut entries).ok()?;
+                met = tally(above, &entries);
+                above += n;
+            }
+            if down {
+                let n = CHUNK.min(below);
+                below -= n;
+                image.read_entries(below, n as usize, &mut entries).ok()?;
+                met = tally(below, &entries);
+            }
+        }
+        (met == slots).then_some(share)
+    }
+
     /// The base of `block`, whose newest entry is a patch: the entry the patch's parts are laid
     /// over, or `None` when the base is a zero block.
     pub fn patch_base(&self, block: u64) -> Result<Option<(&ImageFile, IndexEntry)>> {
@@ -308,6 +361,9 @@ struct Window {
 }
 
 const CURSOR_WINDOW: usize = 256;
+/// How many index entries each way `patch_group_share` reads at most to find a patch group's
+/// slots (strata lists them in block order, within 32 MiB of the disk).
+const PATCH_SHARE_SCAN: u64 = 8192;
 
 impl<'a> HashCursor<'a> {
     pub fn new(version: &'a VersionReader) -> HashCursor<'a> {
