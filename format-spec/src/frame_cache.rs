@@ -57,6 +57,10 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    fn new(bytes: Vec<u8>, hashes: Vec<[u8; 32]>) -> Decoded {
+        Decoded { bytes, hashes, taken: Default::default(), share: Default::default() }
+    }
+
     fn set_share(&self, share: Option<usize>) {
         if let Some(share) = share.filter(|&s| s > 0) {
             self.share.store(share, Ordering::Relaxed);
@@ -233,7 +237,7 @@ impl FrameCache {
         let result = SCRATCH.with(|s| image.decode_frame_with(entry, &mut s.borrow_mut(), |len| self.buffer(len)));
         let data = result.map(|bytes| {
             let hashes = self.hash_blocks(image, entry, &bytes);
-            let data = Arc::new(Decoded { bytes, hashes, taken: Default::default(), share: Default::default() });
+            let data = Arc::new(Decoded::new(bytes, hashes));
             self.insert(claim.key, data.clone());
             data
         });
@@ -447,14 +451,7 @@ mod tests {
     fn evicted_buffers_are_reused_for_frames_of_at_least_half_their_size() {
         let cache = FrameCache::new(0, 1 << 16, false); // budget floor: four of the largest frames
         let mib = crate::layout::GROUP_MAX_BYTES as usize;
-        let frame = |len| {
-            Arc::new(Decoded {
-                bytes: vec![0u8; len],
-                hashes: Vec::new(),
-                taken: Default::default(),
-                share: Default::default(),
-            })
-        };
+        let frame = |len| Arc::new(Decoded::new(vec![0u8; len], Vec::new()));
         for i in 0..6u64 {
             cache.insert((1, i), frame(mib));
         }
@@ -464,15 +461,7 @@ mod tests {
         assert_eq!(small.capacity(), 64 << 10, "a spare of the largest size is not handed out for 64 KiB");
         let reused = cache.buffer(mib / 2 + 4096);
         assert_eq!((reused.len(), reused.capacity(), lock(&cache.spare).len()), (mib / 2 + 4096, mib, 0));
-        cache.insert(
-            (2, 0),
-            Arc::new(Decoded {
-                bytes: reused,
-                hashes: Vec::new(),
-                taken: Default::default(),
-                share: Default::default(),
-            }),
-        );
+        cache.insert((2, 0), Arc::new(Decoded::new(reused, Vec::new())));
         assert_eq!(lock(&cache.frames).bytes, 4 * mib, "the budget counts what the buffers hold");
         cache.forget(&(2, 0));
         assert_eq!(lock(&cache.spare).len(), 1, "forgotten, its buffer is a spare again");
@@ -508,15 +497,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(waiter.join().unwrap(), "the next reader claims the frame and decodes it itself");
-        cache.insert(
-            (1, 1),
-            Arc::new(Decoded {
-                bytes: vec![0; 4096],
-                hashes: Vec::new(),
-                taken: Default::default(),
-                share: Default::default(),
-            }),
-        );
+        cache.insert((1, 1), Arc::new(Decoded::new(vec![0; 4096], Vec::new())));
         assert_eq!(cache.len(), 1, "the cache still works after the panic");
     }
 }
