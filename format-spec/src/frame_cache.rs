@@ -19,7 +19,9 @@ use crate::{Encoding, ImageFile, IndexEntry, ReadScratch, VersionReader};
 use lru::LruCache;
 
 /// (serial of the opened image holding the frame, the frame's data offset in it).
-type Key = (u64, u64);
+/// What names a decoded frame: the image (its serial) and the frame in it
+/// (`IndexEntry::frame_name`: never a frame decoded for an entry of another shape).
+type Key = (u64, (u64, u64, u32));
 
 /// Evicted frame buffers kept for reuse: at most this many, holding at most a quarter of the
 /// budget.
@@ -119,7 +121,7 @@ fn decode_frame(image: &ImageFile, entry: &IndexEntry, out: &mut [u8]) -> crate:
 }
 
 fn key(image: &ImageFile, entry: &IndexEntry) -> Key {
-    (image.serial(), entry.data_offset)
+    (image.serial(), entry.frame_name())
 }
 
 impl FrameCache {
@@ -453,7 +455,7 @@ mod tests {
         let mib = crate::layout::GROUP_MAX_BYTES as usize;
         let frame = |len| Arc::new(Decoded::new(vec![0u8; len], Vec::new()));
         for i in 0..6u64 {
-            cache.insert((1, i), frame(mib));
+            cache.insert((1, (i, 0, 0)), frame(mib));
         }
         assert_eq!(cache.len(), 4, "two frames evicted");
         assert_eq!(lock(&cache.spare).len(), 1, "one buffer kept: spares hold at most a quarter of the budget");
@@ -461,9 +463,9 @@ mod tests {
         assert_eq!(small.capacity(), 64 << 10, "a spare of the largest size is not handed out for 64 KiB");
         let reused = cache.buffer(mib / 2 + 4096);
         assert_eq!((reused.len(), reused.capacity(), lock(&cache.spare).len()), (mib / 2 + 4096, mib, 0));
-        cache.insert((2, 0), Arc::new(Decoded::new(reused, Vec::new())));
+        cache.insert((2, (0, 0, 0)), Arc::new(Decoded::new(reused, Vec::new())));
         assert_eq!(lock(&cache.frames).bytes, 4 * mib, "the budget counts what the buffers hold");
-        cache.forget(&(2, 0));
+        cache.forget(&(2, (0, 0, 0)));
         assert_eq!(lock(&cache.spare).len(), 1, "forgotten, its buffer is a spare again");
         let reused = cache.buffer(mib);
         assert_eq!((reused.len(), lock(&cache.spare).len()), (mib, 0));
@@ -479,7 +481,7 @@ mod tests {
     #[test]
     fn a_decode_that_panics_releases_its_claim_and_waiters_go_on() {
         let cache = Arc::new(FrameCache::new(0, 1 << 16, false));
-        let key = (1, 0);
+        let key = (1, (0, 0, 0));
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let Some(Claim::Decode(_claim)) = cache.claim(key, false) else { panic!("not claimed") };
             let _held = lock(&cache.frames);
@@ -497,7 +499,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(waiter.join().unwrap(), "the next reader claims the frame and decodes it itself");
-        cache.insert((1, 1), Arc::new(Decoded::new(vec![0; 4096], Vec::new())));
+        cache.insert((1, (1, 0, 0)), Arc::new(Decoded::new(vec![0; 4096], Vec::new())));
         assert_eq!(cache.len(), 1, "the cache still works after the panic");
     }
 }

@@ -1,4 +1,5 @@
-//! What the `open_image` and `open_repository` fuzz targets do with their input, shared with
+//! What the `decode_structures`, `open_image` and `open_repository` fuzz targets do with their
+//! input, shared with
 //! the regression test that replays their corpora and every input a fuzzer crashed on
 //! (`tests/fuzz_regressions.rs`), so that both drive the same calls: open, index check, version
 //! resolution, and every block read through `read_plan::read_window` and the frame cache, the
@@ -10,9 +11,40 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::crypto::KeySlots;
+use crate::footer::ImageFooter;
 use crate::frame_cache::FrameCache;
+use crate::index::{EntryLimits, IndexEntry};
+use crate::layout::{FOOTER_SIZE, INDEX_ENTRY_SIZE};
 use crate::read_plan::read_window;
-use crate::{ImageFile, Repository, VersionReader};
+use crate::{ImageFile, ImageHeader, Loc, Repository, VersionReader};
+
+/// Decodes `data` as a header, a footer, an index entry (under limits taken from its bytes)
+/// and, when it is UTF-8, a key slots file. Returns whether it parsed as a key slots file.
+pub fn decode_structures(data: &[u8]) -> bool {
+    let loc = Loc::file(Path::new("fuzz"));
+    let _ = ImageHeader::decode(data, &loc);
+    if let Some(b) = data.get(..FOOTER_SIZE) {
+        let _ = ImageFooter::decode(b.try_into().expect("FOOTER_SIZE bytes"), &loc, 0);
+    }
+    if let Some(word) = data.get(INDEX_ENTRY_SIZE..INDEX_ENTRY_SIZE + 8) {
+        let n = |i: u32| u64::from_le_bytes(word.try_into().expect("8 bytes")).rotate_left(i);
+        let limits = EntryLimits {
+            block_count: n(0),
+            block_size: n(7) as u32,
+            data_start: n(13),
+            data_end: n(29),
+            max_stored: n(41) as u32,
+            zero_entries: data[0] & 1 == 0,
+            groups: data[0] & 2 == 0,
+            group_max_bytes: n(53),
+            patches: data[0] & 4 == 0,
+            patch_groups: data[0] & 8 == 0,
+        };
+        let _ = IndexEntry::decode(&data[..INDEX_ENTRY_SIZE], &loc, n(3), &limits);
+    }
+    std::str::from_utf8(data).is_ok_and(|text| KeySlots::parse(text).is_ok())
+}
 
 /// Opens `path` as the only image of a version and reads everything of it there is to read.
 pub fn open_and_read(path: &Path) {

@@ -271,7 +271,7 @@ impl ImageFile {
     /// when it holds it already.
     fn decode_shared<'s>(&self, entry: &IndexEntry, scratch: &'s mut ReadScratch) -> Result<&'s [u8]> {
         debug_assert!(matches!(entry.encoding, Encoding::ZstdGroup | Encoding::PatchGroup));
-        let key = (self.serial, entry.data_offset);
+        let key = (self.serial, entry.frame_name());
         if scratch.group_key != Some(key) {
             scratch.group_key = None;
             let mut group = std::mem::take(&mut scratch.group);
@@ -433,7 +433,7 @@ pub struct ReadScratch {
     pub(crate) stored: Vec<u8>,
     /// The last group decoded and which one it is: (image serial, data offset).
     pub(crate) group: Vec<u8>,
-    pub(crate) group_key: Option<(u64, u64)>,
+    pub(crate) group_key: Option<(u64, (u64, u64, u32))>,
     /// The decoded parts of the last patch read.
     pub(crate) patch: Vec<u8>,
 }

@@ -78,6 +78,17 @@ impl IndexEntry {
             && (self.encoding == Encoding::PatchGroup || self.patch_mask == other.patch_mask)
     }
 
+    /// What names this entry's stored frame, for caches of decoded frames within one image:
+    /// where its bytes are, their length and crc32c, and how they decode (encoding, group
+    /// length, patch mask but for a patch group's slots). Entries that share a frame
+    /// (`same_frame`) have the same name; one that names the same bytes with another shape (a
+    /// damaged or hostile index) has another, so it is decoded and checked on its own.
+    pub fn frame_name(&self) -> (u64, u64, u32) {
+        let mask = if self.encoding == Encoding::PatchGroup { 0 } else { self.patch_mask };
+        let shape = u32::from(self.encoding.to_byte()) << 24 | u32::from(mask) << 8 | u32::from(self.group_len);
+        (self.data_offset, u64::from(self.stored_len) << 32 | u64::from(self.data_crc), shape)
+    }
+
     /// Bytes one part of a patch covers.
     pub fn patch_part_len(block_size: u32) -> usize {
         (block_size / layout::PATCH_PARTS) as usize

@@ -628,3 +628,31 @@ fn a_patch_group_leaves_the_cache_once_the_patches_its_version_reads_are_read() 
         assert!(!cache.holds(image, &entry), "read through, the patch group left the cache (version {})", reader.id());
     }
 }
+
+#[test]
+fn an_entry_naming_a_cached_frame_with_another_shape_is_decoded_on_its_own_and_fails() {
+    // A hostile index: block 2 names the stored bytes of the group of blocks 0 and 1, as a
+    // group of 4 whose slot 3 it is. The frame decoded for blocks 0 and 1 must never serve it.
+    let dir = tempfile::tempdir().unwrap();
+    let bs = BS as usize;
+    let header = write_version(dir.path(), &sample_disk(3)).layers()[0].header.clone();
+    let other = tempfile::tempdir().unwrap();
+    let mut w = ImageWriter::create(&other.path().join(crate::repo::image_file_name(1)), header).unwrap();
+    let blocks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; bs]).collect();
+    let frame = zstd::bulk::compress(&blocks[..2].concat(), 3).unwrap();
+    let mut entries = Vec::new();
+    w.append_group(&[(0, hash_block(&blocks[0])), (1, hash_block(&blocks[1]))], &frame, &mut entries).unwrap();
+    w.push(IndexEntry { block: 2, group_len: 4, group_slot: 3, hash: hash_block(&blocks[2]), ..entries[0] }).unwrap();
+    let mut digest = SourceDigest::new(3 * bs as u64, BS);
+    blocks.iter().for_each(|b| digest.push(&hash_block(b)));
+    let path = w.finish(Finish { present_blocks: 3, source_digest: digest.finish() }).unwrap();
+    let reader = VersionReader::from_chain(vec![Arc::new(ImageFile::open(&path).unwrap())]).unwrap();
+    for parallel in [false, true] {
+        let cache = FrameCache::new(0, BS, true);
+        let mut part = vec![0u8; 100];
+        read_window(&reader, &cache, 0, reader.source_size(), 10, &mut part, parallel).unwrap();
+        assert_eq!(part, vec![1u8; 100], "block 0 reads, and its group is cached");
+        let e = read_window(&reader, &cache, 0, reader.source_size(), 2 * bs as u64 + 10, &mut part, parallel);
+        assert!(e.is_err(), "block 2's frame does not decode to 4 blocks");
+    }
+}

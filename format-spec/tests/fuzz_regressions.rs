@@ -1,6 +1,7 @@
-//! Every input a fuzzer ever crashed on, kept in tests/fuzz-regressions/, and the `open_image`
-//! and `open_repository` corpora, opened and read the way those fuzz targets do
-//! (`strata_format::fuzzing`): each must end in data or an error, never a panic or an abort.
+//! Every input a fuzzer ever crashed on, kept in tests/fuzz-regressions/, and the
+//! `decode_structures`, `open_image` and `open_repository` corpora, decoded, opened and read the
+//! way those fuzz targets do (`strata_format::fuzzing`): each must end in data or an error,
+//! never a panic or an abort.
 
 #[test]
 fn fuzz_crashes_and_the_image_corpus_stay_fixed() {
@@ -31,6 +32,22 @@ fn fuzz_crashes_and_the_image_corpus_stay_fixed() {
 }
 
 const PATCH_GROUP_SEED: &str = "539122ed83545a79bfc91256c380ee1dc10ea89e";
+
+/// A key slots file with a passphrase slot and a key file slot, as strata renders it.
+const KEY_SLOTS_SEED: &str = "fae6ef8084bad70ea2b64bcccbf293feca572b9e";
+
+#[test]
+fn the_structure_corpus_decodes_without_panic_and_holds_a_key_slots_file() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_structures");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        strata_format::fuzzing::decode_structures(&std::fs::read(entry.unwrap().path()).unwrap());
+        seen += 1;
+    }
+    assert!(seen > 1, "no inputs in {}", dir.display());
+    let seed = std::fs::read(dir.join(KEY_SLOTS_SEED)).unwrap();
+    assert!(strata_format::fuzzing::decode_structures(&seed), "the key slots seed parses");
+}
 
 /// The `volume_maps` seed corpus holds what its names say, and the fuzz target's invariant
 /// holds on it: unused ranges sorted, disjoint and inside a region read by its used blocks.
