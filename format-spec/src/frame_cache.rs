@@ -27,6 +27,10 @@ type Key = (u64, (u64, u64, u32));
 /// budget.
 const SPARE_BUFFERS: usize = 8;
 
+/// The budget of a reader's frame cache unless told otherwise: the mount's `--cache-size`
+/// default, and what a restore keeps for the tasks that need frames in part.
+pub const DEFAULT_BUDGET: u64 = 128 << 20;
+
 pub struct FrameCache {
     frames: Mutex<Frames>,
     /// Buffers of evicted frames, reused for the next decodes: frames are freed and allocated
@@ -397,7 +401,7 @@ impl FrameCache {
                             let decode = std::panic::AssertUnwindSafe(|| {
                                 let data = cache.decode(image, &entry, claim)?;
                                 if entry.encoding == Encoding::PatchGroup {
-                                    data.set_share(version.patch_group_share(block, &data));
+                                    data.set_share(version.patch_group_share(&entry, &data));
                                 }
                                 Ok::<_, crate::FormatError>(data)
                             });

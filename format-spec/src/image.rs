@@ -431,7 +431,7 @@ impl ImageFile {
 pub struct ReadScratch {
     pub(crate) decompressor: zstd::bulk::Decompressor<'static>,
     pub(crate) stored: Vec<u8>,
-    /// The last group decoded and which one it is: (image serial, data offset).
+    /// The last group decoded and which one it is: (image serial, `IndexEntry::frame_name`).
     pub(crate) group: Vec<u8>,
     pub(crate) group_key: Option<(u64, (u64, u64, u32))>,
     /// The decoded parts of the last patch read.

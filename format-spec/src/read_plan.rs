@@ -262,7 +262,7 @@ fn lay_patch(
         static PARTS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     if entry.encoding == Encoding::PatchGroup {
-        let frame = cache.frame_shared(image, entry, |bytes| reader.patch_group_share(entry.block, bytes))?;
+        let frame = cache.frame_shared(image, entry, |bytes| reader.patch_group_share(entry, bytes))?;
         let laid = image.lay_patch(entry, &frame, block)?;
         if took {
             cache.took(image, entry, frame, laid + crate::layout::PATCH_TABLE_ENTRY);

@@ -611,9 +611,10 @@ fn a_patch_group_leaves_the_cache_once_the_patches_its_version_reads_are_read() 
     let (image, entry) = r2.entry(1).unwrap().unwrap();
     assert_eq!(entry.encoding, Encoding::PatchGroup);
     let frame = cache.frame(image, &entry).unwrap();
-    assert_eq!(r2.patch_group_share(1, &frame), Some(frame.len()), "v2 reads all four patches");
-    assert_eq!(r3.patch_group_share(5, &frame), Some(3 * (4 + part)), "v3 reads three");
-    assert_eq!(r3.patch_group_share(3, &frame), None, "block 3 is not in the group in v3");
+    assert_eq!(r2.patch_group_share(&entry, &frame), Some(frame.len()), "v2 reads all four patches");
+    let in_v3 = |b: u64| r3.entry(b).unwrap().unwrap().1;
+    assert_eq!(r3.patch_group_share(&in_v3(5), &frame), Some(3 * (4 + part)), "v3 reads three");
+    assert_eq!(r3.patch_group_share(&in_v3(3), &frame), None, "block 3 is not in the group in v3");
     drop(frame);
 
     for (reader, disk) in [(&r3, &v3), (&r2, &v2)] {

@@ -240,18 +240,17 @@ impl VersionReader {
         }
     }
 
-    /// The bytes of the decoded patch group `frame` of `block` (whose newest entry is a patch in
-    /// that group) that a reader of this version takes: a table entry and the parts of each
+    /// The bytes of the decoded patch group `frame` of the newest entry `me` of its block (a
+    /// patch in that group) that a reader of this version takes: a table entry and the parts of each
     /// patch of the group this version resolves to. A later version may have rewritten some of
     /// the group's blocks, and those parts are never read here. Found by reading the layer's
     /// index around the block's entry until every slot of the group is met, at most
     /// `PATCH_SHARE_SCAN` entries each way; `None` when that does not find them all (then a
     /// reader keeps the group until its cache evicts it).
-    pub fn patch_group_share(&self, block: u64, frame: &[u8]) -> Option<usize> {
+    pub fn patch_group_share(&self, me: &IndexEntry, frame: &[u8]) -> Option<usize> {
         const CHUNK: u64 = 256;
-        let BlockLocation::Stored { layer, entry: at } = self.locate(block) else { return None };
+        let BlockLocation::Stored { layer, entry: at } = self.locate(me.block) else { return None };
         let image = &self.layers[layer];
-        let me = image.read_entry(at, block).ok()?;
         if me.encoding != Encoding::PatchGroup || frame.len() < PATCH_TABLE_ENTRY {
             return None;
         }
@@ -268,7 +267,7 @@ impl VersionReader {
             }
             found
         };
-        let mut met = tally(at, std::slice::from_ref(&me));
+        let mut met = tally(at, std::slice::from_ref(me));
         let (count, mut below, mut above) = (image.entry_count(), at, at + 1);
         let mut entries = Vec::new();
         while met < slots {

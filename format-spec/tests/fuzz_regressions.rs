@@ -19,16 +19,24 @@ fn fuzz_crashes_and_the_image_corpus_stay_fixed() {
         assert!(seen > 0, "no inputs in {}", dir.display());
     }
     let dir = root.join("fuzz/corpus/open_repository");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        strata_format::fuzzing::open_repository_and_read(&std::fs::read(entry.unwrap().path()).unwrap());
-        seen += 1;
-    }
-    assert!(seen > 0, "no inputs in {}", dir.display());
+    let _ = replay(&dir, |data| {
+        strata_format::fuzzing::open_repository_and_read(data);
+    });
     // A full and two incrementals whose patches are in patch groups (4 KiB blocks), made by
     // strata 0.6.0: the seed that brings the fuzzer to patches laid over their bases.
     let seed = std::fs::read(dir.join(PATCH_GROUP_SEED)).unwrap();
     assert_eq!(strata_format::fuzzing::open_repository_and_read(&seed), 3, "the patch group seed reads");
+}
+
+/// Runs `f` on every input in `dir`, which must hold some; returns how many.
+fn replay(dir: &std::path::Path, mut f: impl FnMut(&[u8])) -> usize {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        f(&std::fs::read(entry.unwrap().path()).unwrap());
+        seen += 1;
+    }
+    assert!(seen > 0, "no inputs in {}", dir.display());
+    seen
 }
 
 const PATCH_GROUP_SEED: &str = "539122ed83545a79bfc91256c380ee1dc10ea89e";
@@ -39,11 +47,9 @@ const KEY_SLOTS_SEED: &str = "fae6ef8084bad70ea2b64bcccbf293feca572b9e";
 #[test]
 fn the_structure_corpus_decodes_without_panic_and_holds_a_key_slots_file() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_structures");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        strata_format::fuzzing::decode_structures(&std::fs::read(entry.unwrap().path()).unwrap());
-        seen += 1;
-    }
+    let seen = replay(&dir, |data| {
+        strata_format::fuzzing::decode_structures(data);
+    });
     assert!(seen > 1, "no inputs in {}", dir.display());
     let seed = std::fs::read(dir.join(KEY_SLOTS_SEED)).unwrap();
     assert!(strata_format::fuzzing::decode_structures(&seed), "the key slots seed parses");

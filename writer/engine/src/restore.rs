@@ -26,9 +26,6 @@ const BATCH_BYTES: usize = 8 << 20;
 /// (a group of blocks spread over more of the disk) is decoded once into the shared frame cache,
 /// and the tasks that need the rest of it take it from there.
 const TASK_BYTES: usize = crate::pack::WINDOW_BYTES;
-/// The most decoded frames a restore keeps for the tasks that need them in part (as the
-/// mount's default `--cache-size`).
-const RESTORE_CACHE_BYTES: u64 = 128 << 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreSummary {
@@ -285,7 +282,7 @@ fn write_version(
     // one such frame per layer whose frames span the position it has reached (in a deep chain
     // of scattered changes, every layer's patch group), so the budget is the mount's: frames
     // leave once read through, and what is held never exceeds it.
-    let cache = FrameCache::new(RESTORE_CACHE_BYTES, reader.block_size(), false);
+    let cache = FrameCache::new(strata_format::frame_cache::DEFAULT_BUDGET, reader.block_size(), false);
     progress.begin("restore", size);
     let (full_tx, full_rx) = sync_channel::<Batch>(1);
     let (free_tx, free_rx) = sync_channel::<AlignedBuf>(2);

@@ -27,7 +27,7 @@ pub struct Args {
     /// Stay attached and log to stderr; SIGINT/SIGTERM unmount.
     #[arg(long, short = 'f')]
     pub foreground: bool,
-    /// Memory for decompressed blocks.
+    /// Memory for decompressed blocks (default: `frame_cache::DEFAULT_BUDGET`).
     #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = super::size_arg)]
     pub cache_size: String,
     /// Let other users read the mount (non-root needs user_allow_other in /etc/fuse.conf).
